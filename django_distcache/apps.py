@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class DistcacheConfig(AppConfig):
+    name = "django_distcache"
+    verbose_name = "django-distcache"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)

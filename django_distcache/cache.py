@@ -1,0 +1,592 @@
+"""The Django cache backend: Django's cache API over a Redis Cluster, sync and native async.
+
+Each operation is written once, as a *plan*: a generator that yields the `Call`s (or lists of calls) it
+needs and receives their replies. `_run` drives a plan with the blocking topology, `_arun` with the
+asyncio one, so key making, encoding and decisions are shared and only the I/O differs. `_run`/`_arun`
+are also the one place where an outage becomes the configured failure policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from redis.exceptions import ResponseError
+
+from .codec import SignatureError
+from .conf import CacheSettings, build_codec, parse_settings
+from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
+from .topology.base import TopologyState
+from .versioning import Namespace, Purger
+
+logger = logging.getLogger("django_distcache")
+
+_MISSING = object()
+Plan = Generator[Any, Any, Any]
+
+# INCRBY only where the key exists, so a missing key raises ValueError as Django requires; INCRBY keeps
+# the key's TTL.
+_INCR_SCRIPT = "if redis.call('EXISTS', KEYS[1]) == 0 then return false end return redis.call('INCRBY', KEYS[1], ARGV[1])"
+# PERSIST answers 0 both for "missing" and for "had no TTL"; touch(None) must say whether the key exists.
+_PERSIST_SCRIPT = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end redis.call('PERSIST', KEYS[1]) return 1"
+)
+
+
+class CacheUnavailable(Exception):
+    """Raised instead of degrading when OPTIONS['FAILURE_POLICY'] is 'raise'."""
+
+
+@dataclass
+class _Shared:
+    """What every backend instance with the same cluster settings shares: pools, slot map, namespaces.
+
+    Django makes a backend instance per thread (and per async context), so keeping connections on the
+    instance would open new connections for every request under ASGI.
+    """
+
+    state: TopologyState
+    topology: ClusterTopology
+    purger: Purger
+    async_topologies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    namespaces: dict[tuple[str, float], Namespace] = field(default_factory=dict)
+
+
+_shared_by_settings: dict[str, _Shared] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_for(settings: CacheSettings) -> _Shared:
+    key = repr(settings.connection)
+    shared = _shared_by_settings.get(key)
+    if shared is None:
+        with _shared_lock:
+            shared = _shared_by_settings.get(key)
+            if shared is None:
+                state = TopologyState(settings.connection)
+                topology = ClusterTopology(state)
+                shared = _shared_by_settings[key] = _Shared(state, topology, Purger(topology))
+    return shared
+
+
+class FailurePolicy:
+    """Turns outages into misses/dropped writes (logged, counted), or raises when the user chose that."""
+
+    LOG_EVERY = 10.0  # seconds between two warnings for the same operation
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.counts: dict[str, int] = {}
+        self._last_logged: dict[str, float] = {}
+
+    def handle(self, operation: str, error: BaseException, fallback: Any) -> Any:
+        self.counts[operation] = self.counts.get(operation, 0) + 1
+        if self.policy == "raise":
+            raise CacheUnavailable(f"cache {operation} failed: {error}") from error
+        now = time.monotonic()
+        if now - self._last_logged.get(operation, 0.0) >= self.LOG_EVERY:
+            self._last_logged[operation] = now
+            logger.warning(
+                "cache %s failed (%s: %s); degraded to %r; %d failures so far",
+                operation,
+                type(error).__name__,
+                error,
+                fallback,
+                self.counts[operation],
+            )
+        return fallback
+
+    def check_item(self, operation: str, result: Any) -> bool:
+        """For one result of a batch: True if usable; a bug raises; an outage is counted and skipped."""
+        if isinstance(result, BaseException):
+            if is_outage(result):
+                self.handle(operation, result, None)
+                return False
+            raise result
+        return True
+
+
+class RedisClusterCache(BaseCache):
+    """Django cache backend for Redis Cluster. See docs/configuration.md for LOCATION and OPTIONS."""
+
+    def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
+        options = dict(params.get("OPTIONS") or {})
+        # Django's BaseCache reads MAX_ENTRIES/CULL_FREQUENCY; Redis bounds memory with maxmemory instead.
+        for django_only in ("MAX_ENTRIES", "CULL_FREQUENCY"):
+            options.pop(django_only, None)
+        super().__init__(params)
+        self._settings = parse_settings(server, options)
+        self._codec = build_codec(self._settings)
+        self._shared = _shared_for(self._settings)
+        self._failures = FailurePolicy(self._settings.failure_policy)
+        namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
+        namespace = self._shared.namespaces.get(namespace_id)
+        if namespace is None:
+            namespace = self._shared.namespaces.setdefault(
+                namespace_id,
+                Namespace(self.key_prefix, self._settings.namespace_check_interval, self._shared.purger),
+            )
+        self._namespace = namespace
+
+    # -- drivers: the only place that does I/O and applies the failure policy ------------------------------
+    def _run(self, plan: Plan, operation: str, fallback: Any = None) -> Any:
+        topology = self._shared.topology
+        try:
+            request = next(plan)
+            while True:
+                try:
+                    if type(request) is Call:
+                        reply = topology.execute(request)
+                    else:
+                        reply = topology.execute_batch(request)
+                except ResponseError as error:
+                    # A command error (not an outage) goes back into the plan, which may translate it.
+                    request = plan.throw(error)
+                    continue
+                request = plan.send(reply)
+        except StopIteration as done:
+            return done.value
+        except OUTAGE_ERRORS as error:
+            return self._failures.handle(operation, error, fallback)
+
+    async def _arun(self, plan: Plan, operation: str, fallback: Any = None) -> Any:
+        topology = self._async_topology()
+        try:
+            request = next(plan)
+            while True:
+                try:
+                    if type(request) is Call:
+                        reply = await topology.execute(request)
+                    else:
+                        reply = await topology.execute_batch(request)
+                except ResponseError as error:
+                    # A command error (not an outage) goes back into the plan, which may translate it.
+                    request = plan.throw(error)
+                    continue
+                request = plan.send(reply)
+        except StopIteration as done:
+            return done.value
+        except OUTAGE_ERRORS as error:
+            return self._failures.handle(operation, error, fallback)
+
+    def _async_topology(self) -> AsyncClusterTopology:
+        loop = asyncio.get_running_loop()
+        topology = self._shared.async_topologies.get(loop)
+        if topology is None:
+            topology = self._shared.async_topologies[loop] = AsyncClusterTopology(self._shared.state)
+        return topology
+
+    # -- pure helpers ---------------------------------------------------------------------------------
+    def _made_key(self, key: Any, version: int | None) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys must be str, got {type(key).__name__}: {key!r}")
+        return self.make_and_validate_key(key, version=version)
+
+    def _physical_key(self, key: Any, version: int | None) -> Plan:
+        made = self._made_key(key, version)
+        prefix = yield from self._namespace.current()
+        return prefix + made.encode()
+
+    def _physical_keys(self, keys: Iterable[Any], version: int | None) -> Plan:
+        made = {self._made_key(key, version): key for key in keys}
+        prefix = yield from self._namespace.current()
+        return {prefix + m.encode(): key for m, key in made.items()}
+
+    def _expiry_ms(self, timeout: Any) -> int | None:
+        """Milliseconds to live: None for 'forever', 0 for 'do not keep' (Django's 0 and negatives)."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return None
+        if timeout <= 0:
+            return 0
+        return max(1, int(timeout * 1000))
+
+    def _set_args(self, physical: bytes, data: bytes, expiry_ms: int | None, *flags: str) -> tuple:
+        if expiry_ms is None:
+            return ("SET", physical, data, *flags)
+        return ("SET", physical, data, "PX", expiry_ms, *flags)
+
+    def _decode(self, data: bytes, default: Any) -> Any:
+        try:
+            return self._codec.decode(data)
+        except SignatureError as error:
+            logger.warning("ignoring a stored value that failed verification: %s", error)
+            return default
+
+    # -- plans ----------------------------------------------------------------------------------------
+    def _get_plan(self, key: Any, default: Any, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        data = yield Call(physical, ("GET", physical), read=True)
+        return default if data is None else self._decode(data, default)
+
+    def _set_plan(self, key: Any, value: Any, timeout: Any, version: int | None) -> Plan:
+        made = self._made_key(key, version)
+        data = self._encode(value, key)
+        expiry_ms = self._expiry_ms(timeout)
+        prefix = yield from self._namespace.current()
+        physical = prefix + made.encode()
+        if expiry_ms == 0:
+            yield Call(physical, ("DEL", physical))
+        else:
+            yield Call(physical, self._set_args(physical, data, expiry_ms))
+
+    def _add_plan(self, key: Any, value: Any, timeout: Any, version: int | None) -> Plan:
+        made = self._made_key(key, version)
+        data = self._encode(value, key)
+        expiry_ms = self._expiry_ms(timeout)
+        prefix = yield from self._namespace.current()
+        physical = prefix + made.encode()
+        if expiry_ms == 0:
+            # Django: add() with timeout 0 succeeds only if the key was absent, and keeps nothing.
+            added = yield Call(physical, ("SET", physical, data, "NX"))
+            if added:
+                yield Call(physical, ("DEL", physical))
+            return bool(added)
+        return bool((yield Call(physical, self._set_args(physical, data, expiry_ms, "NX"))))
+
+    def _encode(self, value: Any, key: Any) -> bytes:
+        try:
+            return self._codec.encode(value)
+        except Exception as error:
+            error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
+            raise
+
+    def _delete_plan(self, key: Any, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        return bool((yield Call(physical, ("DEL", physical))))
+
+    def _has_key_plan(self, key: Any, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        return bool((yield Call(physical, ("EXISTS", physical), read=True)))
+
+    def _get_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
+        physical = yield from self._physical_keys(keys, version)
+        if not physical:
+            return {}
+        replies = yield [Call(p, ("GET", p), read=True) for p in physical]
+        found = {}
+        for (p, key), data in zip(physical.items(), replies, strict=True):
+            if data is not None and self._failures.check_item("get_many", data):
+                value = self._decode(data, _MISSING)
+                if value is not _MISSING:
+                    found[key] = value
+        return found
+
+    def _set_many_plan(self, data: Mapping[Any, Any], timeout: Any, version: int | None) -> Plan:
+        made = [(self._made_key(key, version), key) for key in data]
+        encoded = [self._encode(data[key], key) for _, key in made]
+        expiry_ms = self._expiry_ms(timeout)
+        prefix = yield from self._namespace.current()
+        calls = []
+        for (m, _), value in zip(made, encoded, strict=True):
+            physical = prefix + m.encode()
+            args = ("DEL", physical) if expiry_ms == 0 else self._set_args(physical, value, expiry_ms)
+            calls.append(Call(physical, args))
+        if not calls:
+            return []
+        replies = yield calls
+        return [
+            key
+            for (_, key), reply in zip(made, replies, strict=True)
+            if not self._failures.check_item("set_many", reply)
+        ]
+
+    def _delete_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
+        physical = yield from self._physical_keys(keys, version)
+        if physical:
+            replies = yield [Call(p, ("DEL", p)) for p in physical]
+            for reply in replies:
+                self._failures.check_item("delete_many", reply)
+
+    def _incr_plan(self, key: Any, delta: int, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        try:
+            value = yield Call(physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta))
+        except ResponseError as error:
+            message = str(error)
+            if "not an integer" in message:
+                raise TypeError(f"cache value of {key!r} is not an integer") from error
+            if "overflow" in message:
+                raise OverflowError(f"incrementing {key!r} by {delta} overflows a 64-bit integer") from error
+            raise
+        if value is None:
+            raise ValueError(f"Key '{key}' not found")
+        return value
+
+    def _touch_plan(self, key: Any, timeout: Any, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        expiry_ms = self._expiry_ms(timeout)
+        if expiry_ms is None:
+            reply = yield Call(physical, ("EVAL", _PERSIST_SCRIPT, 1, physical))
+        elif expiry_ms == 0:
+            reply = yield Call(physical, ("DEL", physical))
+        else:
+            reply = yield Call(physical, ("PEXPIRE", physical, expiry_ms))
+        return bool(reply)
+
+    def _ttl_plan(self, key: Any, version: int | None) -> Plan:
+        physical = yield from self._physical_key(key, version)
+        milliseconds = yield Call(physical, ("PTTL", physical), read=True)
+        if milliseconds == -2:
+            return 0
+        if milliseconds == -1:
+            return None
+        return math.ceil(milliseconds / 1000)
+
+    def _incr_version_plan(self, key: Any, delta: int, version: int | None) -> Plan:
+        version = self.version if version is None else version
+        old = yield from self._physical_key(key, version)
+        new = yield from self._physical_key(key, version + delta)
+        data, milliseconds = yield [Call(old, ("GET", old)), Call(old, ("PTTL", old))]
+        for reply in (data, milliseconds):
+            if isinstance(reply, BaseException):
+                raise reply
+        if data is None:
+            raise ValueError(f"Key '{key}' not found")
+        expiry_ms = None if milliseconds < 0 else max(1, milliseconds)
+        # The stored bytes move as they are: envelope, tags and remaining lifetime intact.
+        yield Call(new, self._set_args(new, data, expiry_ms))
+        yield Call(old, ("DEL", old))
+        return version + delta
+
+    def _clear_plan(self) -> Plan:
+        yield from self._namespace.bump()
+        return True
+
+    # -- Django's API, sync ---------------------------------------------------------------------------
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return self._run(self._get_plan(key, default, version), "get", default)
+
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        self._run(self._set_plan(key, value, timeout, version), "set")
+
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return self._run(self._add_plan(key, value, timeout, version), "add", False)
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        return self._run(self._delete_plan(key, version), "delete", False)
+
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        return self._run(self._has_key_plan(key, version), "has_key", False)
+
+    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        return self._run(self._get_many_plan(keys, version), "get_many", {})
+
+    def set_many(
+        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> list:
+        return self._run(self._set_many_plan(data, timeout, version), "set_many", list(data))
+
+    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        self._run(self._delete_many_plan(keys, version), "delete_many")
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self._run_incr(self._incr_plan(key, delta, version), key)
+
+    def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self._run_incr(self._incr_plan(key, -delta, version), key)
+
+    def _run_incr(self, plan: Plan, key: Any) -> int:
+        # During an outage the key is as good as missing: Django's contract for that is ValueError.
+        result = self._run(plan, "incr", _MISSING)
+        if result is _MISSING:
+            raise ValueError(f"Key '{key}' not found (cache unavailable)")
+        return result
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return self._run(self._touch_plan(key, timeout, version), "touch", False)
+
+    def incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        result = self._run(self._incr_version_plan(key, delta, version), "incr_version", _MISSING)
+        if result is _MISSING:
+            raise ValueError(f"Key '{key}' not found (cache unavailable)")
+        return result
+
+    def clear(self) -> bool:
+        return self._run(self._clear_plan(), "clear", False)
+
+    def close(self, **kwargs: Any) -> None:
+        """Called by Django after every request; connections are pooled per process, so nothing to do."""
+
+    # -- extensions, sync -----------------------------------------------------------------------------
+    def ttl(self, key: Any, version: int | None = None) -> int | None:
+        """Seconds left (rounded up); None if the key never expires; 0 if it does not exist."""
+        return self._run(self._ttl_plan(key, version), "ttl", 0)
+
+    def expire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        """Give an existing key a new timeout (None: never expire). Same as touch(), the redis-style name."""
+        return self.touch(key, timeout, version=version)
+
+    def persist(self, key: Any, version: int | None = None) -> bool:
+        """Remove the key's expiry; False if the key does not exist."""
+        return self.touch(key, None, version=version)
+
+    def get_many_or_set(
+        self,
+        keys: Iterable[Any],
+        factory: Callable[[list[Any]], Mapping[Any, Any]],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> dict[Any, Any]:
+        """Fetch keys; compute only the missing ones with factory(missing_keys) and store them in one batch."""
+        keys = list(keys)
+        found = self.get_many(keys, version=version)
+        missing = [key for key in keys if key not in found]
+        if missing:
+            computed = self._only_requested(factory(missing), missing)
+            if computed:
+                self.set_many(computed, timeout, version=version)
+            found.update(computed)
+        return {key: found[key] for key in keys if key in found}
+
+    @staticmethod
+    def _only_requested(computed: Any, missing: list[Any]) -> dict[Any, Any]:
+        if not isinstance(computed, Mapping):
+            raise TypeError(f"get_many_or_set factory must return a mapping, got {type(computed).__name__}")
+        return {key: computed[key] for key in missing if key in computed}
+
+    def lock(
+        self,
+        key: Any,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        version: int | None = None,
+    ) -> Any:
+        """A redis-py Lock on the node owning `key`. Lock errors propagate: mutual exclusion cannot degrade."""
+        physical = self._run(self._physical_key(key, version), "lock")
+        if physical is None:
+            raise CacheUnavailable("cache lock: the cluster is unreachable")
+        return self._shared.topology.client_for(physical).lock(
+            physical, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout
+        )
+
+    # -- Django's API, async (native: asyncio connections, no thread hop) ----------------------------------
+    async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return await self._arun(self._get_plan(key, default, version), "get", default)
+
+    async def aset(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> None:
+        await self._arun(self._set_plan(key, value, timeout, version), "set")
+
+    async def aadd(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> bool:
+        return await self._arun(self._add_plan(key, value, timeout, version), "add", False)
+
+    async def adelete(self, key: Any, version: int | None = None) -> bool:
+        return await self._arun(self._delete_plan(key, version), "delete", False)
+
+    async def ahas_key(self, key: Any, version: int | None = None) -> bool:
+        return await self._arun(self._has_key_plan(key, version), "has_key", False)
+
+    async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        return await self._arun(self._get_many_plan(keys, version), "get_many", {})
+
+    async def aset_many(
+        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> list:
+        return await self._arun(self._set_many_plan(data, timeout, version), "set_many", list(data))
+
+    async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        await self._arun(self._delete_many_plan(keys, version), "delete_many")
+
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self._incr_result(
+            await self._arun(self._incr_plan(key, delta, version), "incr", _MISSING), key
+        )
+
+    async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self._incr_result(
+            await self._arun(self._incr_plan(key, -delta, version), "incr", _MISSING), key
+        )
+
+    @staticmethod
+    def _incr_result(result: Any, key: Any) -> Any:
+        if result is _MISSING:
+            raise ValueError(f"Key '{key}' not found (cache unavailable)")
+        return result
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return await self._arun(self._touch_plan(key, timeout, version), "touch", False)
+
+    async def aincr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        result = await self._arun(self._incr_version_plan(key, delta, version), "incr_version", _MISSING)
+        return self._incr_result(result, key)
+
+    async def aclear(self) -> bool:
+        return await self._arun(self._clear_plan(), "clear", False)
+
+    async def aclose(self, **kwargs: Any) -> None:
+        """Connections are pooled per event loop and live as long as it does."""
+
+    async def attl(self, key: Any, version: int | None = None) -> int | None:
+        return await self._arun(self._ttl_plan(key, version), "ttl", 0)
+
+    async def aexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        return await self.atouch(key, timeout, version=version)
+
+    async def apersist(self, key: Any, version: int | None = None) -> bool:
+        return await self.atouch(key, None, version=version)
+
+    async def aget_many_or_set(
+        self,
+        keys: Iterable[Any],
+        factory: Callable[[list[Any]], Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> dict[Any, Any]:
+        """Async twin of get_many_or_set; the factory may be a plain or an async function."""
+        keys = list(keys)
+        found = await self.aget_many(keys, version=version)
+        missing = [key for key in keys if key not in found]
+        if missing:
+            computed = factory(missing)
+            if inspect.isawaitable(computed):
+                computed = await computed
+            computed = self._only_requested(computed, missing)
+            if computed:
+                await self.aset_many(computed, timeout, version=version)
+            found.update(computed)
+        return {key: found[key] for key in keys if key in found}
+
+    async def alock(
+        self,
+        key: Any,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        version: int | None = None,
+    ) -> Any:
+        """An asyncio redis-py Lock on the node owning `key`; use as `async with await cache.alock(...)`."""
+        physical = await self._arun(self._physical_key(key, version), "lock")
+        if physical is None:
+            raise CacheUnavailable("cache lock: the cluster is unreachable")
+        topology = self._async_topology()
+        await topology._ensure_map()
+        return topology.client_for(physical).lock(
+            physical, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout
+        )
+
+    # -- introspection -----------------------------------------------------------------------------------
+    @property
+    def failure_counts(self) -> dict[str, int]:
+        """Outages turned into misses/dropped writes, per operation, since this instance was made."""
+        return dict(self._failures.counts)
+
+    def physical_key(self, key: Any, version: int | None = None) -> bytes:
+        """The exact Redis key a cache key is stored under (namespace generation included)."""
+        return self._run(self._physical_key(key, version), "physical_key")

@@ -1,0 +1,326 @@
+"""The envelope: how a Python value becomes the bytes stored in Redis, and back.
+
+Every value this package writes carries a small header (format version, serializer and compressor ids,
+creation time, optional soft expiry / recompute time / tag stamps) so that later features can read what
+they need without a second round trip. Pickled payloads are signed, so bytes that another client wrote into
+Redis are never unpickled. Plain integers are stored bare (ASCII digits) so INCRBY works on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import struct
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+MAGIC = b"\xdc\x5e"
+FORMAT_VERSION = 1
+
+FLAG_SIGNED = 0x01
+FLAG_TIMING = 0x02  # soft expiry and recompute time present
+FLAG_TAGS = 0x04  # tag stamps present
+
+# magic, format version, flags, serializer id, compressor id, created-at (unix seconds)
+_HEADER = struct.Struct(">2sBBBBd")
+_TIMING = struct.Struct(">df")  # soft expiry (unix seconds), recompute time (seconds)
+_TAG_COUNT = struct.Struct(">H")
+_TAG_VERSION = struct.Struct(">Q")
+MAC_SIZE = 16
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+
+
+class SignatureError(Exception):
+    """An envelope claims to be ours but its signature does not verify (forged, or another SECRET_KEY)."""
+
+
+class Serializer(Protocol):
+    id: int
+    name: str
+
+    def dumps(self, value: Any) -> bytes: ...
+    def loads(self, data: bytes) -> Any: ...
+
+
+class Compressor(Protocol):
+    id: int
+    name: str
+
+    def compress(self, data: bytes) -> bytes: ...
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+class PickleSerializer:
+    id, name, needs_signature = 1, "pickle", True
+
+    def __init__(self, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+        self.protocol = protocol
+
+    def dumps(self, value: Any) -> bytes:
+        return pickle.dumps(value, self.protocol)
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+class JSONSerializer:
+    """JSON via Django's encoder (dates, decimals, UUIDs become strings; tuples come back as lists)."""
+
+    id, name, needs_signature = 2, "json", False
+
+    def __init__(self) -> None:
+        from django.core.serializers.json import DjangoJSONEncoder
+
+        self._encoder = DjangoJSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+    def dumps(self, value: Any) -> bytes:
+        return self._encoder.encode(value).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class MsgpackSerializer:
+    id, name, needs_signature = 3, "msgpack", False
+
+    def __init__(self) -> None:
+        import msgpack
+
+        self._msgpack = msgpack
+
+    def dumps(self, value: Any) -> bytes:
+        return self._msgpack.packb(value, use_bin_type=True)
+
+    def loads(self, data: bytes) -> Any:
+        return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class NoCompressor:
+    id, name = 0, "none"
+
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def decompress(self, data: bytes) -> bytes:
+        return data
+
+
+class ZlibCompressor:
+    id, name = 1, "zlib"
+
+    def __init__(self, level: int = 6) -> None:
+        self.level = level
+
+    def compress(self, data: bytes) -> bytes:
+        return zlib.compress(data, self.level)
+
+    def decompress(self, data: bytes) -> bytes:
+        return zlib.decompress(data)
+
+
+class ZstdCompressor:
+    id, name = 2, "zstd"
+
+    def __init__(self, level: int = 3) -> None:
+        import zstandard
+
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def compress(self, data: bytes) -> bytes:
+        return self._compressor.compress(data)
+
+    def decompress(self, data: bytes) -> bytes:
+        return self._decompressor.decompress(data)
+
+
+SERIALIZERS: dict[str, type] = {
+    "pickle": PickleSerializer,
+    "json": JSONSerializer,
+    "msgpack": MsgpackSerializer,
+}
+COMPRESSORS: dict[str, type] = {"none": NoCompressor, "zlib": ZlibCompressor, "zstd": ZstdCompressor}
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded stored value with its metadata."""
+
+    value: Any
+    created_at: float = 0.0
+    soft_expiry: float | None = None
+    recompute_time: float | None = None
+    tags: dict[str, int] = field(default_factory=dict)
+
+
+class Codec:
+    """Encodes values into envelopes and decodes them; pure logic, no I/O."""
+
+    def __init__(
+        self,
+        serializer: Serializer,
+        compressor: Compressor,
+        signing_keys: Iterable[bytes],
+        compress_min_size: int = 1024,
+        max_value_size: int | None = None,
+    ) -> None:
+        keys = list(signing_keys)
+        if not keys:
+            raise ValueError("Codec needs at least one signing key")
+        self.serializer = serializer
+        self.compressor = compressor
+        self.compress_min_size = compress_min_size
+        self.max_value_size = max_value_size
+        self._signing_key = keys[0]
+        self._verify_keys = keys
+        self._sign = getattr(serializer, "needs_signature", True)
+        self._decompressors: dict[int, Compressor] = {compressor.id: compressor, 0: NoCompressor()}
+        self._serializers: dict[int, Serializer] = {serializer.id: serializer}
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    def encode(
+        self,
+        value: Any,
+        *,
+        soft_expiry: float | None = None,
+        recompute_time: float | None = None,
+        tags: dict[str, int] | None = None,
+        now: float | None = None,
+    ) -> bytes:
+        """Return the bytes to store; raises the serializer's own error (e.g. PicklingError) on bad input."""
+        if type(value) is int and _INT64_MIN <= value <= _INT64_MAX and soft_expiry is None and not tags:
+            return b"%d" % value
+        payload = self.serializer.dumps(value)
+        compressor_id = 0
+        if len(payload) >= self.compress_min_size and self.compressor.id:
+            compressed = self.compressor.compress(payload)
+            if len(compressed) < len(payload):
+                payload, compressor_id = compressed, self.compressor.id
+        flags = FLAG_SIGNED if self._sign else 0
+        extra = b""
+        if soft_expiry is not None:
+            flags |= FLAG_TIMING
+            extra += _TIMING.pack(soft_expiry, recompute_time or 0.0)
+        if tags:
+            flags |= FLAG_TAGS
+            extra += encode_tag_stamps(tags)
+        head = (
+            _HEADER.pack(
+                MAGIC,
+                FORMAT_VERSION,
+                flags,
+                self.serializer.id,
+                compressor_id,
+                time.time() if now is None else now,
+            )
+            + extra
+        )
+        if self._sign:
+            data = head + self._mac(self._signing_key, head, payload) + payload
+        else:
+            data = head + payload
+        if self.max_value_size is not None and len(data) > self.max_value_size:
+            raise ValueTooLargeError(
+                f"Encoded value is {len(data)} bytes, over the configured MAX_VALUE_SIZE of "
+                f"{self.max_value_size} bytes; nothing was written"
+            )
+        return data
+
+    @staticmethod
+    def _mac(key: bytes, head: bytes, payload: bytes) -> bytes:
+        mac = hashlib.blake2b(head, key=key, digest_size=MAC_SIZE)
+        mac.update(payload)
+        return mac.digest()
+
+    # -- decoding ---------------------------------------------------------------------------------------
+    def decode(self, data: bytes) -> Any:
+        """Return the stored value: ours decoded, a bare integer as int, anything else as the raw bytes."""
+        if data[:2] != MAGIC:
+            return int(data) if _BARE_INT.fullmatch(data) else data
+        return self.decode_envelope(data).value
+
+    def decode_envelope(self, data: bytes) -> Envelope:
+        if data[:2] != MAGIC:
+            return Envelope(int(data) if _BARE_INT.fullmatch(data) else data)
+        if len(data) < _HEADER.size:
+            return Envelope(data)
+        _, version, flags, serializer_id, compressor_id, created_at = _HEADER.unpack_from(data)
+        if version != FORMAT_VERSION:
+            return Envelope(data)
+        offset = _HEADER.size
+        soft_expiry = recompute_time = None
+        tags: dict[str, int] = {}
+        if flags & FLAG_TIMING:
+            soft_expiry, recompute_time = _TIMING.unpack_from(data, offset)
+            offset += _TIMING.size
+        if flags & FLAG_TAGS:
+            tags, offset = decode_tag_stamps(data, offset)
+        if flags & FLAG_SIGNED:
+            head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
+            if not any(self._mac(key, head, payload) == mac for key in self._verify_keys):
+                raise SignatureError("stored value's signature does not verify")
+        else:
+            payload = data[offset:]
+            if serializer_id == PickleSerializer.id:
+                raise SignatureError("unsigned pickle payload refused")
+        serializer = self._serializer_for(serializer_id)
+        if compressor_id:
+            payload = self._decompressor_for(compressor_id).decompress(payload)
+        return Envelope(serializer.loads(payload), created_at, soft_expiry, recompute_time, tags)
+
+    def _serializer_for(self, serializer_id: int) -> Serializer:
+        serializer = self._serializers.get(serializer_id)
+        if serializer is None:
+            # Values written under another SERIALIZER setting stay readable after a switch.
+            for cls in SERIALIZERS.values():
+                if cls.id == serializer_id:
+                    serializer = self._serializers[serializer_id] = cls()
+                    break
+            else:
+                raise SignatureError(f"unknown serializer id {serializer_id}")
+        return serializer
+
+    def _decompressor_for(self, compressor_id: int) -> Compressor:
+        compressor = self._decompressors.get(compressor_id)
+        if compressor is None:
+            for cls in COMPRESSORS.values():
+                if cls.id == compressor_id:
+                    compressor = self._decompressors[compressor_id] = cls()
+                    break
+            else:
+                raise SignatureError(f"unknown compressor id {compressor_id}")
+        return compressor
+
+
+class ValueTooLargeError(ValueError):
+    """The encoded value is larger than MAX_VALUE_SIZE."""
+
+
+def encode_tag_stamps(tags: dict[str, int]) -> bytes:
+    parts = [_TAG_COUNT.pack(len(tags))]
+    for name, version in tags.items():
+        raw = name.encode()
+        if len(raw) > 255:
+            raise ValueError(f"tag name over 255 bytes: {name[:40]!r}...")
+        parts.append(bytes((len(raw),)) + raw + _TAG_VERSION.pack(version))
+    return b"".join(parts)
+
+
+def decode_tag_stamps(data: bytes, offset: int) -> tuple[dict[str, int], int]:
+    (count,) = _TAG_COUNT.unpack_from(data, offset)
+    offset += _TAG_COUNT.size
+    tags = {}
+    for _ in range(count):
+        size = data[offset]
+        name = data[offset + 1 : offset + 1 + size].decode()
+        offset += 1 + size
+        (tags[name],) = _TAG_VERSION.unpack_from(data, offset)
+        offset += _TAG_VERSION.size
+    return tags, offset

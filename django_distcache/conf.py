@@ -1,0 +1,215 @@
+"""Settings: the CACHES entry's LOCATION and OPTIONS, validated once, with errors that say what to fix.
+
+Every option is documented in one table in docs/configuration.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .codec import COMPRESSORS, SERIALIZERS, Codec
+
+FAILURE_POLICIES = ("miss", "raise")
+
+# option name -> (default, type check description)
+DEFAULTS: dict[str, Any] = {
+    "SERIALIZER": "pickle",
+    "PICKLE_PROTOCOL": None,
+    "COMPRESSOR": "none",
+    "COMPRESS_MIN_SIZE": 1024,
+    "COMPRESS_LEVEL": None,
+    "MAX_VALUE_SIZE": 16 * 1024 * 1024,
+    "SOCKET_TIMEOUT": 0.5,
+    "SOCKET_CONNECT_TIMEOUT": 0.25,
+    "RETRIES": 1,
+    "READ_FROM_REPLICAS": False,
+    "USERNAME": None,
+    "PASSWORD": None,
+    "SSL": None,
+    "MAX_CONNECTIONS": None,
+    "FAILURE_POLICY": "miss",
+    "NAMESPACE_CHECK_INTERVAL": 1.0,
+    "TOPOLOGY_REFRESH_INTERVAL": 0.25,
+    "SIGNING_KEY": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What the topology layer needs to open connections; no Django in here."""
+
+    startup_nodes: tuple[NodeAddress, ...]
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+    ssl_options: dict[str, Any] = field(default_factory=dict)
+    socket_timeout: float | None = 0.5
+    socket_connect_timeout: float | None = 0.25
+    retries: int = 1
+    read_from_replicas: bool = False
+    max_connections: int | None = None
+    topology_refresh_interval: float = 0.25
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    connection: ConnectionSettings
+    failure_policy: str
+    namespace_check_interval: float
+    options: dict[str, Any]
+
+
+def _fail(alias_hint: str, message: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"django_distcache{alias_hint}: {message}")
+
+
+def parse_location(location: str | list[str] | tuple[str, ...]) -> tuple[tuple[NodeAddress, ...], dict]:
+    """Turn LOCATION (one URL, a comma-separated string, or a list of URLs) into startup nodes."""
+    if isinstance(location, str):
+        urls = [part.strip() for part in location.split(",") if part.strip()]
+    elif isinstance(location, list | tuple):
+        urls = list(location)
+    else:
+        raise _fail("", f"LOCATION must be a URL or a list of URLs, got {type(location).__name__}")
+    if not urls:
+        raise _fail("", "LOCATION is empty: give at least one startup node, e.g. 'redis://127.0.0.1:7000'")
+    nodes, schemes, credentials = [], set(), {}
+    for url in urls:
+        if not isinstance(url, str):
+            raise _fail("", f"LOCATION entries must be strings, got {url!r}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise _fail("", f"LOCATION entry {url!r} must start with redis:// or rediss://")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise _fail("", f"LOCATION entry {url!r} has an invalid port") from None
+        if not parts.hostname:
+            raise _fail("", f"LOCATION entry {url!r} has no host")
+        if parts.path not in ("", "/", "/0"):
+            raise _fail("", f"LOCATION entry {url!r} names a database; Redis Cluster only has database 0")
+        schemes.add(parts.scheme)
+        if parts.username:
+            credentials["username"] = unquote(parts.username)
+        if parts.password:
+            credentials["password"] = unquote(parts.password)
+        nodes.append(NodeAddress(parts.hostname, port))
+    if len(schemes) > 1:
+        raise _fail("", "LOCATION mixes redis:// and rediss:// URLs; use one scheme for the whole cluster")
+    credentials["ssl"] = schemes == {"rediss"}
+    return tuple(dict.fromkeys(nodes)), credentials
+
+
+def _positive_number(name: str, value: Any, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _fail("", f"OPTIONS[{name!r}] must be a non-negative number, got {value!r}")
+    return value
+
+
+def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise _fail("", f"unknown OPTIONS {sorted(unknown)}; known options: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    nodes, credentials = parse_location(location)
+    if opts["FAILURE_POLICY"] not in FAILURE_POLICIES:
+        raise _fail(
+            "", f"OPTIONS['FAILURE_POLICY'] must be one of {FAILURE_POLICIES}, got {opts['FAILURE_POLICY']!r}"
+        )
+    for name in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
+        _positive_number(name, opts[name], allow_none=True)
+    for name in ("COMPRESS_MIN_SIZE", "NAMESPACE_CHECK_INTERVAL", "TOPOLOGY_REFRESH_INTERVAL", "RETRIES"):
+        _positive_number(name, opts[name])
+    _positive_number("MAX_VALUE_SIZE", opts["MAX_VALUE_SIZE"], allow_none=True)
+    if opts["SSL"] is not None and not isinstance(opts["SSL"], dict):
+        raise _fail("", "OPTIONS['SSL'] must be a dict of redis-py ssl_* connection arguments")
+    ssl_options = dict(opts["SSL"] or {})
+    connection = ConnectionSettings(
+        startup_nodes=nodes,
+        username=opts["USERNAME"] or credentials.get("username"),
+        password=opts["PASSWORD"] or credentials.get("password"),
+        ssl=credentials["ssl"] or bool(ssl_options),
+        ssl_options=ssl_options,
+        socket_timeout=opts["SOCKET_TIMEOUT"],
+        socket_connect_timeout=opts["SOCKET_CONNECT_TIMEOUT"],
+        retries=int(opts["RETRIES"]),
+        read_from_replicas=bool(opts["READ_FROM_REPLICAS"]),
+        max_connections=opts["MAX_CONNECTIONS"],
+        topology_refresh_interval=float(opts["TOPOLOGY_REFRESH_INTERVAL"]),
+    )
+    return CacheSettings(
+        connection=connection,
+        failure_policy=opts["FAILURE_POLICY"],
+        namespace_check_interval=float(opts["NAMESPACE_CHECK_INTERVAL"]),
+        options=opts,
+    )
+
+
+def _load_plugin(kind: str, registry: dict[str, type], spec: Any, **kwargs: Any) -> Any:
+    if isinstance(spec, str) and spec in registry:
+        cls = registry[spec]
+    elif isinstance(spec, str) and "." in spec:
+        try:
+            cls = import_string(spec)
+        except ImportError as exc:
+            raise _fail("", f"cannot import {kind} {spec!r}: {exc}") from exc
+    elif isinstance(spec, str):
+        raise _fail("", f"unknown {kind} {spec!r}; choose one of {sorted(registry)} or a dotted path")
+    else:
+        cls = spec
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        instance = cls(**kwargs)
+    except ImportError as exc:
+        raise _fail("", f"the {kind} {spec!r} needs a package that is not installed: {exc}") from exc
+    for attribute in ("id", "name"):
+        if not hasattr(instance, attribute):
+            raise _fail("", f"{kind} {spec!r} has no {attribute!r} attribute")
+    return instance
+
+
+def signing_keys(explicit: str | None = None) -> list[bytes]:
+    """Keys that sign pickled payloads: derived from SIGNING_KEY or SECRET_KEY (+ SECRET_KEY_FALLBACKS)."""
+    from django.conf import settings
+
+    secrets = (
+        [explicit] if explicit else [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    )
+    return [
+        hashlib.blake2b(s.encode(), person=b"distcache.sign", digest_size=32).digest() for s in secrets if s
+    ]
+
+
+def build_codec(settings: CacheSettings) -> Codec:
+    opts = settings.options
+    serializer_kwargs = {"protocol": opts["PICKLE_PROTOCOL"]} if opts["SERIALIZER"] == "pickle" else {}
+    serializer = _load_plugin("serializer", SERIALIZERS, opts["SERIALIZER"], **serializer_kwargs)
+    compressor_kwargs = {"level": opts["COMPRESS_LEVEL"]} if opts["COMPRESSOR"] in ("zlib", "zstd") else {}
+    compressor = _load_plugin("compressor", COMPRESSORS, opts["COMPRESSOR"], **compressor_kwargs)
+    keys = signing_keys(opts["SIGNING_KEY"])
+    if not keys and getattr(serializer, "needs_signature", True):
+        raise _fail("", "SECRET_KEY is empty: the pickle serializer signs values with a key derived from it")
+    return Codec(
+        serializer,
+        compressor,
+        keys or [b"unsigned"],
+        compress_min_size=opts["COMPRESS_MIN_SIZE"],
+        max_value_size=opts["MAX_VALUE_SIZE"],
+    )

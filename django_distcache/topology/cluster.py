@@ -1,0 +1,553 @@
+"""Redis Cluster topology: a per-node connection chosen from the slot map, MOVED/ASK followed.
+
+Commands go straight to the node that owns the key's slot over a plain redis-py connection (no per-call
+routing machinery), so a GET costs what it costs against a standalone Redis. Batches are grouped per node,
+each node's commands are packed into one write, every node is written before any reply is read, and then
+replies are read node by node: the round trips overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import AskError, ResponseError
+from redis.retry import Retry
+
+from ..conf import ConnectionSettings, NodeAddress
+from .base import (
+    MAX_REDIRECTS,
+    OUTAGE_ERRORS,
+    REDIRECT_ERRORS,
+    Call,
+    NoNodeReachableError,
+    NotAClusterError,
+    SlotMap,
+    TopologyState,
+    connection_kwargs,
+    group_by_node,
+)
+
+logger = logging.getLogger("django_distcache.topology")
+
+MAX_IDLE_CONNECTIONS = 64
+_all_sync_pools: weakref.WeakSet[_NodePool] = weakref.WeakSet()
+
+
+def _readonly_on_connect(connection: redis.Connection) -> None:
+    connection.on_connect()
+    connection.send_command("READONLY")
+    connection.read_response()
+
+
+async def _async_readonly_on_connect(connection: redis.asyncio.Connection) -> None:
+    await connection.on_connect()
+    await connection.send_command("READONLY")
+    await connection.read_response()
+
+
+def _check_cluster_reply(error: ResponseError, node: NodeAddress) -> None:
+    if "cluster support disabled" in str(error).lower():
+        raise NotAClusterError(
+            f"{node} is a Redis server without cluster mode; LOCATION must name Redis Cluster nodes"
+        ) from error
+
+
+class _NodePool:
+    """Idle connections to one node. Lighter than redis-py's pool: no per-call socket poll."""
+
+    def __init__(self, connection_class: type, kwargs: dict[str, Any]) -> None:
+        self.connection_class = connection_class
+        self.kwargs = kwargs
+        self.idle: collections.deque = collections.deque()
+        _all_sync_pools.add(self)
+
+    def get(self) -> redis.Connection:
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return self.connection_class(**self.kwargs)
+
+    def put(self, connection: redis.Connection) -> None:
+        if len(self.idle) < MAX_IDLE_CONNECTIONS:
+            self.idle.append(connection)
+        else:
+            connection.disconnect()
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().disconnect()
+
+
+def _forget_pools_after_fork() -> None:
+    # A child process must never share its parent's sockets.
+    for pool in list(_all_sync_pools):
+        pool.idle.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+class _TopologyCommon:
+    """What the sync and async topologies share: settings, slot map, routing."""
+
+    connection_module: Any = redis
+
+    def __init__(self, state: TopologyState) -> None:
+        self.state = state
+        self.settings: ConnectionSettings = state.settings
+        self._pools: dict[tuple[NodeAddress, bool], Any] = {}
+
+    def _route(self, call: Call) -> NodeAddress | None:
+        if call.asking is not None:
+            return call.asking
+        slot_map = self.state.slot_map
+        if slot_map is None:
+            return None
+        return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
+
+    def _is_replica(self, node: NodeAddress) -> bool:
+        slot_map = self.state.slot_map
+        return slot_map is not None and node in slot_map.replica_nodes and node not in slot_map.primary_nodes
+
+    def _pool_args(self, node: NodeAddress, readonly: bool) -> tuple[type, dict[str, Any]]:
+        module = self.connection_module
+        connection_class = module.SSLConnection if self.settings.ssl else module.Connection
+        kwargs = connection_kwargs(self.settings, node)
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        if readonly:
+            kwargs["redis_connect_func"] = (
+                _async_readonly_on_connect if module is redis.asyncio else _readonly_on_connect
+            )
+        return connection_class, kwargs
+
+    @staticmethod
+    def _slots_call() -> tuple:
+        return ("CLUSTER", "SLOTS")
+
+    def primaries(self) -> list[NodeAddress]:
+        slot_map = self.state.slot_map
+        return list(slot_map.primary_nodes) if slot_map else []
+
+
+class ClusterTopology(_TopologyCommon):
+    """Synchronous I/O over the slot map. Thread-safe: connections are taken per call."""
+
+    def _pool(self, node: NodeAddress) -> _NodePool:
+        readonly = self.settings.read_from_replicas and self._is_replica(node)
+        pool = self._pools.get((node, readonly))
+        if pool is None:
+            pool = self._pools[(node, readonly)] = _NodePool(*self._pool_args(node, readonly))
+        return pool
+
+    # -- topology ---------------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> None:
+        """Reload the slot map from the first node that answers; rate-limited unless forced."""
+        state = self.state
+        if not force and state.slot_map is not None and not state.refresh_due():
+            return
+        with state.lock:
+            if not force and state.slot_map is not None and not state.refresh_due():
+                return
+            errors = []
+            for node in state.known_nodes():
+                pool = self._pool(node)
+                connection = pool.get()
+                try:
+                    connection.send_command(*self._slots_call())
+                    reply = connection.read_response()
+                except ResponseError as error:
+                    pool.put(connection)
+                    _check_cluster_reply(error, node)
+                    errors.append(f"{node}: {error}")
+                    continue
+                except OUTAGE_ERRORS as error:
+                    connection.disconnect()
+                    errors.append(f"{node}: {error}")
+                    continue
+                pool.put(connection)
+                slot_map = SlotMap.from_cluster_slots(reply, node)
+                if slot_map.covered == 0:
+                    errors.append(f"{node}: no slots assigned")
+                    continue
+                state.install(slot_map)
+                return
+            state.last_refresh = __import__("time").monotonic()
+            raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+
+    def _ensure_map(self) -> None:
+        if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
+            self.refresh(force=self.state.slot_map is None)
+
+    # -- commands ---------------------------------------------------------------------------------------
+    def execute(self, call: Call) -> Any:
+        """Run one call; follows redirects, retries a dropped connection, raises errors as they are."""
+        self._ensure_map()
+        retries = self.settings.retries
+        for _ in range(MAX_REDIRECTS + retries + 1):
+            node = self._route(call)
+            if node is None:
+                raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
+            pool = self._pool(node)
+            connection = pool.get()
+            try:
+                if call.asking is not None:
+                    connection.send_packed_command(
+                        connection.pack_commands([("ASKING",), call.args]), check_health=False
+                    )
+                    connection.read_response()
+                else:
+                    connection.send_packed_command(connection.pack_command(*call.args), check_health=False)
+                result = connection.read_response()
+            except REDIRECT_ERRORS as error:
+                pool.put(connection)
+                call = self.state.redirect(error, call)
+                continue
+            except ResponseError:
+                pool.put(connection)
+                raise
+            except OUTAGE_ERRORS:
+                connection.disconnect()
+                self.state.refresh_wanted = True
+                if retries <= 0:
+                    raise
+                retries -= 1
+                self._try_refresh()
+                continue
+            pool.put(connection)
+            return result
+        raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
+
+    def _try_refresh(self) -> None:
+        try:
+            self.refresh()
+        except OUTAGE_ERRORS:
+            pass  # the caller's own retry reports the outage
+
+    def execute_batch(self, calls: list[Call]) -> list[Any]:
+        """Run many calls, one pipelined write per node, all writes before any read."""
+        if not calls:
+            return []
+        self._ensure_map()
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(MAX_REDIRECTS + 1):
+            redo = self._batch_round([calls[i] for i in pending], pending, results)
+            if not redo:
+                return results
+            pending = [index for index, _ in redo]
+            for index, error in redo:
+                calls[index] = self.state.redirect(error, calls[index])
+            if self.state.refresh_wanted:
+                self._try_refresh()
+        for index in pending:
+            results[index] = NoNodeReachableError("too many redirects")
+        return results
+
+    def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
+        groups = group_by_node(calls, self._route)
+        sent = []
+        for node, indexes in groups.items():
+            if node is None:
+                for i in indexes:
+                    results[positions[i]] = NoNodeReachableError("slot not served")
+                continue
+            pool = self._pool(node)
+            connection = pool.get()
+            commands = []
+            for i in indexes:
+                if calls[i].asking is not None:
+                    commands.append(("ASKING",))
+                commands.append(calls[i].args)
+            try:
+                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            except OUTAGE_ERRORS as error:
+                connection.disconnect()
+                self.state.refresh_wanted = True
+                for i in indexes:
+                    results[positions[i]] = error
+                continue
+            sent.append((pool, connection, indexes))
+        redirects = []
+        for pool, connection, indexes in sent:
+            try:
+                for i in indexes:
+                    if calls[i].asking is not None:
+                        try:
+                            connection.read_response()
+                        except ResponseError:
+                            pass  # the command's own reply below says what went wrong
+                    try:
+                        results[positions[i]] = connection.read_response()
+                    except REDIRECT_ERRORS as error:
+                        redirects.append((positions[i], error))
+                    except ResponseError as error:
+                        results[positions[i]] = error
+            except OUTAGE_ERRORS as error:
+                connection.disconnect()
+                self.state.refresh_wanted = True
+                for i in indexes:
+                    if results[positions[i]] is None:
+                        results[positions[i]] = error
+                continue
+            pool.put(connection)
+        return redirects
+
+    # -- node-wide work (purges, checks) -----------------------------------------------------------------
+    def node_execute(self, node: NodeAddress, *args: Any) -> Any:
+        pool = self._pool(node)
+        connection = pool.get()
+        try:
+            connection.send_command(*args)
+            result = connection.read_response()
+        except ResponseError:
+            pool.put(connection)
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        pool.put(connection)
+        return result
+
+    def scan(self, node: NodeAddress, match: str, count: int = 1000) -> Iterator[list[bytes]]:
+        cursor = b"0"
+        while True:
+            cursor, keys = self.node_execute(node, "SCAN", cursor, "MATCH", match, "COUNT", count)
+            if keys:
+                yield keys
+            if cursor in (b"0", 0, "0"):
+                return
+
+    def client_for(self, key: bytes) -> redis.Redis:
+        """A redis-py client bound to the node owning `key` (used for locks)."""
+        self._ensure_map()
+        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
+        if node is None:
+            raise NoNodeReachableError("no node serves this key's slot")
+        _, kwargs = self._pool_args(node, False)
+        kwargs.pop("redis_connect_func", None)
+        return redis.Redis(**kwargs, ssl=self.settings.ssl)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+class _AsyncNodePool:
+    def __init__(self, connection_class: type, kwargs: dict[str, Any]) -> None:
+        self.connection_class = connection_class
+        self.kwargs = kwargs
+        self.idle: collections.deque = collections.deque()
+
+    def get(self) -> redis.asyncio.Connection:
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return self.connection_class(**self.kwargs)
+
+    def put(self, connection: redis.asyncio.Connection) -> None:
+        if len(self.idle) < MAX_IDLE_CONNECTIONS:
+            self.idle.append(connection)
+        else:
+            asyncio.ensure_future(connection.disconnect())
+
+    async def close(self) -> None:
+        while self.idle:
+            await self.idle.pop().disconnect()
+
+
+class AsyncClusterTopology(_TopologyCommon):
+    """The same routing with redis-py's asyncio connections; one instance per event loop."""
+
+    connection_module = redis.asyncio
+
+    def _pool(self, node: NodeAddress) -> _AsyncNodePool:
+        readonly = self.settings.read_from_replicas and self._is_replica(node)
+        pool = self._pools.get((node, readonly))
+        if pool is None:
+            pool = self._pools[(node, readonly)] = _AsyncNodePool(*self._pool_args(node, readonly))
+        return pool
+
+    async def refresh(self, force: bool = False) -> None:
+        state = self.state
+        if not force and state.slot_map is not None and not state.refresh_due():
+            return
+        errors = []
+        for node in state.known_nodes():
+            pool = self._pool(node)
+            connection = pool.get()
+            try:
+                await connection.send_command(*self._slots_call())
+                reply = await connection.read_response()
+            except ResponseError as error:
+                pool.put(connection)
+                _check_cluster_reply(error, node)
+                errors.append(f"{node}: {error}")
+                continue
+            except OUTAGE_ERRORS as error:
+                await connection.disconnect()
+                errors.append(f"{node}: {error}")
+                continue
+            pool.put(connection)
+            slot_map = SlotMap.from_cluster_slots(reply, node)
+            if slot_map.covered == 0:
+                errors.append(f"{node}: no slots assigned")
+                continue
+            state.install(slot_map)
+            return
+        state.last_refresh = __import__("time").monotonic()
+        raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+
+    async def _ensure_map(self) -> None:
+        if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
+            await self.refresh(force=self.state.slot_map is None)
+
+    async def _try_refresh(self) -> None:
+        try:
+            await self.refresh()
+        except OUTAGE_ERRORS:
+            pass
+
+    async def execute(self, call: Call) -> Any:
+        await self._ensure_map()
+        retries = self.settings.retries
+        for _ in range(MAX_REDIRECTS + retries + 1):
+            node = self._route(call)
+            if node is None:
+                raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
+            pool = self._pool(node)
+            connection = pool.get()
+            try:
+                if call.asking is not None:
+                    await connection.send_packed_command(
+                        connection.pack_commands([("ASKING",), call.args]), check_health=False
+                    )
+                    await connection.read_response()
+                else:
+                    await connection.send_packed_command(
+                        connection.pack_command(*call.args), check_health=False
+                    )
+                result = await connection.read_response()
+            except REDIRECT_ERRORS as error:
+                pool.put(connection)
+                call = self.state.redirect(error, call)
+                continue
+            except ResponseError:
+                pool.put(connection)
+                raise
+            except OUTAGE_ERRORS:
+                await connection.disconnect()
+                self.state.refresh_wanted = True
+                if retries <= 0:
+                    raise
+                retries -= 1
+                await self._try_refresh()
+                continue
+            except BaseException:
+                # Cancelled mid-command: the reply may still arrive, so this connection is unusable.
+                await connection.disconnect()
+                raise
+            pool.put(connection)
+            return result
+        raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
+
+    async def execute_batch(self, calls: list[Call]) -> list[Any]:
+        if not calls:
+            return []
+        await self._ensure_map()
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(MAX_REDIRECTS + 1):
+            redo = await self._batch_round([calls[i] for i in pending], pending, results)
+            if not redo:
+                return results
+            pending = [index for index, _ in redo]
+            for index, error in redo:
+                calls[index] = self.state.redirect(error, calls[index])
+            if self.state.refresh_wanted:
+                await self._try_refresh()
+        for index in pending:
+            results[index] = NoNodeReachableError("too many redirects")
+        return results
+
+    async def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
+        groups = group_by_node(calls, self._route)
+        sent = []
+        try:
+            for node, indexes in groups.items():
+                if node is None:
+                    for i in indexes:
+                        results[positions[i]] = NoNodeReachableError("slot not served")
+                    continue
+                pool = self._pool(node)
+                connection = pool.get()
+                commands = []
+                for i in indexes:
+                    if calls[i].asking is not None:
+                        commands.append(("ASKING",))
+                    commands.append(calls[i].args)
+                try:
+                    await connection.send_packed_command(
+                        connection.pack_commands(commands), check_health=False
+                    )
+                except OUTAGE_ERRORS as error:
+                    await connection.disconnect()
+                    self.state.refresh_wanted = True
+                    for i in indexes:
+                        results[positions[i]] = error
+                    continue
+                sent.append((pool, connection, indexes))
+            redirects = []
+            while sent:
+                pool, connection, indexes = sent[0]
+                try:
+                    for i in indexes:
+                        if calls[i].asking is not None:
+                            try:
+                                await connection.read_response()
+                            except ResponseError:
+                                pass
+                        try:
+                            results[positions[i]] = await connection.read_response()
+                        except REDIRECT_ERRORS as error:
+                            redirects.append((positions[i], error))
+                        except ResponseError as error:
+                            results[positions[i]] = error
+                except OUTAGE_ERRORS as error:
+                    await connection.disconnect()
+                    self.state.refresh_wanted = True
+                    for i in indexes:
+                        if results[positions[i]] is None:
+                            results[positions[i]] = error
+                    sent.pop(0)
+                    continue
+                sent.pop(0)
+                pool.put(connection)
+            return redirects
+        except BaseException:
+            for _, connection, _ in sent:
+                await connection.disconnect()
+            raise
+
+    def client_for(self, key: bytes) -> redis.asyncio.Redis:
+        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
+        if node is None:
+            raise NoNodeReachableError("no node serves this key's slot")
+        _, kwargs = self._pool_args(node, False)
+        kwargs.pop("redis_connect_func", None)
+        return redis.asyncio.Redis(**kwargs, ssl=self.settings.ssl)
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+
+
+__all__ = ["AskError", "AsyncClusterTopology", "ClusterTopology"]

@@ -1,0 +1,130 @@
+"""Versioned keys: a namespace generation in front of every physical key, bumped in O(1).
+
+`clear()` does not delete anything in the foreground: it writes a new random generation, so every key of
+the old generation is unreachable at once, and a background purge (SCAN over every primary, UNLINK in
+per-node batches) reclaims the memory. A missing generation key (evicted, deleted by hand) is replaced by a
+new random one, which can only make entries miss, never resurrect them.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Generator
+from typing import Any
+
+from .topology import OUTAGE_ERRORS, Call
+
+logger = logging.getLogger("django_distcache.versioning")
+
+NAMESPACE_KEY_PREFIX = "~distcache:ns:"
+PURGE_LIST_PREFIX = "~distcache:purge:"
+PURGE_BATCH = 500
+
+
+def new_generation() -> str:
+    """A random 64-bit generation, as 11 characters that are safe in a SCAN MATCH pattern."""
+    return base64.urlsafe_b64encode(os.urandom(8)).rstrip(b"=").decode()
+
+
+class Namespace:
+    """The current generation of one KEY_PREFIX on one cluster, cached in-process for a bounded time."""
+
+    def __init__(self, key_prefix: str, check_interval: float, purger: Purger) -> None:
+        self.key = (NAMESPACE_KEY_PREFIX + key_prefix).encode()
+        self.purge_list = (PURGE_LIST_PREFIX + key_prefix).encode()
+        self.check_interval = check_interval
+        self.purger = purger
+        self.prefix: bytes | None = None
+        self.checked_at = 0.0
+
+    def current(self) -> Generator[Call, Any, bytes]:
+        """The physical-key prefix; yields one call to Redis when the cached generation is too old."""
+        if self.prefix is not None and time.monotonic() - self.checked_at < self.check_interval:
+            return self.prefix
+        proposed = new_generation()
+        existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
+        generation = existing.decode() if existing else proposed
+        if self.prefix is None:
+            self.purger.resume(self.purge_list)
+        self._install(generation)
+        return self.prefix
+
+    def bump(self) -> Generator[Call, Any, None]:
+        """Make every key of this namespace unreachable in O(1), then purge the old ones in the background."""
+        generation = new_generation()
+        old = yield Call(self.key, ("SET", self.key, generation, "GET"))
+        self._install(generation)
+        if old:
+            yield Call(self.purge_list, ("RPUSH", self.purge_list, old))
+            self.purger.enqueue(self.purge_list, old.decode())
+
+    def _install(self, generation: str) -> None:
+        self.prefix = generation.encode() + b":"
+        self.checked_at = time.monotonic()
+
+
+class Purger:
+    """One background thread per cluster that UNLINKs the keys of retired generations."""
+
+    def __init__(self, topology: Any) -> None:
+        self.topology = topology
+        self.queue: queue.Queue[tuple[bytes, str]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._resumed: set[bytes] = set()
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def enqueue(self, purge_list: bytes, generation: str) -> None:
+        self.idle.clear()
+        self.queue.put((purge_list, generation))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="distcache-purge", daemon=True)
+                self._thread.start()
+
+    def resume(self, purge_list: bytes) -> None:
+        """Pick up purges that a process which has since exited did not finish."""
+        if purge_list in self._resumed:
+            return
+        self._resumed.add(purge_list)
+        try:
+            pending = self.topology.execute(Call(purge_list, ("LRANGE", purge_list, 0, -1)))
+        except OUTAGE_ERRORS:
+            return
+        for generation in pending or ():
+            self.enqueue(purge_list, generation.decode())
+
+    def _run(self) -> None:
+        while True:
+            try:
+                purge_list, generation = self.queue.get(timeout=5)
+            except queue.Empty:
+                self.idle.set()
+                return
+            try:
+                removed = self.purge(generation)
+                self.topology.execute(Call(purge_list, ("LREM", purge_list, 0, generation)))
+                logger.info("purged %d keys of retired generation %s", removed, generation)
+            except OUTAGE_ERRORS as error:
+                # Still listed in Redis: the next process to start (or the next clear) retries it.
+                logger.warning("purge of generation %s interrupted: %s", generation, error)
+            finally:
+                if self.queue.empty():
+                    self.idle.set()
+
+    def purge(self, generation: str) -> int:
+        removed = 0
+        pattern = generation + ":*"
+        for node in self.topology.primaries():
+            for keys in self.topology.scan(node, pattern):
+                for start in range(0, len(keys), PURGE_BATCH):
+                    chunk = keys[start : start + PURGE_BATCH]
+                    results = self.topology.execute_batch([Call(k, ("UNLINK", k)) for k in chunk])
+                    removed += sum(r for r in results if isinstance(r, int))
+        return removed
