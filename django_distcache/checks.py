@@ -6,7 +6,6 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
-from django.core.exceptions import ImproperlyConfigured
 
 from .topology import OUTAGE_ERRORS, NotAClusterError
 
@@ -27,11 +26,8 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
 
     messages: list = []
     for alias, _params in _our_caches():
-        try:
-            cache = caches[alias]
-        except ImproperlyConfigured as error:
-            messages.append(Error(f"CACHES[{alias!r}] is misconfigured: {error}", id="django_distcache.E001"))
-            continue
+        # Bad LOCATION/OPTIONS raise ImproperlyConfigured right here (and in Django's own cache checks).
+        cache = caches[alias]
         topology = cache._shared.topology
         try:
             topology.refresh(force=True)

@@ -257,11 +257,14 @@ class Codec:
         offset = _HEADER.size
         soft_expiry = recompute_time = None
         tags: dict[str, int] = {}
-        if flags & FLAG_TIMING:
-            soft_expiry, recompute_time = _TIMING.unpack_from(data, offset)
-            offset += _TIMING.size
-        if flags & FLAG_TAGS:
-            tags, offset = decode_tag_stamps(data, offset)
+        try:
+            if flags & FLAG_TIMING:
+                soft_expiry, recompute_time = _TIMING.unpack_from(data, offset)
+                offset += _TIMING.size
+            if flags & FLAG_TAGS:
+                tags, offset = decode_tag_stamps(data, offset)
+        except (struct.error, IndexError, UnicodeDecodeError) as error:
+            raise SignatureError(f"corrupt envelope header: {error}") from None
         if flags & FLAG_SIGNED:
             head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
             if not any(self._mac(key, head, payload) == mac for key in self._verify_keys):

@@ -545,9 +545,12 @@ class DevCluster:
             self._call(port, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
         for index, port in enumerate(self.primary_ports):
             self._call(port, "CLUSTER", "ADDSLOTSRANGE", *self._slot_range(index))
+        # Every node meets every later node: knowing each other directly is much faster than
+        # waiting for gossip to spread (a second or more, growing with node_timeout).
         meet_ip = self._meet_ip()
-        for port in self.ports[1:]:
-            self._call(self.ports[0], "CLUSTER", "MEET", meet_ip, port)
+        for i, port in enumerate(self.ports):
+            for other in self.ports[i + 1 :]:
+                self._call(port, "CLUSTER", "MEET", meet_ip, other)
         self._wait_for(lambda: self._meet_problems(ids), deadline, "the nodes to meet")
         for replica, primary in self._replica_layout().items():
             self._call(replica, "CLUSTER", "REPLICATE", ids[primary])

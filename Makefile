@@ -1,0 +1,67 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Everything they need is set up here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_PORT ?= 7000
+DEMO_DATA := .devcluster/demo-$(DEMO_PORT)
+DEMO_LOCATION := redis://127.0.0.1:$(DEMO_PORT),redis://127.0.0.1:$(shell echo $$(($(DEMO_PORT)+1))),redis://127.0.0.1:$(shell echo $$(($(DEMO_PORT)+2)))
+
+# A second interpreter (>= 3.12) for the newest Django, when the machine has one (pyenv or PATH).
+NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
+	  p=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python 2>/dev/null | sort -V | tail -1); \
+	  [ -z "$$p" ] && p=$$(command -v python$$v 2>/dev/null); \
+	  if [ -n "$$p" ] && "$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then echo $$p; break; fi; \
+	done)
+VENV_NEWEST := .venv-newest-django
+
+.PHONY: venv demo test test-main test-newest-django bench lint cluster-up cluster-down clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+cluster-up: venv
+	$(PY) -m django_distcache.devcluster up --base-port $(DEMO_PORT) --data-dir $(DEMO_DATA)
+
+cluster-down: venv
+	$(PY) -m django_distcache.devcluster down --base-port $(DEMO_PORT) --data-dir $(DEMO_DATA)
+
+demo: cluster-up
+	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) ../$(PY) manage.py migrate --noinput
+	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) DISTCACHE_DEMO_SUPERUSER=1 ../$(PY) manage.py seed_catalogue
+	@echo "Serving the catalogue on http://127.0.0.1:8000/ (admin: admin/admin); Ctrl-C stops it,"
+	@echo "'make cluster-down' stops the local cluster."
+	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) ../$(PY) manage.py runserver 127.0.0.1:8000
+
+test: test-main test-newest-django
+
+test-main: venv
+	$(PY) -m pytest -q
+
+test-newest-django:
+	@if [ -z "$(NEWEST_PYTHON)" ]; then \
+	  echo "test-newest-django: no Python >= 3.12 on this machine; the newest Django needs one (skipped)"; \
+	else \
+	  set -e; \
+	  [ -x $(VENV_NEWEST)/bin/python ] || $(NEWEST_PYTHON) -m venv $(VENV_NEWEST); \
+	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade pip; \
+	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]" "django>=6"; \
+	  echo "== newest Django: $$($(VENV_NEWEST)/bin/python -c 'import django, sys; print(django.__version__, "on Python", sys.version.split()[0])')"; \
+	  DISTCACHE_TEST_CLUSTER_PORT=7330 $(VENV_NEWEST)/bin/python -m pytest -q; \
+	fi
+
+bench: venv
+	$(PY) -m bench.run_all
+
+lint: venv
+	$(PY) -m ruff check django_distcache tests bench example_project
+	$(PY) -m ruff format --check django_distcache tests bench
+
+clean:
+	rm -rf $(VENV) $(VENV_NEWEST) .cache .devcluster

@@ -1,0 +1,290 @@
+"""The backend's own promises beyond Django's suite: extensions, cluster routing, bad input, clear()."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+
+from django_distcache.codec import ValueTooLargeError
+from django_distcache.topology import cluster as cluster_module
+from tests.conftest import make_cache
+
+
+@pytest.fixture
+def raw(cluster):
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    yield client
+    client.close()
+
+
+def test_round_trip_of_many_types(cache):
+    values = {
+        "str": "héllo",
+        "int": 42,
+        "neg": -7,
+        "big": 2**70,
+        "float": 1.5,
+        "none": None,
+        "list": [1, "a", None],
+        "dict": {"a": (1, 2)},
+        "bytes": b"\x00\xff",
+        "bool": True,
+    }
+    for key, value in values.items():
+        cache.set(key, value)
+    assert {key: cache.get(key) for key in values} == values
+    assert cache.get_many(list(values)) == values
+
+
+def test_get_many_sends_one_batch_per_node_and_writes_all_before_reading(cache, monkeypatch):
+    keys = [f"k{i}" for i in range(100)]
+    cache.set_many({key: i for i, key in enumerate(keys)})
+    slots = {key_slot(cache.physical_key(key)) for key in keys}
+    assert len(slots) > 50  # the keys really are spread over many slots, so MGET would be CROSSSLOT
+    events = []
+    real = cluster_module._NodePool.get
+
+    def spying_get(pool):
+        connection = real(pool)
+        send, read = connection.send_packed_command, connection.read_response
+        connection.send_packed_command = lambda *a, **k: (events.append(("send", pool)), send(*a, **k))[1]
+        connection.read_response = lambda *a, **k: (events.append(("read", pool)), read(*a, **k))[1]
+        return connection
+
+    monkeypatch.setattr(cluster_module._NodePool, "get", spying_get)
+    assert cache.get_many(keys) == {key: i for i, key in enumerate(keys)}
+    sends = [pool for kind, pool in events if kind == "send"]
+    first_read = next(i for i, (kind, _) in enumerate(events) if kind == "read")
+    assert len(sends) == 3 == len(set(sends))  # one write per primary
+    assert all(kind == "send" for kind, _ in events[:first_read])  # every write before any read
+    assert sum(1 for kind, _ in events if kind == "read") == 100
+
+
+def test_hash_tags_in_user_keys_are_respected(cache, raw):
+    first, second = cache.physical_key("{user:42}:profile"), cache.physical_key("{user:42}:cart")
+    assert key_slot(first) == key_slot(second) == raw.keyslot("user:42")
+    cache.set_many({"{user:42}:profile": "p", "{user:42}:cart": "c"})
+    assert cache.get_many(["{user:42}:profile", "{user:42}:cart"]) == {
+        "{user:42}:profile": "p",
+        "{user:42}:cart": "c",
+    }
+
+
+def test_foreign_value_is_returned_as_bytes_never_unpickled(cache, raw):
+    raw.set(cache.physical_key("foreign"), b"written by another client")
+    assert cache.get("foreign") == b"written by another client"
+    # Bytes that look like a pickle are still just bytes.
+    raw.set(cache.physical_key("pickled"), pickle.dumps({"a": 1}))
+    assert cache.get("pickled") == pickle.dumps({"a": 1})
+
+
+class _Boom:
+    triggered = False
+
+    def __reduce__(self):
+        return (_trip, ())
+
+
+def _trip():
+    _Boom.triggered = True
+    return "unpickled!"
+
+
+def test_forged_envelope_is_a_miss_and_is_not_unpickled(cache, raw):
+    cache.set("victim", "genuine")
+    genuine = raw.get(cache.physical_key("victim"))
+    forged = genuine[: -len(pickle.dumps("genuine", pickle.HIGHEST_PROTOCOL))] + pickle.dumps(_Boom())
+    raw.set(cache.physical_key("victim"), forged)
+    assert cache.get("victim", "default") == "default"
+    assert _Boom.triggered is False
+
+
+def test_value_signed_under_another_secret_key_is_a_miss(cache, raw, settings):
+    cache.set("k", {"v": 1})
+    other = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"SIGNING_KEY": "another secret"})
+    assert other.get("k", "miss") == "miss"
+
+
+def test_incr_is_atomic_keeps_ttl_and_raises_for_missing(cache):
+    with pytest.raises(ValueError):
+        cache.incr("missing")
+    assert cache.get("missing") is None  # incr on a missing key creates nothing
+    cache.set("counter", 0, timeout=100)
+
+    def work():
+        for _ in range(50):
+            cache.incr("counter")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.get("counter") == 400
+    assert 95 <= cache.ttl("counter") <= 100
+    assert cache.decr("counter", 500) == -100
+    cache.set("text", "abc")
+    with pytest.raises(TypeError):
+        cache.incr("text")
+
+
+def test_ttl_expire_persist(cache):
+    assert cache.ttl("nothing") == 0
+    cache.set("k", "v", timeout=50)
+    assert 49 <= cache.ttl("k") <= 50
+    assert cache.expire("k", 500) is True
+    assert 499 <= cache.ttl("k") <= 500
+    assert cache.persist("k") is True
+    assert cache.ttl("k") is None
+    assert cache.persist("nothing") is False
+    assert cache.expire("nothing", 10) is False
+
+
+def test_get_many_or_set_computes_only_missing_keys(cache):
+    cache.set_many({"a": 1, "b": 2})
+    calls = []
+
+    def factory(missing):
+        calls.append(list(missing))
+        return {key: key.upper() for key in missing}
+
+    assert cache.get_many_or_set(["a", "b", "c", "d"], factory) == {"a": 1, "b": 2, "c": "C", "d": "D"}
+    assert calls == [["c", "d"]]
+    assert cache.get_many_or_set(["a", "c", "d"], factory) == {"a": 1, "c": "C", "d": "D"}
+    assert calls == [["c", "d"]]  # nothing missing, factory not called
+
+
+def test_get_many_or_set_rejects_a_factory_that_returns_no_mapping(cache):
+    with pytest.raises(TypeError, match="mapping"):
+        cache.get_many_or_set(["x"], lambda missing: ["not", "a", "dict"])
+    assert cache.get("x") is None
+
+
+def test_lock_excludes_other_holders(cache):
+    lock = cache.lock("resource", timeout=5)
+    assert lock.acquire(blocking=False)
+    other = cache.lock("resource", timeout=5)
+    assert not other.acquire(blocking=False)
+    lock.release()
+    assert other.acquire(blocking=False)
+    other.release()
+
+
+def test_non_string_key_raises_and_writes_nothing(cache):
+    with pytest.raises(TypeError, match="must be str"):
+        cache.set(42, "v")
+    with pytest.raises(TypeError, match="must be str"):
+        cache.get_many(["ok", 42])
+
+
+def test_unpicklable_value_raises_and_leaves_the_cache_unchanged(cache):
+    cache.set("k", "before")
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        cache.set("k", lambda: None)
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        cache.set_many({"a": 1, "k": threading.Lock()})
+    assert cache.get("k") == "before"
+    assert cache.get("a") is None  # set_many encodes everything before writing anything
+
+
+def test_value_over_the_size_cap_raises_and_leaves_the_cache_unchanged():
+    cache = make_cache(OPTIONS={"MAX_VALUE_SIZE": 1000})
+    cache.set("k", "small")
+    with pytest.raises(ValueTooLargeError, match="MAX_VALUE_SIZE"):
+        cache.set("k", "x" * 2000)
+    assert cache.get("k") == "small"
+
+
+@pytest.mark.parametrize("serializer", ["pickle", "json", "msgpack"])
+@pytest.mark.parametrize("compressor", ["none", "zlib", "zstd"])
+def test_serializers_and_compressors(serializer, compressor):
+    cache = make_cache(OPTIONS={"SERIALIZER": serializer, "COMPRESSOR": compressor, "COMPRESS_MIN_SIZE": 100})
+    value = {"name": "x" * 5000, "items": [1, 2, 3], "nested": {"ok": True}}
+    cache.set("k", value)
+    assert cache.get("k") == value
+    assert cache.get_many(["k"]) == {"k": value}
+
+
+def test_compression_shrinks_large_values(raw):
+    plain = make_cache()
+    packed = make_cache(OPTIONS={"COMPRESSOR": "zlib"})
+    value = "repetitive " * 1000
+    plain.set("k", value)
+    packed.set("k", value)
+    assert len(raw.get(packed.physical_key("k"))) < len(raw.get(plain.physical_key("k"))) / 5
+    assert packed.get("k") == value
+
+
+def test_clear_drops_only_this_caches_keys_and_never_flushes(cluster, raw):
+    mine, theirs = make_cache(), make_cache()
+    mine.set_many({f"k{i}": i for i in range(200)})
+    theirs.set("k1", "kept")
+    raw.set("foreign:key", "kept")
+    before = _command_calls(raw, ("flushall", "flushdb", "keys"))
+    assert _keys_with_prefix(raw, mine.key_prefix) == 200
+    assert mine.clear() is True
+    assert mine.get_many([f"k{i}" for i in range(200)]) == {}
+    assert theirs.get("k1") == "kept"
+    assert raw.get("foreign:key") == b"kept"
+    assert _command_calls(raw, ("flushall", "flushdb", "keys")) == before
+    # The background purge reclaims the old generation's memory on every primary.
+    assert mine._shared.purger.idle.wait(30)
+    assert _keys_with_prefix(raw, mine.key_prefix) == 0
+    assert _keys_with_prefix(raw, theirs.key_prefix) == 1
+    raw.delete("foreign:key")
+
+
+def test_clear_is_seen_by_another_process_within_the_check_interval(cluster):
+    writer = make_cache(OPTIONS={"NAMESPACE_CHECK_INTERVAL": 0.2})
+    # A second, independent cache instance with its own namespace state stands for another process.
+    from django_distcache import cache as cache_module
+
+    reader = make_cache(KEY_PREFIX=writer.key_prefix, OPTIONS={"NAMESPACE_CHECK_INTERVAL": 0.2})
+    assert reader._namespace is writer._namespace  # same process shares it; make a separate one
+    reader._namespace = cache_module.Namespace(writer.key_prefix, 0.2, reader._shared.purger)
+    writer.set("k", "v")
+    assert reader.get("k") == "v"
+    writer.clear()
+    time.sleep(0.25)
+    assert reader.get("k") is None
+
+
+def test_deleted_namespace_key_makes_entries_miss(cache, raw):
+    cache.set("k", "v")
+    raw.delete(cache._namespace.key)
+    cache._namespace.checked_at = 0  # as if the check interval had passed
+    assert cache.get("k") is None
+
+
+def test_response_errors_are_never_swallowed(cache, raw):
+    raw.hset(cache.physical_key("h"), "field", "value")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        cache.get("h")
+
+
+def test_bad_location_fails_at_construction():
+    with pytest.raises(ImproperlyConfigured, match="redis://"):
+        make_cache(LOCATION=["http://127.0.0.1:7000"])
+    with pytest.raises(ImproperlyConfigured, match="SERIALIZER|serializer"):
+        make_cache(OPTIONS={"SERIALIZER": "yaml"})
+    with pytest.raises(ImproperlyConfigured, match="unknown OPTIONS"):
+        make_cache(OPTIONS={"SOCKET_TIMEOUTS": 1})
+
+
+def _command_calls(raw, names):
+    total = 0
+    for stats in raw.info("commandstats", target_nodes=RedisCluster.ALL_NODES).values():
+        for name in names:
+            total += stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+    return total
+
+
+def _keys_with_prefix(raw, prefix):
+    return sum(1 for _ in raw.scan_iter(match=f"*:{prefix}:*", target_nodes=RedisCluster.PRIMARIES))

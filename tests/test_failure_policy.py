@@ -1,0 +1,61 @@
+"""A Redis outage makes reads miss and writes drop (logged, counted); FAILURE_POLICY='raise' raises."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+from django_distcache.cache import CacheUnavailable
+from tests.conftest import make_cache
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def dead_location():
+    return [f"redis://127.0.0.1:{_free_port()}"]
+
+
+def test_outage_degrades_reads_to_miss_and_drops_writes(dead_location, caplog):
+    cache = make_cache(LOCATION=dead_location)
+    with caplog.at_level(logging.WARNING, logger="django_distcache"):
+        assert cache.get("k", "default") == "default"
+        cache.set("k", "v")  # dropped, no exception
+        assert cache.add("k", "v") is False
+        assert cache.get_many(["a", "b"]) == {}
+        assert cache.set_many({"a": 1, "b": 2}) == ["a", "b"]  # Django's contract: the keys not stored
+        assert cache.delete("k") is False
+        assert cache.has_key("k") is False
+        assert cache.get_or_set("k", lambda: "computed") == "computed"
+        with pytest.raises(ValueError):
+            cache.incr("k")  # an unreachable counter is a missing counter
+    assert cache.failure_counts["get"] >= 2
+    assert cache.failure_counts["set"] >= 1
+    assert any("degraded" in record.message for record in caplog.records)
+
+
+async def test_outage_degrades_async_too(dead_location):
+    cache = make_cache(LOCATION=dead_location)
+    assert await cache.aget("k", "default") == "default"
+    await cache.aset("k", "v")
+    assert await cache.aget_many(["a"]) == {}
+
+
+def test_raise_policy_raises(dead_location):
+    cache = make_cache(LOCATION=dead_location, OPTIONS={"FAILURE_POLICY": "raise"})
+    with pytest.raises(CacheUnavailable):
+        cache.get("k")
+    with pytest.raises(CacheUnavailable):
+        cache.set("k", "v")
+
+
+def test_bad_input_still_raises_during_an_outage(dead_location):
+    cache = make_cache(LOCATION=dead_location)
+    with pytest.raises(TypeError):
+        cache.set(1, "v")
