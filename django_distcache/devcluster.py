@@ -544,7 +544,7 @@ class DevCluster:
         for epoch, port in enumerate(self.ports, start=1):
             self._call(port, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
         for index, port in enumerate(self.primary_ports):
-            self._call(port, "CLUSTER", "ADDSLOTSRANGE", *self._slot_range(index))
+            self._add_slots(port, *self._slot_range(index))
         # Every node meets every later node: knowing each other directly is much faster than
         # waiting for gossip to spread (a second or more, growing with node_timeout).
         meet_ip = self._meet_ip()
@@ -555,6 +555,14 @@ class DevCluster:
         for replica, primary in self._replica_layout().items():
             self._call(replica, "CLUSTER", "REPLICATE", ids[primary])
         self._wait_for(self.health_problems, deadline, "the cluster to become healthy")
+
+    def _add_slots(self, port: int, first: int, last: int) -> None:
+        try:
+            self._call(port, "CLUSTER", "ADDSLOTSRANGE", first, last)
+        except DevClusterError as exc:  # Redis < 7.0 has no ADDSLOTSRANGE
+            if "unknown subcommand" not in str(exc).lower():
+                raise
+            self._call(port, "CLUSTER", "ADDSLOTS", *range(first, last + 1))
 
     def _meet_problems(self, ids: dict[int, str]) -> list[str]:
         expected = set(ids.values())
