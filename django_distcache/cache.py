@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -22,7 +23,7 @@ from typing import Any
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from redis.exceptions import ResponseError
 
-from .codec import SignatureError
+from .codec import SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, parse_settings
 from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
 from .topology.base import TopologyState
@@ -30,7 +31,16 @@ from .versioning import Namespace, Purger
 
 logger = logging.getLogger("django_distcache")
 
-_MISSING = object()
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# What Django's memcached-portability warning looks for; checked first so the common key costs one regex.
+_KEY_MAY_WARN = re.compile(r"[\x00-\x20\x7f]")
 Plan = Generator[Any, Any, Any]
 
 # INCRBY only where the key exists, so a missing key raises ValueError as Django requires; INCRBY keeps
@@ -57,6 +67,7 @@ class _Shared:
     state: TopologyState
     topology: ClusterTopology
     purger: Purger
+    failure_counts: dict[str, int] = field(default_factory=dict)
     async_topologies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     namespaces: dict[tuple[str, float], Namespace] = field(default_factory=dict)
 
@@ -83,9 +94,9 @@ class FailurePolicy:
 
     LOG_EVERY = 10.0  # seconds between two warnings for the same operation
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, counts: dict[str, int]) -> None:
         self.policy = policy
-        self.counts: dict[str, int] = {}
+        self.counts = counts  # shared by every instance on the same cluster
         self._last_logged: dict[str, float] = {}
 
     def handle(self, operation: str, error: BaseException, fallback: Any) -> Any:
@@ -127,7 +138,7 @@ class RedisClusterCache(BaseCache):
         self._settings = parse_settings(server, options)
         self._codec = build_codec(self._settings)
         self._shared = _shared_for(self._settings)
-        self._failures = FailurePolicy(self._settings.failure_policy)
+        self._failures = FailurePolicy(self._settings.failure_policy, self._shared.failure_counts)
         namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
         namespace = self._shared.namespaces.get(namespace_id)
         if namespace is None:
@@ -186,6 +197,11 @@ class RedisClusterCache(BaseCache):
         return topology
 
     # -- pure helpers ---------------------------------------------------------------------------------
+    def validate_key(self, key: str) -> None:
+        """Django's CacheKeyWarning checks, run only for keys that could trigger them (same warnings)."""
+        if len(key) > 250 or _KEY_MAY_WARN.search(key):
+            super().validate_key(key)
+
     def _made_key(self, key: Any, version: int | None) -> str:
         if not isinstance(key, str):
             raise TypeError(f"cache keys must be str, got {type(key).__name__}: {key!r}")
@@ -217,10 +233,14 @@ class RedisClusterCache(BaseCache):
         return ("SET", physical, data, "PX", expiry_ms, *flags)
 
     def _decode(self, data: bytes, default: Any) -> Any:
+        """A value that fails verification or decoding is a miss (counted, logged), never an error page."""
         try:
             return self._codec.decode(data)
-        except SignatureError as error:
-            logger.warning("ignoring a stored value that failed verification: %s", error)
+        except (SignatureError, UndecodableValueError) as error:
+            self._failures.counts["undecodable"] = self._failures.counts.get("undecodable", 0) + 1
+            logger.warning(
+                "ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error
+            )
             return default
 
     # -- plans ----------------------------------------------------------------------------------------
@@ -275,11 +295,14 @@ class RedisClusterCache(BaseCache):
             return {}
         replies = yield [Call(p, ("GET", p), read=True) for p in physical]
         found = {}
-        for (p, key), data in zip(physical.items(), replies, strict=True):
-            if data is not None and self._failures.check_item("get_many", data):
-                value = self._decode(data, _MISSING)
-                if value is not _MISSING:
-                    found[key] = value
+        for key, data in zip(physical.values(), replies, strict=True):
+            if data is None or (
+                isinstance(data, BaseException) and not self._failures.check_item("get_many", data)
+            ):
+                continue
+            value = self._decode(data, _MISSING)
+            if value is not _MISSING:
+                found[key] = value
         return found
 
     def _set_many_plan(self, data: Mapping[Any, Any], timeout: Any, version: int | None) -> Plan:
@@ -309,9 +332,13 @@ class RedisClusterCache(BaseCache):
                 self._failures.check_item("delete_many", reply)
 
     def _incr_plan(self, key: Any, delta: int, version: int | None) -> Plan:
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"incr/decr delta must be an int, got {type(delta).__name__}")
+        if not _INT64_MIN <= delta <= _INT64_MAX:
+            raise OverflowError(f"incr/decr delta {delta} does not fit in a 64-bit integer")
         physical = yield from self._physical_key(key, version)
         try:
-            value = yield Call(physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta))
+            value = yield Call(physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta), idempotent=False)
         except ResponseError as error:
             message = str(error)
             if "not an integer" in message:
@@ -464,11 +491,16 @@ class RedisClusterCache(BaseCache):
         blocking_timeout: float | None = None,
         version: int | None = None,
     ) -> Any:
-        """A redis-py Lock on the node owning `key`. Lock errors propagate: mutual exclusion cannot degrade."""
-        physical = self._run(self._physical_key(key, version), "lock")
-        if physical is None:
-            raise CacheUnavailable("cache lock: the cluster is unreachable")
-        return self._shared.topology.client_for(physical).lock(
+        """A redis-py Lock on the node owning `key`. Lock errors propagate: mutual exclusion cannot degrade.
+
+        Lock keys live outside the namespace generation, so clear() never frees a lock someone holds.
+        """
+        physical = self._lock_key(key, version)
+        try:
+            client = self._shared.topology.client_for(physical)
+        except OUTAGE_ERRORS as error:
+            raise CacheUnavailable(f"cache lock: cannot reach the node for {key!r}: {error}") from error
+        return client.lock(
             physical, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout
         )
 
@@ -572,14 +604,17 @@ class RedisClusterCache(BaseCache):
         version: int | None = None,
     ) -> Any:
         """An asyncio redis-py Lock on the node owning `key`; use as `async with await cache.alock(...)`."""
-        physical = await self._arun(self._physical_key(key, version), "lock")
-        if physical is None:
-            raise CacheUnavailable("cache lock: the cluster is unreachable")
-        topology = self._async_topology()
-        await topology._ensure_map()
-        return topology.client_for(physical).lock(
+        physical = self._lock_key(key, version)
+        try:
+            client = await self._async_topology().client_for(physical)
+        except OUTAGE_ERRORS as error:
+            raise CacheUnavailable(f"cache lock: cannot reach the node for {key!r}: {error}") from error
+        return client.lock(
             physical, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout
         )
+
+    def _lock_key(self, key: Any, version: int | None) -> bytes:
+        return b"~lock:" + self._made_key(key, version).encode()
 
     # -- introspection -----------------------------------------------------------------------------------
     @property

@@ -50,6 +50,15 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
                 )
             )
             continue
+        if "{" in cache.key_prefix and "}" in cache.key_prefix.split("{", 1)[1]:
+            messages.append(
+                Warning(
+                    f"CACHES[{alias!r}]: KEY_PREFIX {cache.key_prefix!r} contains a hash tag, so every key of "
+                    "this cache maps to one slot on one node",
+                    hint="Remove the braces from KEY_PREFIX; put {...} in individual keys that must share a slot.",
+                    id="django_distcache.W002",
+                )
+            )
         slot_map = topology.state.slot_map
         if slot_map is not None and slot_map.covered < 16384:
             messages.append(

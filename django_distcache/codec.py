@@ -9,6 +9,7 @@ Redis are never unpickled. Plain integers are stored bare (ASCII digits) so INCR
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import pickle
 import re
@@ -32,6 +33,7 @@ _TIMING = struct.Struct(">df")  # soft expiry (unix seconds), recompute time (se
 _TAG_COUNT = struct.Struct(">H")
 _TAG_VERSION = struct.Struct(">Q")
 MAC_SIZE = 16
+_PLAIN_PAYLOAD_AT = _HEADER.size + MAC_SIZE
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
@@ -39,6 +41,10 @@ _BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
 
 class SignatureError(Exception):
     """An envelope claims to be ours but its signature does not verify (forged, or another SECRET_KEY)."""
+
+
+class UndecodableValueError(Exception):
+    """A stored value is ours (or claims to be) but cannot be decoded: corrupt, or of an unknown format."""
 
 
 class Serializer(Protocol):
@@ -178,11 +184,16 @@ class Codec:
         self.compressor = compressor
         self.compress_min_size = compress_min_size
         self.max_value_size = max_value_size
-        self._signing_key = keys[0]
-        self._verify_keys = keys
+        # Keyed BLAKE2b set up once per key; each MAC starts from a copy (the key schedule is the slow part).
+        self._signer = hashlib.blake2b(key=keys[0], digest_size=MAC_SIZE)
+        self._verifiers = [hashlib.blake2b(key=key, digest_size=MAC_SIZE) for key in keys]
         self._sign = getattr(serializer, "needs_signature", True)
         self._decompressors: dict[int, Compressor] = {compressor.id: compressor, 0: NoCompressor()}
         self._serializers: dict[int, Serializer] = {serializer.id: serializer}
+        # The common stored value (signed, uncompressed, no timing, no tags, this serializer) has a header
+        # whose first six bytes are always these; decode() checks them in one comparison.
+        self._plain_signed_prefix = MAGIC + bytes((FORMAT_VERSION, FLAG_SIGNED, serializer.id, 0))
+        self._loads = serializer.loads
 
     # -- encoding ---------------------------------------------------------------------------------------
     def encode(
@@ -223,7 +234,7 @@ class Codec:
             + extra
         )
         if self._sign:
-            data = head + self._mac(self._signing_key, head, payload) + payload
+            data = head + self._mac(self._signer, head, payload) + payload
         else:
             data = head + payload
         if self.max_value_size is not None and len(data) > self.max_value_size:
@@ -234,16 +245,35 @@ class Codec:
         return data
 
     @staticmethod
-    def _mac(key: bytes, head: bytes, payload: bytes) -> bytes:
-        mac = hashlib.blake2b(head, key=key, digest_size=MAC_SIZE)
+    def _mac(prepared: Any, head: bytes, payload: bytes) -> bytes:
+        mac = prepared.copy()
+        mac.update(head)
         mac.update(payload)
         return mac.digest()
+
+    def _verified(self, head: bytes, mac: bytes, payload: bytes) -> bool:
+        for verifier in self._verifiers:
+            if hmac.compare_digest(self._mac(verifier, head, payload), mac):
+                return True
+        return False
 
     # -- decoding ---------------------------------------------------------------------------------------
     def decode(self, data: bytes) -> Any:
         """Return the stored value: ours decoded, a bare integer as int, anything else as the raw bytes."""
         if data[:2] != MAGIC:
             return int(data) if _BARE_INT.fullmatch(data) else data
+        if data[:6] == self._plain_signed_prefix and len(data) >= _PLAIN_PAYLOAD_AT:
+            # Fast path for the common case; anything unusual (another key, a corrupt value) takes the
+            # general path below, which decides what it is.
+            payload = data[_PLAIN_PAYLOAD_AT:]
+            mac = self._signer.copy()
+            mac.update(data[: _HEADER.size])
+            mac.update(payload)
+            if hmac.compare_digest(mac.digest(), data[_HEADER.size : _PLAIN_PAYLOAD_AT]):
+                try:
+                    return self._loads(payload)
+                except Exception as error:
+                    raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
         return self.decode_envelope(data).value
 
     def decode_envelope(self, data: bytes) -> Envelope:
@@ -264,19 +294,24 @@ class Codec:
             if flags & FLAG_TAGS:
                 tags, offset = decode_tag_stamps(data, offset)
         except (struct.error, IndexError, UnicodeDecodeError) as error:
-            raise SignatureError(f"corrupt envelope header: {error}") from None
+            raise UndecodableValueError(f"corrupt envelope header: {error}") from None
         if flags & FLAG_SIGNED:
             head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
-            if not any(self._mac(key, head, payload) == mac for key in self._verify_keys):
+            if not self._verified(head, mac, payload):
                 raise SignatureError("stored value's signature does not verify")
         else:
+            # A cache that signs what it writes accepts nothing unsigned: a planted value is a miss.
+            if self._sign or serializer_id == PickleSerializer.id:
+                raise SignatureError("unsigned payload refused")
             payload = data[offset:]
-            if serializer_id == PickleSerializer.id:
-                raise SignatureError("unsigned pickle payload refused")
         serializer = self._serializer_for(serializer_id)
-        if compressor_id:
-            payload = self._decompressor_for(compressor_id).decompress(payload)
-        return Envelope(serializer.loads(payload), created_at, soft_expiry, recompute_time, tags)
+        try:
+            if compressor_id:
+                payload = self._decompressor_for(compressor_id).decompress(payload)
+            value = serializer.loads(payload)
+        except Exception as error:
+            raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
+        return Envelope(value, created_at, soft_expiry, recompute_time, tags)
 
     def _serializer_for(self, serializer_id: int) -> Serializer:
         serializer = self._serializers.get(serializer_id)
@@ -287,7 +322,7 @@ class Codec:
                     serializer = self._serializers[serializer_id] = cls()
                     break
             else:
-                raise SignatureError(f"unknown serializer id {serializer_id}")
+                raise UndecodableValueError(f"unknown serializer id {serializer_id}")
         return serializer
 
     def _decompressor_for(self, compressor_id: int) -> Compressor:
@@ -298,7 +333,7 @@ class Codec:
                     compressor = self._decompressors[compressor_id] = cls()
                     break
             else:
-                raise SignatureError(f"unknown compressor id {compressor_id}")
+                raise UndecodableValueError(f"unknown compressor id {compressor_id}")
         return compressor
 
 

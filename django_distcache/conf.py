@@ -32,7 +32,6 @@ DEFAULTS: dict[str, Any] = {
     "USERNAME": None,
     "PASSWORD": None,
     "SSL": None,
-    "MAX_CONNECTIONS": None,
     "FAILURE_POLICY": "miss",
     "NAMESPACE_CHECK_INTERVAL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
@@ -62,7 +61,6 @@ class ConnectionSettings:
     socket_connect_timeout: float | None = 0.25
     retries: int = 1
     read_from_replicas: bool = False
-    max_connections: int | None = None
     topology_refresh_interval: float = 0.25
 
 
@@ -151,7 +149,6 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         socket_connect_timeout=opts["SOCKET_CONNECT_TIMEOUT"],
         retries=int(opts["RETRIES"]),
         read_from_replicas=bool(opts["READ_FROM_REPLICAS"]),
-        max_connections=opts["MAX_CONNECTIONS"],
         topology_refresh_interval=float(opts["TOPOLOGY_REFRESH_INTERVAL"]),
     )
     return CacheSettings(

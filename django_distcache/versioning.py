@@ -60,7 +60,7 @@ class Namespace:
         old = yield Call(self.key, ("SET", self.key, generation, "GET"))
         self._install(generation)
         if old:
-            yield Call(self.purge_list, ("RPUSH", self.purge_list, old))
+            yield Call(self.purge_list, ("RPUSH", self.purge_list, old), idempotent=False)
             self.purger.enqueue(self.purge_list, old.decode())
 
     def _install(self, generation: str) -> None:
@@ -73,14 +73,15 @@ class Purger:
 
     def __init__(self, topology: Any) -> None:
         self.topology = topology
-        self.queue: queue.Queue[tuple[bytes, str]] = queue.Queue()
+        self.queue: queue.Queue[tuple[bytes, str | None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._resumed: set[bytes] = set()
         self.idle = threading.Event()
         self.idle.set()
 
-    def enqueue(self, purge_list: bytes, generation: str) -> None:
+    def enqueue(self, purge_list: bytes, generation: str | None) -> None:
+        """Purge `generation`, or (None) every generation still listed in `purge_list`."""
         self.idle.clear()
         self.queue.put((purge_list, generation))
         with self._lock:
@@ -89,16 +90,14 @@ class Purger:
                 self._thread.start()
 
     def resume(self, purge_list: bytes) -> None:
-        """Pick up purges that a process which has since exited did not finish."""
-        if purge_list in self._resumed:
-            return
-        self._resumed.add(purge_list)
-        try:
-            pending = self.topology.execute(Call(purge_list, ("LRANGE", purge_list, 0, -1)))
-        except OUTAGE_ERRORS:
-            return
-        for generation in pending or ():
-            self.enqueue(purge_list, generation.decode())
+        """Pick up purges that a process which has since exited did not finish (read in the thread)."""
+        if purge_list not in self._resumed:
+            self._resumed.add(purge_list)
+            self.enqueue(purge_list, None)
+
+    def _pending(self, purge_list: bytes) -> list[str]:
+        pending = self.topology.execute(Call(purge_list, ("LRANGE", purge_list, 0, -1)))
+        return [generation.decode() for generation in pending or ()]
 
     def _run(self) -> None:
         while True:
@@ -108,12 +107,13 @@ class Purger:
                 self.idle.set()
                 return
             try:
-                removed = self.purge(generation)
-                self.topology.execute(Call(purge_list, ("LREM", purge_list, 0, generation)))
-                logger.info("purged %d keys of retired generation %s", removed, generation)
+                for retired in [generation] if generation else self._pending(purge_list):
+                    removed = self.purge(retired)
+                    self.topology.execute(Call(purge_list, ("LREM", purge_list, 0, retired)))
+                    logger.info("purged %d keys of retired generation %s", removed, retired)
             except OUTAGE_ERRORS as error:
-                # Still listed in Redis: the next process to start (or the next clear) retries it.
-                logger.warning("purge of generation %s interrupted: %s", generation, error)
+                # Still listed in Redis: the next process that starts with this KEY_PREFIX retries it.
+                logger.warning("purge of generation %s interrupted: %s", generation or "(pending)", error)
             finally:
                 if self.queue.empty():
                     self.idle.set()

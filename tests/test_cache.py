@@ -288,3 +288,37 @@ def _command_calls(raw, names):
 
 def _keys_with_prefix(raw, prefix):
     return sum(1 for _ in raw.scan_iter(match=f"*:{prefix}:*", target_nodes=RedisCluster.PRIMARIES))
+
+
+def test_clear_never_frees_a_held_lock(cache):
+    held = cache.lock("job", timeout=30)
+    assert held.acquire(blocking=False)
+    cache.clear()
+    assert not cache.lock("job", timeout=30).acquire(blocking=False)
+    held.release()
+
+
+def test_planted_unsigned_value_is_a_miss(cache, raw):
+    from django_distcache.codec import Codec, JSONSerializer, NoCompressor
+
+    unsigned = Codec(JSONSerializer(), NoCompressor(), [b"x" * 32])
+    raw.set(cache.physical_key("role"), unsigned.encode({"is_admin": True}))
+    assert cache.get("role", "miss") == "miss"
+
+
+def test_corrupt_value_is_a_miss_not_an_error(raw):
+    cache = make_cache(OPTIONS={"SERIALIZER": "json", "COMPRESSOR": "zlib", "COMPRESS_MIN_SIZE": 10})
+    cache.set("k", "x" * 100)
+    stored = raw.get(cache.physical_key("k"))
+    raw.set(cache.physical_key("k"), stored[:-5] + b"XXXXX")
+    assert cache.get("k", "miss") == "miss"
+    assert cache.failure_counts["undecodable"] >= 1
+
+
+def test_incr_rejects_a_delta_out_of_range_with_a_clear_error(cache):
+    cache.set("n", 1)
+    with pytest.raises(OverflowError, match="delta"):
+        cache.incr("n", 2**64)
+    with pytest.raises(TypeError, match="delta"):
+        cache.incr("n", 1.5)
+    assert cache.get("n") == 1

@@ -87,3 +87,15 @@ def test_check_fails_with_a_clear_message_on_bad_options(settings):
     bad = {"BACKEND": BACKEND, "LOCATION": settings.CLUSTER_LOCATION, "OPTIONS": {"SERIALIZER": "yaml"}}
     with pytest.raises(ImproperlyConfigured, match="unknown serializer 'yaml'"):
         _check_output({"default": bad})
+
+
+def test_check_warns_about_a_hash_tag_in_key_prefix(settings):
+    from django.core.checks import run_checks
+
+    caches = {"default": {"BACKEND": BACKEND, "LOCATION": settings.CLUSTER_LOCATION, "KEY_PREFIX": "{shop}"}}
+    from django.core.cache import caches as handler
+
+    with override_settings(CACHES=caches):
+        handler._settings = None
+        ids = [message.id for message in run_checks(tags=["caches"])]
+    assert "django_distcache.W002" in ids

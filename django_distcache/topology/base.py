@@ -16,6 +16,8 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    OutOfMemoryError,
+    ReadOnlyError,
     TryAgainError,
 )
 from redis.exceptions import (
@@ -30,16 +32,19 @@ from ..conf import ConnectionSettings, NodeAddress
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
 
-# Errors that mean "the node could not answer right now": the failure policy may turn them into a miss.
-# Every other ResponseError is a bug (wrong type, bad script, CROSSSLOT) and always reaches the caller.
+# Errors that mean "the node could not do it right now": the failure policy may turn them into a miss or
+# a dropped write. That includes a full node (OOM under noeviction) and a write that reached a replica
+# mid-failover (READONLY). Every other ResponseError is a bug (wrong type, bad script, CROSSSLOT) and always
+# reaches the caller.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ClusterDownError,
     TryAgainError,
+    OutOfMemoryError,
+    ReadOnlyError,
     ConnectionError,
     TimeoutError,
-    OSError,
 )
 REDIRECT_ERRORS = (AskError, MovedError)  # MovedError subclasses AskError
 
@@ -65,6 +70,8 @@ class Call:
     read: bool = False
     # When set, the call goes to this node with ASKING first (a slot in migration); topology-internal.
     asking: NodeAddress | None = None
+    # False for commands that must not run twice (INCRBY, RPUSH): never re-sent after a lost reply.
+    idempotent: bool = True
 
 
 class SlotMap:
@@ -149,8 +156,8 @@ class TopologyState:
             if self.slot_map is not None:
                 self.slot_map.patch(error.slot_id, target)
             self.refresh_wanted = True
-            return Call(call.key, call.args, False)
-        return Call(call.key, call.args, False, asking=target)
+            return Call(call.key, call.args, False, idempotent=call.idempotent)
+        return Call(call.key, call.args, False, asking=target, idempotent=call.idempotent)
 
 
 def group_by_node(calls: list[Call], route: Any) -> dict[NodeAddress | None, list[int]]:

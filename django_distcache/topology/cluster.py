@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import AskError, ResponseError
 from redis.retry import Retry
 
@@ -36,7 +38,45 @@ from .base import (
     group_by_node,
 )
 
+try:  # hiredis packs a command in C; redis-py's own packer is the fallback
+    from hiredis import pack_command as _pack_one
+except ImportError:  # pragma: no cover - hiredis is a dependency of the [hiredis] and [dev] extras
+    _pack_one = None
+
+try:
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - a redis-py without its hiredis parser
+    _NOT_ENOUGH_DATA = None
+
 logger = logging.getLogger("django_distcache.topology")
+
+
+def _read_replies(connection: redis.Connection, count: int) -> list[Any]:
+    """The next `count` replies of a pipelined batch, error replies as exception objects.
+
+    With redis-py's hiredis parser the replies are taken straight from its C reader, one socket read for
+    many replies; otherwise one read_response() per reply. (Uses the parser's reader, which redis-py keeps
+    private; any other parser takes the slow, public path.)
+    """
+    parser = getattr(connection, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    replies: list[Any] = []
+    if reader is None or _NOT_ENOUGH_DATA is None or str(connection.protocol) not in ("2", "None"):
+        for _ in range(count):
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    gets, read_more = reader.gets, parser.read_from_socket
+    while len(replies) < count:
+        reply = gets()
+        if reply is _NOT_ENOUGH_DATA:
+            read_more()
+        else:
+            replies.append(reply)
+    return replies
+
 
 MAX_IDLE_CONNECTIONS = 64
 _all_sync_pools: weakref.WeakSet[_NodePool] = weakref.WeakSet()
@@ -101,10 +141,33 @@ class _TopologyCommon:
 
     connection_module: Any = redis
 
+    @staticmethod
+    def _pack(connection: Any, commands: list[tuple]) -> Any:
+        if _pack_one is not None:
+            return [b"".join([_pack_one(command) for command in commands])]
+        return connection.pack_commands(commands)
+
+    def _group(self, calls: list[Call]) -> dict[NodeAddress | None, list[int]]:
+        """Indexes of `calls` per target node; the common case (primaries, no ASK) in one tight loop."""
+        slot_map = self.state.slot_map
+        if slot_map is None or self.settings.read_from_replicas:
+            return group_by_node(calls, self._route)
+        primaries = slot_map.primaries
+        groups: dict[NodeAddress | None, list[int]] = {}
+        for index, call in enumerate(calls):
+            node = call.asking or primaries[key_slot(call.key)]
+            group = groups.get(node)
+            if group is None:
+                groups[node] = [index]
+            else:
+                group.append(index)
+        return groups
+
     def __init__(self, state: TopologyState) -> None:
         self.state = state
         self.settings: ConnectionSettings = state.settings
         self._pools: dict[tuple[NodeAddress, bool], Any] = {}
+        self._clients: dict[NodeAddress, Any] = {}
 
     def _route(self, call: Call) -> NodeAddress | None:
         if call.asking is not None:
@@ -132,6 +195,17 @@ class _TopologyCommon:
     @staticmethod
     def _slots_call() -> tuple:
         return ("CLUSTER", "SLOTS")
+
+    def _client_for(self, key: bytes, client_class: type) -> Any:
+        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
+        if node is None:
+            raise NoNodeReachableError("no node serves this key's slot")
+        client = self._clients.get(node)
+        if client is None:
+            _, kwargs = self._pool_args(node, False)
+            del kwargs["retry"]
+            client = self._clients[node] = client_class(**kwargs, ssl=self.settings.ssl)
+        return client
 
     def primaries(self) -> list[NodeAddress]:
         slot_map = self.state.slot_map
@@ -180,17 +254,17 @@ class ClusterTopology(_TopologyCommon):
                     continue
                 state.install(slot_map)
                 return
-            state.last_refresh = __import__("time").monotonic()
+            state.last_refresh = time.monotonic()
             raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
-    def _ensure_map(self) -> None:
+    def ensure_map(self) -> None:
         if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
             self.refresh(force=self.state.slot_map is None)
 
     # -- commands ---------------------------------------------------------------------------------------
     def execute(self, call: Call) -> Any:
         """Run one call; follows redirects, retries a dropped connection, raises errors as they are."""
-        self._ensure_map()
+        self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node = self._route(call)
@@ -201,11 +275,11 @@ class ClusterTopology(_TopologyCommon):
             try:
                 if call.asking is not None:
                     connection.send_packed_command(
-                        connection.pack_commands([("ASKING",), call.args]), check_health=False
+                        self._pack(connection, [("ASKING",), call.args]), check_health=False
                     )
                     connection.read_response()
                 else:
-                    connection.send_packed_command(connection.pack_command(*call.args), check_health=False)
+                    connection.send_packed_command(self._pack(connection, [call.args]), check_health=False)
                 result = connection.read_response()
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
@@ -217,7 +291,7 @@ class ClusterTopology(_TopologyCommon):
             except OUTAGE_ERRORS:
                 connection.disconnect()
                 self.state.refresh_wanted = True
-                if retries <= 0:
+                if retries <= 0 or not call.idempotent:
                     raise
                 retries -= 1
                 self._try_refresh()
@@ -236,7 +310,7 @@ class ClusterTopology(_TopologyCommon):
         """Run many calls, one pipelined write per node, all writes before any read."""
         if not calls:
             return []
-        self._ensure_map()
+        self.ensure_map()
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(MAX_REDIRECTS + 1):
@@ -253,7 +327,7 @@ class ClusterTopology(_TopologyCommon):
         return results
 
     def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        groups = group_by_node(calls, self._route)
+        groups = self._group(calls)
         sent = []
         for node, indexes in groups.items():
             if node is None:
@@ -268,7 +342,7 @@ class ClusterTopology(_TopologyCommon):
                     commands.append(("ASKING",))
                 commands.append(calls[i].args)
             try:
-                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                connection.send_packed_command(self._pack(connection, commands), check_health=False)
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self.state.refresh_wanted = True
@@ -279,18 +353,16 @@ class ClusterTopology(_TopologyCommon):
         redirects = []
         for pool, connection, indexes in sent:
             try:
+                asking = sum(1 for i in indexes if calls[i].asking is not None)
+                replies = iter(_read_replies(connection, len(indexes) + asking))
                 for i in indexes:
                     if calls[i].asking is not None:
-                        try:
-                            connection.read_response()
-                        except ResponseError:
-                            pass  # the command's own reply below says what went wrong
-                    try:
-                        results[positions[i]] = connection.read_response()
-                    except REDIRECT_ERRORS as error:
-                        redirects.append((positions[i], error))
-                    except ResponseError as error:
-                        results[positions[i]] = error
+                        next(replies)  # ASKING's own +OK; the command's reply says what went wrong
+                    reply = next(replies)
+                    if isinstance(reply, REDIRECT_ERRORS):
+                        redirects.append((positions[i], reply))
+                    else:
+                        results[positions[i]] = reply
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self.state.refresh_wanted = True
@@ -327,14 +399,9 @@ class ClusterTopology(_TopologyCommon):
                 return
 
     def client_for(self, key: bytes) -> redis.Redis:
-        """A redis-py client bound to the node owning `key` (used for locks)."""
-        self._ensure_map()
-        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
-        if node is None:
-            raise NoNodeReachableError("no node serves this key's slot")
-        _, kwargs = self._pool_args(node, False)
-        kwargs.pop("redis_connect_func", None)
-        return redis.Redis(**kwargs, ssl=self.settings.ssl)
+        """A redis-py client bound to the node owning `key` (used for locks), one per node."""
+        self.ensure_map()
+        return self._client_for(key, redis.Redis)
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -403,10 +470,10 @@ class AsyncClusterTopology(_TopologyCommon):
                 continue
             state.install(slot_map)
             return
-        state.last_refresh = __import__("time").monotonic()
+        state.last_refresh = time.monotonic()
         raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
-    async def _ensure_map(self) -> None:
+    async def ensure_map(self) -> None:
         if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
             await self.refresh(force=self.state.slot_map is None)
 
@@ -417,7 +484,7 @@ class AsyncClusterTopology(_TopologyCommon):
             pass
 
     async def execute(self, call: Call) -> Any:
-        await self._ensure_map()
+        await self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node = self._route(call)
@@ -428,12 +495,12 @@ class AsyncClusterTopology(_TopologyCommon):
             try:
                 if call.asking is not None:
                     await connection.send_packed_command(
-                        connection.pack_commands([("ASKING",), call.args]), check_health=False
+                        self._pack(connection, [("ASKING",), call.args]), check_health=False
                     )
                     await connection.read_response()
                 else:
                     await connection.send_packed_command(
-                        connection.pack_command(*call.args), check_health=False
+                        self._pack(connection, [call.args]), check_health=False
                     )
                 result = await connection.read_response()
             except REDIRECT_ERRORS as error:
@@ -446,7 +513,7 @@ class AsyncClusterTopology(_TopologyCommon):
             except OUTAGE_ERRORS:
                 await connection.disconnect()
                 self.state.refresh_wanted = True
-                if retries <= 0:
+                if retries <= 0 or not call.idempotent:
                     raise
                 retries -= 1
                 await self._try_refresh()
@@ -462,7 +529,7 @@ class AsyncClusterTopology(_TopologyCommon):
     async def execute_batch(self, calls: list[Call]) -> list[Any]:
         if not calls:
             return []
-        await self._ensure_map()
+        await self.ensure_map()
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(MAX_REDIRECTS + 1):
@@ -479,7 +546,7 @@ class AsyncClusterTopology(_TopologyCommon):
         return results
 
     async def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        groups = group_by_node(calls, self._route)
+        groups = self._group(calls)
         sent = []
         try:
             for node, indexes in groups.items():
@@ -495,9 +562,7 @@ class AsyncClusterTopology(_TopologyCommon):
                         commands.append(("ASKING",))
                     commands.append(calls[i].args)
                 try:
-                    await connection.send_packed_command(
-                        connection.pack_commands(commands), check_health=False
-                    )
+                    await connection.send_packed_command(self._pack(connection, commands), check_health=False)
                 except OUTAGE_ERRORS as error:
                     await connection.disconnect()
                     self.state.refresh_wanted = True
@@ -537,13 +602,9 @@ class AsyncClusterTopology(_TopologyCommon):
                 await connection.disconnect()
             raise
 
-    def client_for(self, key: bytes) -> redis.asyncio.Redis:
-        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
-        if node is None:
-            raise NoNodeReachableError("no node serves this key's slot")
-        _, kwargs = self._pool_args(node, False)
-        kwargs.pop("redis_connect_func", None)
-        return redis.asyncio.Redis(**kwargs, ssl=self.settings.ssl)
+    async def client_for(self, key: bytes) -> redis.asyncio.Redis:
+        await self.ensure_map()
+        return self._client_for(key, redis.asyncio.Redis)
 
     async def close(self) -> None:
         for pool in self._pools.values():

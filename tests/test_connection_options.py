@@ -1,0 +1,208 @@
+"""Connection options against real servers: TLS (rediss://), ACL users, reads from replicas."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from django_distcache.devcluster import find_server_binary
+from tests.conftest import make_cache
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_cluster(tmp_path):
+    """A one-node Redis Cluster that speaks only TLS, with a CA and a certificate made for the test."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test's TLS certificates and is not on PATH")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=tmp_path,
+    )
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+        cwd=tmp_path,
+    )
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            find_server_binary(),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(tmp_path / "ca.crt"))
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            info = client.execute_command("CLUSTER INFO")
+            if "cluster_state:ok" in str(info) or (
+                isinstance(info, dict) and info.get("cluster_state") == "ok"
+            ):
+                break
+            time.sleep(0.05)
+        yield port, str(tmp_path / "ca.crt")
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
+
+
+def test_tls_cluster_through_rediss_urls(tls_cluster):
+    port, ca = tls_cluster
+    cache = make_cache(LOCATION=f"rediss://127.0.0.1:{port}", OPTIONS={"SSL": {"ssl_ca_certs": ca}})
+    cache.set("k", {"secure": True})
+    assert cache.get("k") == {"secure": True}
+    assert cache.get_many(["k", "x"]) == {"k": {"secure": True}}
+
+
+def test_tls_refuses_an_untrusted_server(tls_cluster):
+    port, _ = tls_cluster
+    cache = make_cache(LOCATION=f"rediss://127.0.0.1:{port}", OPTIONS={"FAILURE_POLICY": "raise"})
+    with pytest.raises(Exception, match="certificate|unreachable"):
+        cache.get("k")
+
+
+@pytest.fixture
+def acl_user(cluster):
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    # An ACL user exists per node, so create it on every node (replicas too).
+    nodes = [redis.Redis(port=port) for port in cluster.ports]
+    for node in nodes:
+        node.execute_command("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "+@all")
+    yield "app", "s3cret"
+    for node in nodes:
+        node.execute_command("ACL", "DELUSER", "app")
+        node.close()
+    client.close()
+
+
+def test_acl_username_and_password(acl_user, settings):
+    username, password = acl_user
+    location = [
+        url.replace("redis://", f"redis://{username}:{password}@") for url in settings.CLUSTER_LOCATION
+    ]
+    cache = make_cache(LOCATION=location)
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    options = make_cache(OPTIONS={"USERNAME": username, "PASSWORD": password})
+    options.set("k", "w")
+    assert options.get("k") == "w"
+
+
+def test_acl_wrong_password_is_reported(acl_user, settings):
+    location = [url.replace("redis://", "redis://app:wrong@") for url in settings.CLUSTER_LOCATION]
+    cache = make_cache(LOCATION=location, OPTIONS={"FAILURE_POLICY": "raise"})
+    with pytest.raises(Exception, match="(?i)invalid username-password|WRONGPASS|auth"):
+        cache.get("k")
+
+
+def test_read_from_replicas_reads_are_served_by_replicas(cluster):
+    cache = make_cache(OPTIONS={"READ_FROM_REPLICAS": True})
+    replica_ports = cluster.replica_ports
+
+    def replica_gets() -> int:
+        total = 0
+        for port in replica_ports:
+            stats = redis.Redis(port=port).info("commandstats")
+            total += stats.get("cmdstat_get", {}).get("calls", 0)
+        return total
+
+    cache.set_many({f"k{i}": i for i in range(30)})
+    deadline = time.monotonic() + 5
+    before = replica_gets()
+    while time.monotonic() < deadline:  # replication is asynchronous: wait until the replicas have it
+        if cache.get_many([f"k{i}" for i in range(30)]) == {f"k{i}": i for i in range(30)}:
+            break
+        time.sleep(0.05)
+    assert cache.get("k1") == 1
+    assert replica_gets() > before
+    cache.set("k1", "written to the primary")  # writes still go to primaries
