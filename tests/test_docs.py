@@ -5,6 +5,8 @@ Each block runs on its own, with `cache` bound to a fresh backend on the test cl
 own) and `settings` bound to Django's settings; `django.core.cache.cache` points at the same prefix while
 the block runs, so a sample may import it. A block with a top-level `await` runs in an event loop. A block
 that defines `CACHES` must describe backends that can be created (LOCATION and OPTIONS are validated).
+`failure_counts` is shared by every backend in the process with the same connection settings, so a sample
+asserts on the difference between two readings, never on an absolute count.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ def test_python_sample_runs(block: Block):
     for params in namespace.get("CACHES", {}).values():
         if params.get("BACKEND") == BACKEND:
             RedisClusterCache(params["LOCATION"], params)
+
+
+_ABSOLUTE_COUNT = re.compile(r"failure_counts(\[[^\]]*\])?\s*==\s*[\d{]")
+
+
+def test_no_sample_asserts_an_absolute_failure_count():
+    """Counts are shared with every other backend on the same cluster, so only a difference is exact."""
+    absolute = [block.name for block in PYTHON_BLOCKS if _ABSOLUTE_COUNT.search(block.code)]
+    assert absolute == [], "compare failure_counts with a reading taken before, not with a constant"
 
 
 _OPTION_ROW = re.compile(
