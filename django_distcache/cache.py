@@ -23,8 +23,10 @@ from typing import Any
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from redis.exceptions import ResponseError
 
+from .backplane import Backplane
 from .codec import SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, parse_settings
+from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
 from .topology.base import TopologyState
 from .versioning import Namespace, Purger
@@ -56,6 +58,27 @@ class CacheUnavailable(Exception):
     """Raised instead of degrading when OPTIONS['FAILURE_POLICY'] is 'raise'."""
 
 
+@dataclass(slots=True)
+class Guarded:
+    """A step of a plan that is a whole operation of its own, with its own failure fallback.
+
+    get_or_set is "get, compute, add, get": an outage in the get must still let the value be computed
+    and returned, so each step degrades on its own instead of the whole plan.
+    """
+
+    plan: Plan
+    operation: str
+    fallback: Any
+
+
+@dataclass(slots=True)
+class Compute:
+    """Call user code from a plan: the async driver awaits the result when it is awaitable."""
+
+    function: Callable[..., Any]
+    args: tuple = ()
+
+
 @dataclass
 class _Shared:
     """What every backend instance with the same cluster settings shares: pools, slot map, namespaces.
@@ -67,9 +90,12 @@ class _Shared:
     state: TopologyState
     topology: ClusterTopology
     purger: Purger
+    backplane: Backplane
     failure_counts: dict[str, int] = field(default_factory=dict)
     async_topologies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     namespaces: dict[tuple[str, float], Namespace] = field(default_factory=dict)
+    tag_versions: dict[tuple[str, float], TagVersions] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _shared_by_settings: dict[str, _Shared] = {}
@@ -85,7 +111,9 @@ def _shared_for(settings: CacheSettings) -> _Shared:
             if shared is None:
                 state = TopologyState(settings.connection)
                 topology = ClusterTopology(state)
-                shared = _shared_by_settings[key] = _Shared(state, topology, Purger(topology))
+                shared = _shared_by_settings[key] = _Shared(
+                    state, topology, Purger(topology), Backplane(topology)
+                )
     return shared
 
 
@@ -126,6 +154,10 @@ class FailurePolicy:
         return True
 
 
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
 class RedisClusterCache(BaseCache):
     """Django cache backend for Redis Cluster. See docs/configuration.md for LOCATION and OPTIONS."""
 
@@ -139,14 +171,18 @@ class RedisClusterCache(BaseCache):
         self._codec = build_codec(self._settings)
         self._shared = _shared_for(self._settings)
         self._failures = FailurePolicy(self._settings.failure_policy, self._shared.failure_counts)
-        namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
-        namespace = self._shared.namespaces.get(namespace_id)
-        if namespace is None:
-            namespace = self._shared.namespaces.setdefault(
-                namespace_id,
-                Namespace(self.key_prefix, self._settings.namespace_check_interval, self._shared.purger),
-            )
-        self._namespace = namespace
+        shared = self._shared
+        with shared.lock:
+            namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
+            if namespace_id not in shared.namespaces:
+                shared.namespaces[namespace_id] = Namespace(
+                    self.key_prefix, self._settings.namespace_check_interval, shared.purger, shared.backplane
+                )
+            self._namespace = shared.namespaces[namespace_id]
+            tags_id = (self.key_prefix, float(self._settings.options["TAG_VERSION_TTL"]))
+            if tags_id not in shared.tag_versions:
+                shared.tag_versions[tags_id] = TagVersions(self.key_prefix, tags_id[1], shared.backplane)
+            self._tags = shared.tag_versions[tags_id]
 
     # -- drivers: the only place that does I/O and applies the failure policy ------------------------------
     def _run(self, plan: Plan, operation: str, fallback: Any = None) -> Any:
@@ -155,8 +191,13 @@ class RedisClusterCache(BaseCache):
             request = next(plan)
             while True:
                 try:
-                    if type(request) is Call:
+                    kind = type(request)
+                    if kind is Call:
                         reply = topology.execute(request)
+                    elif kind is Guarded:
+                        reply = self._run(request.plan, request.operation, request.fallback)
+                    elif kind is Compute:
+                        reply = request.function(*request.args)
                     else:
                         reply = topology.execute_batch(request)
                 except ResponseError as error:
@@ -175,8 +216,13 @@ class RedisClusterCache(BaseCache):
             request = next(plan)
             while True:
                 try:
-                    if type(request) is Call:
+                    kind = type(request)
+                    if kind is Call:
                         reply = await topology.execute(request)
+                    elif kind is Guarded:
+                        reply = await self._arun(request.plan, request.operation, request.fallback)
+                    elif kind is Compute:
+                        reply = await _maybe_await(request.function(*request.args))
                     else:
                         reply = await topology.execute_batch(request)
                 except ResponseError as error:
@@ -232,51 +278,116 @@ class RedisClusterCache(BaseCache):
             return ("SET", physical, data, *flags)
         return ("SET", physical, data, "PX", expiry_ms, *flags)
 
-    def _decode(self, data: bytes, default: Any) -> Any:
-        """A value that fails verification or decoding is a miss (counted, logged), never an error page."""
+    def _decode(self, data: bytes) -> tuple[Any, dict[str, int] | None]:
+        """(value, tag stamps). A value that fails verification or decoding is a miss (counted, logged)."""
         try:
-            return self._codec.decode(data)
+            return self._codec.decode_stamped(data)
         except (SignatureError, UndecodableValueError) as error:
             self._failures.counts["undecodable"] = self._failures.counts.get("undecodable", 0) + 1
             logger.warning(
                 "ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error
             )
-            return default
+            return _MISSING, None
 
     # -- plans ----------------------------------------------------------------------------------------
     def _get_plan(self, key: Any, default: Any, version: int | None) -> Plan:
         physical = yield from self._physical_key(key, version)
         data = yield Call(physical, ("GET", physical), read=True)
-        return default if data is None else self._decode(data, default)
+        if data is None:
+            return default
+        found = yield from self._valid_values({key: data})
+        return found.get(key, default)
 
-    def _set_plan(self, key: Any, value: Any, timeout: Any, version: int | None) -> Plan:
+    def _valid_values(self, stored: dict[Any, bytes]) -> Plan:
+        """Decode stored bytes; drop what cannot be decoded and what carries a stale or missing tag."""
+        values, stamps = {}, {}
+        for key, data in stored.items():
+            value, tags = self._decode(data)
+            if value is not _MISSING:
+                values[key] = value
+                if tags:
+                    stamps[key] = tags
+        if stamps:
+            needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
+            current = yield from self._tags.current(needed, create=False)
+            for key, tags in stamps.items():
+                if not stamps_are_current(tags, current):
+                    del values[key]
+        return values
+
+    def _stamps(self, tags: Any) -> Plan:
+        """Current versions of `tags` for a write (created if missing); read before any value is computed."""
+        tags = validate_tags(tags)
+        if not tags:
+            return None
+        return (yield from self._tags.current(tags, create=True))
+
+    def _write_plan(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any,
+        version: int | None,
+        tags: Any,
+        only_new: bool,
+        stamps: Any = None,
+    ) -> Plan:
+        """set() and add(): one SET (NX for add) of the encoded value, stamped with its tags' versions."""
         made = self._made_key(key, version)
-        data = self._encode(value, key)
+        if stamps is None:
+            stamps = yield from self._stamps(tags)
+        data = self._encode(value, key, stamps)
         expiry_ms = self._expiry_ms(timeout)
         prefix = yield from self._namespace.current()
         physical = prefix + made.encode()
-        if expiry_ms == 0:
-            yield Call(physical, ("DEL", physical))
-        else:
-            yield Call(physical, self._set_args(physical, data, expiry_ms))
-
-    def _add_plan(self, key: Any, value: Any, timeout: Any, version: int | None) -> Plan:
-        made = self._made_key(key, version)
-        data = self._encode(value, key)
-        expiry_ms = self._expiry_ms(timeout)
-        prefix = yield from self._namespace.current()
-        physical = prefix + made.encode()
-        if expiry_ms == 0:
+        if expiry_ms == 0 and only_new:
             # Django: add() with timeout 0 succeeds only if the key was absent, and keeps nothing.
             added = yield Call(physical, ("SET", physical, data, "NX"))
             if added:
                 yield Call(physical, ("DEL", physical))
             return bool(added)
-        return bool((yield Call(physical, self._set_args(physical, data, expiry_ms, "NX"))))
+        if expiry_ms == 0:
+            yield Call(physical, ("DEL", physical))
+            return True
+        flags = ("NX",) if only_new else ()
+        return bool((yield Call(physical, self._set_args(physical, data, expiry_ms, *flags))))
 
-    def _encode(self, value: Any, key: Any) -> bytes:
+    def _get_or_set_plan(self, key: Any, default: Any, timeout: Any, version: int | None, tags: Any) -> Plan:
+        value = yield Guarded(self._get_plan(key, _MISSING, version), "get", _MISSING)
+        if value is not _MISSING:
+            return value
+        # Tag versions are read before the value is computed: an invalidation that lands during the
+        # computation makes the stored entry born stale instead of hiding it from the invalidation.
+        stamps = (yield Guarded(self._stamps(tags), "get_or_set", _MISSING)) if tags else None
+        if callable(default):
+            default = yield Compute(default)
+        if stamps is _MISSING:
+            return default  # the tags could not be read: store nothing rather than store it unstamped
+        added = yield Guarded(
+            self._write_plan(key, default, timeout, version, tags, True, stamps), "add", False
+        )
+        if added:
+            return default
+        # Someone else stored a value between our get and our add: theirs wins, as in Django.
+        return (yield Guarded(self._get_plan(key, default, version), "get", default))
+
+    def _get_many_or_set_plan(
+        self, keys: Iterable[Any], factory: Callable, timeout: Any, version: int | None, tags: Any
+    ) -> Plan:
+        keys = list(keys)
+        found = yield Guarded(self._get_many_plan(keys, version), "get_many", {})
+        missing = [key for key in keys if key not in found]
+        if missing:
+            stamps = (yield Guarded(self._stamps(tags), "get_many_or_set", _MISSING)) if tags else None
+            computed = self._only_requested((yield Compute(factory, (missing,))), missing)
+            if computed and stamps is not _MISSING:
+                yield Guarded(self._set_many_plan(computed, timeout, version, tags, stamps), "set_many", [])
+            found.update(computed)
+        return {key: found[key] for key in keys if key in found}
+
+    def _encode(self, value: Any, key: Any, stamps: dict[str, int] | None = None) -> bytes:
         try:
-            return self._codec.encode(value)
+            return self._codec.encode(value, tags=stamps)
         except Exception as error:
             error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
             raise
@@ -286,28 +397,31 @@ class RedisClusterCache(BaseCache):
         return bool((yield Call(physical, ("DEL", physical))))
 
     def _has_key_plan(self, key: Any, version: int | None) -> Plan:
-        physical = yield from self._physical_key(key, version)
-        return bool((yield Call(physical, ("EXISTS", physical), read=True)))
+        # A GET, not EXISTS: an entry whose tag was invalidated must not count as present.
+        value = yield from self._get_plan(key, _MISSING, version)
+        return value is not _MISSING
 
     def _get_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
         physical = yield from self._physical_keys(keys, version)
         if not physical:
             return {}
         replies = yield [Call(p, ("GET", p), read=True) for p in physical]
-        found = {}
+        stored = {}
         for key, data in zip(physical.values(), replies, strict=True):
             if data is None or (
                 isinstance(data, BaseException) and not self._failures.check_item("get_many", data)
             ):
                 continue
-            value = self._decode(data, _MISSING)
-            if value is not _MISSING:
-                found[key] = value
-        return found
+            stored[key] = data
+        return (yield from self._valid_values(stored))
 
-    def _set_many_plan(self, data: Mapping[Any, Any], timeout: Any, version: int | None) -> Plan:
+    def _set_many_plan(
+        self, data: Mapping[Any, Any], timeout: Any, version: int | None, tags: Any = None, stamps: Any = None
+    ) -> Plan:
         made = [(self._made_key(key, version), key) for key in data]
-        encoded = [self._encode(data[key], key) for _, key in made]
+        if stamps is None:
+            stamps = yield from self._stamps(tags)
+        encoded = [self._encode(data[key], key, stamps) for _, key in made]
         expiry_ms = self._expiry_ms(timeout)
         prefix = yield from self._namespace.current()
         calls = []
@@ -323,6 +437,12 @@ class RedisClusterCache(BaseCache):
             for (_, key), reply in zip(made, replies, strict=True)
             if not self._failures.check_item("set_many", reply)
         ]
+
+    def _invalidate_tags_plan(self, tags: Any) -> Plan:
+        tags = validate_tags(tags)
+        if not tags:
+            return 0
+        return (yield from self._tags.invalidate(tags))
 
     def _delete_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
         physical = yield from self._physical_keys(keys, version)
@@ -394,11 +514,36 @@ class RedisClusterCache(BaseCache):
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         return self._run(self._get_plan(key, default, version), "get", default)
 
-    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
-        self._run(self._set_plan(key, value, timeout, version), "set")
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> None:
+        self._run(self._write_plan(key, value, timeout, version, tags, False), "set")
 
-    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        return self._run(self._add_plan(key, value, timeout, version), "add", False)
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> bool:
+        return self._run(self._write_plan(key, value, timeout, version, tags, True), "add", False)
+
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> Any:
+        """Django's get_or_set; with tags, their versions are read before `default()` runs (race-safe)."""
+        return self._run(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         return self._run(self._delete_plan(key, version), "delete", False)
@@ -410,9 +555,24 @@ class RedisClusterCache(BaseCache):
         return self._run(self._get_many_plan(keys, version), "get_many", {})
 
     def set_many(
-        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> list:
-        return self._run(self._set_many_plan(data, timeout, version), "set_many", list(data))
+        return self._run(self._set_many_plan(data, timeout, version, tags), "set_many", list(data))
+
+    def invalidate_tags(self, *tags: str) -> int:
+        """Invalidate every entry carrying any of `tags`, in O(1) per tag. Outages raise CacheUnavailable:
+        an invalidation is never silently dropped."""
+        return self._run_strict(self._invalidate_tags_plan(tags), "invalidate_tags")
+
+    def _run_strict(self, plan: Plan, operation: str) -> Any:
+        result = self._run(plan, operation, _MISSING)
+        if result is _MISSING:
+            raise CacheUnavailable(f"cache {operation} could not reach the cluster; nothing was invalidated")
+        return result
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         self._run(self._delete_many_plan(keys, version), "delete_many")
@@ -464,17 +624,10 @@ class RedisClusterCache(BaseCache):
         factory: Callable[[list[Any]], Mapping[Any, Any]],
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> dict[Any, Any]:
         """Fetch keys; compute only the missing ones with factory(missing_keys) and store them in one batch."""
-        keys = list(keys)
-        found = self.get_many(keys, version=version)
-        missing = [key for key in keys if key not in found]
-        if missing:
-            computed = self._only_requested(factory(missing), missing)
-            if computed:
-                self.set_many(computed, timeout, version=version)
-            found.update(computed)
-        return {key: found[key] for key in keys if key in found}
+        return self._run(self._get_many_or_set_plan(keys, factory, timeout, version, tags), "get_many_or_set")
 
     @staticmethod
     def _only_requested(computed: Any, missing: list[Any]) -> dict[Any, Any]:
@@ -509,14 +662,34 @@ class RedisClusterCache(BaseCache):
         return await self._arun(self._get_plan(key, default, version), "get", default)
 
     async def aset(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> None:
-        await self._arun(self._set_plan(key, value, timeout, version), "set")
+        await self._arun(self._write_plan(key, value, timeout, version, tags, False), "set")
 
     async def aadd(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> bool:
-        return await self._arun(self._add_plan(key, value, timeout, version), "add", False)
+        return await self._arun(self._write_plan(key, value, timeout, version, tags, True), "add", False)
+
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> Any:
+        return await self._arun(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
         return await self._arun(self._delete_plan(key, version), "delete", False)
@@ -528,9 +701,21 @@ class RedisClusterCache(BaseCache):
         return await self._arun(self._get_many_plan(keys, version), "get_many", {})
 
     async def aset_many(
-        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> list:
-        return await self._arun(self._set_many_plan(data, timeout, version), "set_many", list(data))
+        return await self._arun(self._set_many_plan(data, timeout, version, tags), "set_many", list(data))
+
+    async def ainvalidate_tags(self, *tags: str) -> int:
+        result = await self._arun(self._invalidate_tags_plan(tags), "invalidate_tags", _MISSING)
+        if result is _MISSING:
+            raise CacheUnavailable(
+                "cache invalidate_tags could not reach the cluster; nothing was invalidated"
+            )
+        return result
 
     async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         await self._arun(self._delete_many_plan(keys, version), "delete_many")
@@ -579,20 +764,11 @@ class RedisClusterCache(BaseCache):
         factory: Callable[[list[Any]], Any],
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
+        tags: Iterable[str] | None = None,
     ) -> dict[Any, Any]:
         """Async twin of get_many_or_set; the factory may be a plain or an async function."""
-        keys = list(keys)
-        found = await self.aget_many(keys, version=version)
-        missing = [key for key in keys if key not in found]
-        if missing:
-            computed = factory(missing)
-            if inspect.isawaitable(computed):
-                computed = await computed
-            computed = self._only_requested(computed, missing)
-            if computed:
-                await self.aset_many(computed, timeout, version=version)
-            found.update(computed)
-        return {key: found[key] for key in keys if key in found}
+        plan = self._get_many_or_set_plan(keys, factory, timeout, version, tags)
+        return await self._arun(plan, "get_many_or_set")
 
     async def alock(
         self,

@@ -260,8 +260,12 @@ class Codec:
     # -- decoding ---------------------------------------------------------------------------------------
     def decode(self, data: bytes) -> Any:
         """Return the stored value: ours decoded, a bare integer as int, anything else as the raw bytes."""
+        return self.decode_stamped(data)[0]
+
+    def decode_stamped(self, data: bytes) -> tuple[Any, dict[str, int] | None]:
+        """The stored value and its tag stamps (None when it carries none)."""
         if data[:2] != MAGIC:
-            return int(data) if _BARE_INT.fullmatch(data) else data
+            return (int(data) if _BARE_INT.fullmatch(data) else data), None
         if data[:6] == self._plain_signed_prefix and len(data) >= _PLAIN_PAYLOAD_AT:
             # Fast path for the common case; anything unusual (another key, a corrupt value) takes the
             # general path below, which decides what it is.
@@ -271,10 +275,11 @@ class Codec:
             mac.update(payload)
             if hmac.compare_digest(mac.digest(), data[_HEADER.size : _PLAIN_PAYLOAD_AT]):
                 try:
-                    return self._loads(payload)
+                    return self._loads(payload), None
                 except Exception as error:
                     raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
-        return self.decode_envelope(data).value
+        envelope = self.decode_envelope(data)
+        return envelope.value, envelope.tags or None
 
     def decode_envelope(self, data: bytes) -> Envelope:
         if data[:2] != MAGIC:

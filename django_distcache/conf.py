@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "SSL": None,
     "FAILURE_POLICY": "miss",
     "NAMESPACE_CHECK_INTERVAL": 1.0,
+    "TAG_VERSION_TTL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
     "SIGNING_KEY": None,
 }
@@ -133,7 +134,13 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         )
     for name in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
         _positive_number(name, opts[name], allow_none=True)
-    for name in ("COMPRESS_MIN_SIZE", "NAMESPACE_CHECK_INTERVAL", "TOPOLOGY_REFRESH_INTERVAL", "RETRIES"):
+    for name in (
+        "COMPRESS_MIN_SIZE",
+        "NAMESPACE_CHECK_INTERVAL",
+        "TAG_VERSION_TTL",
+        "TOPOLOGY_REFRESH_INTERVAL",
+        "RETRIES",
+    ):
         _positive_number(name, opts[name])
     _positive_number("MAX_VALUE_SIZE", opts["MAX_VALUE_SIZE"], allow_none=True)
     if opts["SSL"] is not None and not isinstance(opts["SSL"], dict):

@@ -17,7 +17,8 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from .topology import OUTAGE_ERRORS, Call
+from .backplane import Backplane
+from .topology import OUTAGE_ERRORS, Call, is_outage
 
 logger = logging.getLogger("django_distcache.versioning")
 
@@ -34,31 +35,49 @@ def new_generation() -> str:
 class Namespace:
     """The current generation of one KEY_PREFIX on one cluster, cached in-process for a bounded time."""
 
-    def __init__(self, key_prefix: str, check_interval: float, purger: Purger) -> None:
+    def __init__(self, key_prefix: str, check_interval: float, purger: Purger, backplane: Backplane) -> None:
+        self.key_prefix = key_prefix
         self.key = (NAMESPACE_KEY_PREFIX + key_prefix).encode()
         self.purge_list = (PURGE_LIST_PREFIX + key_prefix).encode()
         self.check_interval = check_interval
         self.purger = purger
+        self.backplane = backplane
         self.prefix: bytes | None = None
         self.checked_at = 0.0
+        backplane.add_listener(self._on_message)
 
     def current(self) -> Generator[Call, Any, bytes]:
-        """The physical-key prefix; yields one call to Redis when the cached generation is too old."""
-        if self.prefix is not None and time.monotonic() - self.checked_at < self.check_interval:
+        """The physical-key prefix; yields one call to Redis unless the in-process copy is trusted."""
+        checked_at = self.checked_at
+        if (
+            self.prefix is not None
+            and time.monotonic() - checked_at < self.check_interval
+            and self.backplane.trusts(checked_at)
+        ):
             return self.prefix
         proposed = new_generation()
+        epoch, fetched_at = self.backplane.epoch, time.monotonic()
         existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
         generation = existing.decode() if existing else proposed
         if self.prefix is None:
             self.purger.resume(self.purge_list)
-        self._install(generation)
-        return self.prefix
+        prefix = generation.encode() + b":"
+        if epoch == self.backplane.epoch:  # no message crossed the fetch: safe to hold
+            self.prefix, self.checked_at = prefix, fetched_at
+        return prefix
+
+    def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
+        if kind == "ns" and key_prefix == self.key_prefix:
+            self._install(str(version))
 
     def bump(self) -> Generator[Call, Any, None]:
         """Make every key of this namespace unreachable in O(1), then purge the old ones in the background."""
         generation = new_generation()
         old = yield Call(self.key, ("SET", self.key, generation, "GET"))
         self._install(generation)
+        (published,) = yield [self.backplane.publish_call("ns", self.key_prefix, "", generation)]
+        if isinstance(published, BaseException) and not is_outage(published):
+            raise published
         if old:
             yield Call(self.purge_list, ("RPUSH", self.purge_list, old), idempotent=False)
             self.purger.enqueue(self.purge_list, old.decode())

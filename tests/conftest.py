@@ -44,3 +44,62 @@ def make_cache(**overrides):
 @pytest.fixture
 def cache():
     return make_cache()
+
+
+class Peer:
+    """A second process with its own cache instance (tests/peer.py), for cross-process guarantees."""
+
+    def __init__(self, key_prefix: str, options: dict | None = None) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self._json = json
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.peer", key_prefix, json.dumps(options or {})],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._read() == "ready"
+
+    def _read(self):
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the peer process exited")
+        return self._json.loads(line)
+
+    def ask(self, *request):
+        self.process.stdin.write(self._json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def get(self, key):
+        answer = self.ask("get", key)
+        return None if answer == "<miss>" else answer
+
+    def wait_for_miss(self, key, within: float) -> float:
+        """Seconds until the peer first misses `key`; fails if it still hits after `within` + 1 s."""
+        import time
+
+        started = time.monotonic()
+        while self.ask("get", key) != "<miss>":
+            assert time.monotonic() - started < within + 1.0, f"peer still returns {key!r}"
+            time.sleep(0.005)
+        return time.monotonic() - started
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.ask("stats")["connected"]:
+            assert time.monotonic() < deadline, "the peer's invalidation channel did not come up"
+            time.sleep(0.02)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.process.stdin.close()
+        self.process.wait(10)

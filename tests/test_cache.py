@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 
 from django_distcache.codec import ValueTooLargeError
 from django_distcache.topology import cluster as cluster_module
-from tests.conftest import make_cache
+from tests.conftest import Peer, make_cache
 
 
 @pytest.fixture
@@ -49,22 +49,44 @@ def test_get_many_sends_one_batch_per_node_and_writes_all_before_reading(cache, 
     slots = {key_slot(cache.physical_key(key)) for key in keys}
     assert len(slots) > 50  # the keys really are spread over many slots, so MGET would be CROSSSLOT
     events = []
+    me = threading.current_thread()
     real = cluster_module._NodePool.get
 
     def spying_get(pool):
         connection = real(pool)
-        send, read = connection.send_packed_command, connection.read_response
+        if threading.current_thread() is not me or getattr(connection, "_spied", False):
+            return connection  # other threads' calls are not this test's; a reused connection is spied once
+        send = connection.send_packed_command
         connection.send_packed_command = lambda *a, **k: (events.append(("send", pool)), send(*a, **k))[1]
-        connection.read_response = lambda *a, **k: (events.append(("read", pool)), read(*a, **k))[1]
+        connection._spied = True
         return connection
 
     monkeypatch.setattr(cluster_module._NodePool, "get", spying_get)
+    real_read_replies = cluster_module._read_replies
+
+    def spying_read_replies(connection, count):
+        if threading.current_thread() is me:
+            events.append(("read", count))
+        return real_read_replies(connection, count)
+
+    monkeypatch.setattr(cluster_module, "_read_replies", spying_read_replies)
+    _wait_for_backplane(cache)  # so the namespace generation is held in-process, not re-read
+    events.clear()
     assert cache.get_many(keys) == {key: i for i, key in enumerate(keys)}
     sends = [pool for kind, pool in events if kind == "send"]
     first_read = next(i for i, (kind, _) in enumerate(events) if kind == "read")
     assert len(sends) == 3 == len(set(sends))  # one write per primary
     assert all(kind == "send" for kind, _ in events[:first_read])  # every write before any read
-    assert sum(1 for kind, _ in events if kind == "read") == 100
+    assert sum(count for kind, count in events if kind == "read") == 100
+
+
+def _wait_for_backplane(cache, timeout=10.0):
+    cache.get("warm-up")
+    deadline = time.monotonic() + timeout
+    while not cache._shared.backplane.connected:
+        assert time.monotonic() < deadline, "the invalidation channel did not come up"
+        time.sleep(0.01)
+    cache.get("warm-up")
 
 
 def test_hash_tags_in_user_keys_are_respected(cache, raw):
@@ -241,19 +263,14 @@ def test_clear_drops_only_this_caches_keys_and_never_flushes(cluster, raw):
     raw.delete("foreign:key")
 
 
-def test_clear_is_seen_by_another_process_within_the_check_interval(cluster):
-    writer = make_cache(OPTIONS={"NAMESPACE_CHECK_INTERVAL": 0.2})
-    # A second, independent cache instance with its own namespace state stands for another process.
-    from django_distcache import cache as cache_module
-
-    reader = make_cache(KEY_PREFIX=writer.key_prefix, OPTIONS={"NAMESPACE_CHECK_INTERVAL": 0.2})
-    assert reader._namespace is writer._namespace  # same process shares it; make a separate one
-    reader._namespace = cache_module.Namespace(writer.key_prefix, 0.2, reader._shared.purger)
+def test_clear_is_seen_by_another_process(cluster):
+    writer = make_cache()
     writer.set("k", "v")
-    assert reader.get("k") == "v"
-    writer.clear()
-    time.sleep(0.25)
-    assert reader.get("k") is None
+    with Peer(writer.key_prefix) as reader:
+        assert reader.get("k") == "v"
+        assert reader.get("k") == "v"  # now held in-process by the reader
+        writer.clear()
+        assert reader.wait_for_miss("k", within=1.0) <= 1.0  # NAMESPACE_CHECK_INTERVAL, the documented bound
 
 
 def test_deleted_namespace_key_makes_entries_miss(cache, raw):

@@ -389,6 +389,17 @@ class ClusterTopology(_TopologyCommon):
         pool.put(connection)
         return result
 
+    def dedicated_connection(self, key: bytes) -> redis.Connection:
+        """A connection of its own (not pooled) to the primary owning `key`, e.g. for a subscription."""
+        self.refresh(force=True)
+        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
+        if node is None:
+            raise NoNodeReachableError("no node serves this key's slot")
+        connection_class, kwargs = self._pool_args(node, False)
+        connection = connection_class(**kwargs)
+        connection.connect()
+        return connection
+
     def scan(self, node: NodeAddress, match: str, count: int = 1000) -> Iterator[list[bytes]]:
         cursor = b"0"
         while True:

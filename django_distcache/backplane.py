@@ -1,0 +1,151 @@
+"""The push channel: tells every process at once that a tag or a namespace changed.
+
+Tag versions and namespace generations may be held in-process, which saves a round trip on almost every
+read. What makes that safe is this channel: every invalidation is published on it, one subscriber thread
+per process applies it to the in-process copies, and while the subscription is not live (starting,
+dropped, reconnecting) nothing held in-process is trusted, so every read asks Redis. An entry held
+in-process is also never trusted for longer than its owner's bound (TAG_VERSION_TTL,
+NAMESPACE_CHECK_INTERVAL), in case a message is delayed.
+
+Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7.0) is used where the server has it, so one channel lives
+on one shard instead of being broadcast over the whole cluster bus; classic PUBLISH otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from .topology import OUTAGE_ERRORS, Call
+
+logger = logging.getLogger("django_distcache.backplane")
+
+CHANNEL = b"~distcache:invalidations"
+PING_EVERY = 1.0  # seconds of silence before the subscriber checks that the connection is alive
+RECONNECT_DELAY = 0.2
+
+Listener = Callable[[str, str, str, int | str], None]  # kind, key prefix, name, new version
+
+
+class Backplane:
+    """One subscriber thread per cluster; listeners are the in-process tag and namespace caches."""
+
+    def __init__(self, topology: Any) -> None:
+        self.topology = topology
+        self.connected = False
+        self.connected_since = 0.0
+        self.epoch = 0  # bumped on every message and every drop: a fetch that spans a bump is not cached
+        self.messages = 0
+        self.drops = 0
+        self._listeners: list[Listener] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._sharded: bool | None = None
+
+    # -- trust -----------------------------------------------------------------------------------------
+    def trusts(self, fetched_at: float) -> bool:
+        """May a value fetched at `fetched_at` (time.monotonic) still be used without asking Redis?"""
+        return self.connected and fetched_at >= self.connected_since
+
+    def add_listener(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+        self.start()
+
+    # -- publishing --------------------------------------------------------------------------------------
+    def publish_call(self, kind: str, key_prefix: str, name: str, version: int | str) -> Call:
+        message = json.dumps([kind, key_prefix, name, version])
+        command = "SPUBLISH" if self._sharded is not False else "PUBLISH"
+        return Call(CHANNEL, (command, CHANNEL, message))
+
+    # -- the subscriber thread -----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="distcache-backplane", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._subscribe_and_listen()
+            except OUTAGE_ERRORS + (ResponseError,) as error:
+                if self.connected:
+                    logger.warning(
+                        "invalidation channel dropped (%s); in-process versions are not trusted", error
+                    )
+            except Exception:  # the thread must outlive anything odd in a message
+                logger.exception("invalidation channel failed; reconnecting")
+            self._drop()
+            time.sleep(RECONNECT_DELAY)
+
+    def _drop(self) -> None:
+        if self.connected:
+            self.drops += 1
+        self.connected = False
+        self.epoch += 1
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.disconnect()
+
+    def disconnect_for_test(self) -> None:
+        """Close the subscription from this side (tests use CLIENT KILL on the server for the real thing)."""
+        connection = self._connection
+        if connection is not None:
+            connection.disconnect()
+
+    def _subscribe_and_listen(self) -> None:
+        connection = self.topology.dedicated_connection(CHANNEL)
+        self._connection = connection
+        if self._sharded is None:
+            self._sharded = self._server_has_sharded_pubsub(connection)
+        subscribe = "SSUBSCRIBE" if self._sharded else "SUBSCRIBE"
+        connection.send_command(subscribe, CHANNEL)
+        confirmation = connection.read_response(push_request=True)
+        if not confirmation or confirmation[0].lower() not in (b"ssubscribe", b"subscribe"):
+            raise ResponseError(f"unexpected reply to {subscribe}: {confirmation!r}")
+        self.connected_since = time.monotonic()
+        self.epoch += 1
+        self.connected = True
+        logger.info("invalidation channel live on %s:%s", connection.host, connection.port)
+        silent_since = time.monotonic()
+        while True:
+            if connection.can_read(timeout=PING_EVERY / 4):
+                reply = connection.read_response(push_request=True)
+                silent_since = time.monotonic()
+                self._handle(reply)
+            elif time.monotonic() - silent_since >= PING_EVERY:
+                connection.send_command("PING")
+                silent_since = time.monotonic()
+
+    def _handle(self, reply: Any) -> None:
+        if not isinstance(reply, list) or not reply:
+            return
+        kind = reply[0].lower() if isinstance(reply[0], bytes) else reply[0]
+        if kind in (b"message", b"smessage") and len(reply) >= 3:
+            self.epoch += 1
+            self.messages += 1
+            what, key_prefix, name, version = json.loads(reply[2])
+            for listener in list(self._listeners):
+                listener(what, key_prefix, name, version)
+        elif kind in (b"sunsubscribe", b"unsubscribe"):
+            # The server moved the channel's slot (resharding/failover): resubscribe where it lives now.
+            raise ConnectionError("unsubscribed by the server")
+
+    @staticmethod
+    def _server_has_sharded_pubsub(connection: Any) -> bool:
+        connection.send_command("INFO", "server")
+        info = connection.read_response()
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith(("redis_version:", "valkey_version:")):
+                major = int(line.split(":", 1)[1].split(".")[0])
+                return major >= 7
+        return False

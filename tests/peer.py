@@ -1,0 +1,48 @@
+"""Another process using the same cache: the tests drive it over stdin/stdout, one JSON line per request.
+
+    python -m tests.peer <KEY_PREFIX> <option JSON>
+A request is ["get", key] or ["stats"]; each answer is one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    import django
+    from django.conf import settings
+
+    from tests.settings import CLUSTER_LOCATION
+
+    key_prefix, options = sys.argv[1], json.loads(sys.argv[2])
+    settings.configure(
+        SECRET_KEY="django-distcache-tests",
+        CACHES={
+            "default": {
+                "BACKEND": "django_distcache.cache.RedisClusterCache",
+                "LOCATION": CLUSTER_LOCATION,
+                "KEY_PREFIX": key_prefix,
+                "OPTIONS": options,
+            }
+        },
+    )
+    django.setup()
+    from django.core.cache import cache
+
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request[0] == "get":
+            answer = cache.get(request[1], "<miss>")
+        elif request[0] == "stats":
+            backplane = cache._shared.backplane
+            answer = {"connected": backplane.connected, "held_tags": cache._tags.held_count()}
+        else:
+            answer = f"unknown request {request!r}"
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()
