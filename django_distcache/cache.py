@@ -100,6 +100,7 @@ class _Shared:
 
 _shared_by_settings: dict[str, _Shared] = {}
 _shared_lock = threading.Lock()
+_counts_lock = threading.Lock()
 
 
 def _shared_for(settings: CacheSettings) -> _Shared:
@@ -127,8 +128,12 @@ class FailurePolicy:
         self.counts = counts  # shared by every instance on the same cluster
         self._last_logged: dict[str, float] = {}
 
+    def count(self, what: str) -> None:
+        with _counts_lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
     def handle(self, operation: str, error: BaseException, fallback: Any) -> Any:
-        self.counts[operation] = self.counts.get(operation, 0) + 1
+        self.count(operation)
         if self.policy == "raise":
             raise CacheUnavailable(f"cache {operation} failed: {error}") from error
         now = time.monotonic()
@@ -283,7 +288,7 @@ class RedisClusterCache(BaseCache):
         try:
             return self._codec.decode_stamped(data)
         except (SignatureError, UndecodableValueError) as error:
-            self._failures.counts["undecodable"] = self._failures.counts.get("undecodable", 0) + 1
+            self._failures.count("undecodable")
             logger.warning(
                 "ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error
             )
@@ -451,9 +456,11 @@ class RedisClusterCache(BaseCache):
             for reply in replies:
                 self._failures.check_item("delete_many", reply)
 
-    def _incr_plan(self, key: Any, delta: int, version: int | None) -> Plan:
+    def _incr_plan(self, key: Any, delta: int, version: int | None, negate: bool = False) -> Plan:
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"incr/decr delta must be an int, got {type(delta).__name__}")
+        if negate:
+            delta = -delta
         if not _INT64_MIN <= delta <= _INT64_MAX:
             raise OverflowError(f"incr/decr delta {delta} does not fit in a 64-bit integer")
         physical = yield from self._physical_key(key, version)
@@ -581,7 +588,7 @@ class RedisClusterCache(BaseCache):
         return self._run_incr(self._incr_plan(key, delta, version), key)
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self._run_incr(self._incr_plan(key, -delta, version), key)
+        return self._run_incr(self._incr_plan(key, delta, version, negate=True), key)
 
     def _run_incr(self, plan: Plan, key: Any) -> int:
         # During an outage the key is as good as missing: Django's contract for that is ValueError.
@@ -727,7 +734,7 @@ class RedisClusterCache(BaseCache):
 
     async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         return self._incr_result(
-            await self._arun(self._incr_plan(key, -delta, version), "incr", _MISSING), key
+            await self._arun(self._incr_plan(key, delta, version, negate=True), "incr", _MISSING), key
         )
 
     @staticmethod
@@ -795,7 +802,8 @@ class RedisClusterCache(BaseCache):
     # -- introspection -----------------------------------------------------------------------------------
     @property
     def failure_counts(self) -> dict[str, int]:
-        """Outages turned into misses/dropped writes, per operation, since this instance was made."""
+        """Outages turned into misses/dropped writes (and undecodable values), per operation, since this
+        process first used this cluster; shared by every instance with the same connection settings."""
         return dict(self._failures.counts)
 
     def physical_key(self, key: Any, version: int | None = None) -> bytes:

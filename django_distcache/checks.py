@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
+from redis.exceptions import ResponseError
 
 from .topology import OUTAGE_ERRORS, NotAClusterError
 
+# Tag and namespace keys carry no TTL. Under a volatile-* policy Redis never evicts them (it evicts entries,
+# which have a timeout); under allkeys-* it may, which is safe (a missing tag means "invalid") but turns
+# every entry carrying that tag into a miss at once.
+SAFE_POLICY_HINT = (
+    "Set maxmemory-policy to volatile-lru or volatile-lfu: entries (which have a timeout) are evicted, tag and "
+    "namespace keys (which have none) are kept. Entries stored with timeout=None are not evictable then."
+)
+
 BACKEND = "django_distcache.cache.RedisClusterCache"
+_HASH_TAG = re.compile(r"\{[^}]+\}")  # what Redis Cluster hashes instead of the whole key
 
 
 def _our_caches() -> list[tuple[str, dict[str, Any]]]:
@@ -50,7 +61,7 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
                 )
             )
             continue
-        if "{" in cache.key_prefix and "}" in cache.key_prefix.split("{", 1)[1]:
+        if _HASH_TAG.search(cache.key_prefix):
             messages.append(
                 Warning(
                     f"CACHES[{alias!r}]: KEY_PREFIX {cache.key_prefix!r} contains a hash tag, so every key of "
@@ -59,6 +70,7 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
                     id="django_distcache.W002",
                 )
             )
+        messages.extend(_eviction_policy_messages(alias, topology))
         slot_map = topology.state.slot_map
         if slot_map is not None and slot_map.covered < 16384:
             messages.append(
@@ -68,4 +80,41 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
                     id="django_distcache.W001",
                 )
             )
+    return messages
+
+
+def _eviction_policy_messages(alias: str, topology: Any) -> list:
+    policies = {}
+    for node in topology.primaries():
+        try:
+            reply = topology.node_execute(node, "CONFIG", "GET", "maxmemory-policy")
+        except ResponseError:
+            return []  # CONFIG is disabled on some managed services: nothing to check
+        except OUTAGE_ERRORS:
+            continue
+        pairs = dict(reply) if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
+        policy = pairs.get(b"maxmemory-policy", pairs.get("maxmemory-policy"))
+        if policy is not None:
+            policies[str(node)] = policy.decode() if isinstance(policy, bytes) else str(policy)
+    evicting = sorted(node for node, policy in policies.items() if policy.startswith("allkeys-"))
+    refusing = sorted(node for node, policy in policies.items() if policy == "noeviction")
+    messages = []
+    if evicting:
+        messages.append(
+            Warning(
+                f"CACHES[{alias!r}]: maxmemory-policy allkeys-* on {', '.join(evicting)} may evict tag keys; "
+                "every entry carrying an evicted tag then misses at once",
+                hint=SAFE_POLICY_HINT,
+                id="django_distcache.W003",
+            )
+        )
+    if refusing:
+        messages.append(
+            Warning(
+                f"CACHES[{alias!r}]: maxmemory-policy noeviction on {', '.join(refusing)}: when a node is full "
+                "every write to it fails (dropped and counted by the failure policy)",
+                hint=SAFE_POLICY_HINT,
+                id="django_distcache.W004",
+            )
+        )
     return messages

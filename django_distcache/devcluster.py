@@ -632,6 +632,9 @@ class DevCluster:
             "--save", "",
             "--protected-mode", "no",
             "--repl-diskless-sync-delay", "0",  # replicas sync at once instead of after 5 s
+            # What docs/tags.md recommends: evict entries (they have a timeout), keep tag/namespace keys.
+            "--maxmemory", "512mb",
+            "--maxmemory-policy", "volatile-lru",
             "--daemonize", "yes",
             "--pidfile", str(self._pidfile(port)),
             "--logfile", str(self._logfile(port)),

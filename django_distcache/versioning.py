@@ -9,6 +9,8 @@ new random one, which can only make entries miss, never resurrect them.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import logging
 import os
 import queue
@@ -25,6 +27,28 @@ logger = logging.getLogger("django_distcache.versioning")
 NAMESPACE_KEY_PREFIX = "~distcache:ns:"
 PURGE_LIST_PREFIX = "~distcache:purge:"
 PURGE_BATCH = 500
+
+
+@functools.cache
+def model_fingerprint(model: Any) -> str:
+    """A short digest of a model's shape: app label, model name, and every concrete field's name, type and
+    column. It changes when a migration adds, removes, renames or retypes a field, so keys derived from a
+    model (see model_key) change with it: old entries simply miss and expire, no flush needed."""
+    meta = model._meta
+    parts = [meta.app_label, meta.model_name]
+    for model_field in meta.concrete_fields:
+        field_type = type(model_field)
+        parts.append(
+            f"{model_field.name}={field_type.__module__}.{field_type.__qualname__}@{model_field.column}"
+        )
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+
+
+def model_key(model: Any, *parts: Any) -> str:
+    """A cache key for something derived from `model`, carrying its fingerprint: `app.model:<fp>:parts`."""
+    meta = model._meta
+    suffix = ":".join(str(part) for part in parts)
+    return f"{meta.app_label}.{meta.model_name}:{model_fingerprint(model)}:{suffix}"
 
 
 def new_generation() -> str:
@@ -72,6 +96,7 @@ class Namespace:
 
     def bump(self) -> Generator[Call, Any, None]:
         """Make every key of this namespace unreachable in O(1), then purge the old ones in the background."""
+        self.purger.resume(self.purge_list)
         generation = new_generation()
         old = yield Call(self.key, ("SET", self.key, generation, "GET"))
         self._install(generation)
@@ -145,5 +170,8 @@ class Purger:
                 for start in range(0, len(keys), PURGE_BATCH):
                     chunk = keys[start : start + PURGE_BATCH]
                     results = self.topology.execute_batch([Call(k, ("UNLINK", k)) for k in chunk])
-                    removed += sum(r for r in results if isinstance(r, int))
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result  # stays listed as pending, so it is purged again later
+                        removed += result
         return removed

@@ -17,7 +17,9 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django_distcache",
     "cache",
+    "tests.versioned_app",
 ]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
 
 def _database() -> dict:

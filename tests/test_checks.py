@@ -99,3 +99,24 @@ def test_check_warns_about_a_hash_tag_in_key_prefix(settings):
         handler._settings = None
         ids = [message.id for message in run_checks(tags=["caches"])]
     assert "django_distcache.W002" in ids
+
+
+@pytest.mark.parametrize(("policy", "warning"), [("allkeys-lru", "W003"), ("noeviction", "W004")])
+def test_check_warns_about_eviction_policies_that_hurt_tags(cluster, settings, policy, warning):
+    import redis
+    from django.core.checks import run_checks
+
+    nodes = [redis.Redis(port=port) for port in cluster.primary_ports]
+    before = [node.config_get("maxmemory-policy")["maxmemory-policy"] for node in nodes]
+    try:
+        for node in nodes:
+            node.config_set("maxmemory-policy", policy)
+        ids = [message.id for message in run_checks(tags=["caches"])]
+        assert f"django_distcache.{warning}" in ids
+        for node in nodes:
+            node.config_set("maxmemory-policy", "volatile-lru")
+        ids = [message.id for message in run_checks(tags=["caches"])]
+        assert not {"django_distcache.W003", "django_distcache.W004"} & set(ids)
+    finally:
+        for node, old in zip(nodes, before, strict=True):
+            node.config_set("maxmemory-policy", old)

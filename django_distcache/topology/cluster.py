@@ -36,6 +36,7 @@ from .base import (
     TopologyState,
     connection_kwargs,
     group_by_node,
+    is_outage,
 )
 
 try:  # hiredis packs a command in C; redis-py's own packer is the fallback
@@ -285,8 +286,12 @@ class ClusterTopology(_TopologyCommon):
                 pool.put(connection)
                 call = self.state.redirect(error, call)
                 continue
-            except ResponseError:
+            except ResponseError as error:
                 pool.put(connection)
+                if not is_outage(error):
+                    raise
+                # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
+                self.state.refresh_wanted = True
                 raise
             except OUTAGE_ERRORS:
                 connection.disconnect()
@@ -518,8 +523,12 @@ class AsyncClusterTopology(_TopologyCommon):
                 pool.put(connection)
                 call = self.state.redirect(error, call)
                 continue
-            except ResponseError:
+            except ResponseError as error:
                 pool.put(connection)
+                if not is_outage(error):
+                    raise
+                # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
+                self.state.refresh_wanted = True
                 raise
             except OUTAGE_ERRORS:
                 await connection.disconnect()

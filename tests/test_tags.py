@@ -1,0 +1,203 @@
+"""Tags against the real cluster: O(1) invalidation, eviction-safe, race-safe, pushed to other processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+import django_distcache
+from django_distcache.backplane import CHANNEL
+from django_distcache.cache import CacheUnavailable
+from django_distcache.topology import ClusterTopology
+from tests.conftest import Peer, make_cache
+
+
+@pytest.fixture
+def raw(cluster):
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    yield client
+    client.close()
+
+
+def _wait_for_backplane(cache, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cache._shared.backplane.connected:
+        assert time.monotonic() < deadline, "the invalidation channel did not come up"
+        time.sleep(0.01)
+
+
+def test_invalidating_a_tag_misses_every_entry_carrying_it_and_nothing_else(cache):
+    cache.set("p42", "product 42", tags=["product:42", "catalog"])
+    cache.set("p43", "product 43", tags=["product:43", "catalog"])
+    cache.set("home", "home page", tags=["home"])
+    cache.set("plain", "untagged")
+    assert cache.invalidate_tags("product:42") == 1
+    assert cache.get("p42") is None
+    assert cache.get_many(["p42", "p43", "home", "plain"]) == {
+        "p43": "product 43",
+        "home": "home page",
+        "plain": "untagged",
+    }
+    cache.invalidate_tags("catalog")
+    assert cache.get_many(["p42", "p43", "home", "plain"]) == {"home": "home page", "plain": "untagged"}
+    assert cache.has_key("p43") is False
+    cache.set("p43", "product 43 again", tags=["catalog"])  # a fresh write carries the new version
+    assert cache.get("p43") == "product 43 again"
+
+
+def test_tags_on_every_write_path(cache):
+    assert cache.add("a", 1, tags=["t"]) is True
+    cache.set_many({"b": 2, "c": 3}, tags=["t"])
+    assert cache.get_or_set("d", lambda: 4, tags=["t"]) == 4
+    assert cache.get_many_or_set(["e", "f"], lambda missing: {k: k for k in missing}, tags=["t"]) == {
+        "e": "e",
+        "f": "f",
+    }
+    assert cache.get_many(list("abcdef")) == {"a": 1, "b": 2, "c": 3, "d": 4, "e": "e", "f": "f"}
+    cache.invalidate_tags("t")
+    assert cache.get_many(list("abcdef")) == {}
+
+
+async def test_tags_on_every_async_path(cache):
+    assert await cache.aadd("a", 1, tags=["t"]) is True
+    await cache.aset("b", 2, tags=["t"])
+    await cache.aset_many({"c": 3}, tags=["t"])
+    assert await cache.aget_or_set("d", lambda: 4, tags=["t"]) == 4
+
+    async def factory(missing):
+        return {key: key for key in missing}
+
+    assert await cache.aget_many_or_set(["e"], factory, tags=["t"]) == {"e": "e"}
+    assert await cache.aget_many(list("abcde")) == {"a": 1, "b": 2, "c": 3, "d": 4, "e": "e"}
+    assert await cache.ainvalidate_tags("t") == 1
+    assert await cache.aget_many(list("abcde")) == {}
+
+
+def test_module_level_invalidate_tags(settings):
+    from django.core.cache import caches
+
+    default = caches["default"]
+    default.set("k", "v", tags=["module-level"])
+    assert django_distcache.invalidate_tags("module-level") == 1
+    assert default.get("k") is None
+
+
+def test_a_missing_tag_key_makes_its_entries_miss(cache, raw):
+    cache.set("k", "v", tags=["fragile", "other"])
+    assert cache.get("k") == "v"
+    raw.delete(cache._tags.tag_key("fragile"))  # evicted, deleted by hand, lost in a failover
+    cache._tags._local.clear()  # as another process that has not held it would see it
+    assert cache.get("k") is None
+    assert cache.get_many(["k"]) == {}
+
+
+def test_tag_versions_are_random_64_bit_values(cache, raw):
+    cache.set("k", "v", tags=["t"])
+    seen = set()
+    for _ in range(5):
+        cache.invalidate_tags("t")
+        seen.add(int(raw.get(cache._tags.tag_key("t"))))
+    assert len(seen) == 5
+    assert max(seen) > 2**40  # not a small counter
+
+
+def test_invalidation_touches_only_the_tags_own_key(cache, monkeypatch):
+    cache.set_many({f"k{i}": i for i in range(500)}, tags=["wide"])
+    touched = []
+    real = ClusterTopology.execute_batch
+
+    def spy(self, calls):
+        touched.extend(call.key for call in calls)
+        return real(self, calls)
+
+    monkeypatch.setattr(ClusterTopology, "execute_batch", spy)
+    cache.invalidate_tags("wide")
+    assert touched == [cache._tags.tag_key("wide"), CHANNEL]  # one SET, one publish: O(1)
+
+
+def test_get_or_set_is_race_safe_against_an_invalidation_during_the_computation(cache):
+    """The value is computed from data that an invalidation declares stale: the entry must be born stale."""
+    computing, invalidated = threading.Event(), threading.Event()
+
+    def slow_loader():
+        computing.set()
+        assert invalidated.wait(10)
+        return "computed from old data"
+
+    def invalidator():
+        assert computing.wait(10)
+        cache.invalidate_tags("race")
+        invalidated.set()
+
+    thread = threading.Thread(target=invalidator)
+    thread.start()
+    assert cache.get_or_set("k", slow_loader, tags=["race"]) == "computed from old data"
+    thread.join()
+    assert cache.get("k") is None  # stored, but stamped with the version read before the computation
+
+
+def test_another_process_stops_returning_an_invalidated_entry_within_the_bound(cache):
+    cache.set("k", "v", tags=["shared"])
+    with Peer(cache.key_prefix) as other:
+        other.wait_connected()
+        assert other.get("k") == "v"
+        assert other.get("k") == "v"
+        assert other.ask("stats")["held_tags"] >= 1  # the other process holds the version in-process
+        cache.invalidate_tags("shared")
+        elapsed = other.wait_for_miss("k", within=1.0)
+    assert elapsed <= 1.0  # TAG_VERSION_TTL, the documented bound; the push makes it ~milliseconds
+
+
+def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache, raw, cluster):
+    cache.set("k", "v", tags=["t"])
+    _wait_for_backplane(cache)
+    cache.get("k")
+    cache.get("k")
+    assert cache._tags.held_count() >= 1
+    backplane = cache._shared.backplane
+    drops_before = backplane.drops
+    # The server kills every pub/sub connection; then the tag changes without any message being sent.
+    for port in cluster.ports:
+        redis.Redis(port=port).execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    deadline = time.monotonic() + 2
+    while backplane.drops == drops_before:  # the subscriber notices at once (EOF), not after a timeout
+        assert time.monotonic() < deadline, "the dropped channel went unnoticed"
+        time.sleep(0.005)
+    raw.set(cache._tags.tag_key("t"), 12345)
+    # Not one read may use the version held from before the drop.
+    assert cache._tags.held_count() == 0
+    assert cache.get("k") is None
+
+
+def test_without_in_process_versions_every_read_asks_redis(raw):
+    strict = make_cache(OPTIONS={"TAG_VERSION_TTL": 0})
+    strict.set("k", "v", tags=["t"])
+    assert strict.get("k") == "v"
+    raw.set(strict._tags.tag_key("t"), 1)  # changed behind our back, no message
+    assert strict.get("k") is None
+
+
+def test_bad_tags_are_refused_and_nothing_is_written(cache):
+    with pytest.raises(TypeError, match="list of strings"):
+        cache.set("k", "v", tags="product:1")
+    with pytest.raises(TypeError, match="non-empty str"):
+        cache.set("k", "v", tags=["ok", 3])
+    assert cache.get("k") is None
+
+
+def test_invalidate_tags_never_silently_drops_an_invalidation():
+    down = make_cache(LOCATION="redis://127.0.0.1:1")
+    with pytest.raises(CacheUnavailable):
+        down.invalidate_tags("t")
+
+
+def test_incr_version_keeps_the_tags(cache):
+    cache.set("k", "v", tags=["t"])
+    cache.incr_version("k")
+    assert cache.get("k", version=2) == "v"
+    cache.invalidate_tags("t")
+    assert cache.get("k", version=2) is None
