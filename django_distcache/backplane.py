@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,22 @@ PING_EVERY = 1.0  # seconds of silence before the subscriber checks that the con
 RECONNECT_DELAY = 0.2
 
 Listener = Callable[[str, str, str, int | str], None]  # kind, key prefix, name, new version
+
+_all_backplanes: weakref.WeakSet[Backplane] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The subscriber thread does not survive fork(): nothing held in-process may be trusted until the
+    # child has a subscription of its own (started by the first trusts() call).
+    for backplane in list(_all_backplanes):
+        backplane.connected = False
+        backplane.epoch += 1
+        backplane._thread = None
+        backplane._connection = None
+        backplane._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Backplane:
@@ -48,11 +66,16 @@ class Backplane:
         self._lock = threading.Lock()
         self._connection: Any = None
         self._sharded: bool | None = None
+        _all_backplanes.add(self)
 
     # -- trust -----------------------------------------------------------------------------------------
     def trusts(self, fetched_at: float) -> bool:
         """May a value fetched at `fetched_at` (time.monotonic) still be used without asking Redis?"""
-        return self.connected and fetched_at >= self.connected_since
+        if not self.connected:
+            if self._thread is None and self._listeners:
+                self.start()  # e.g. in a child process after fork()
+            return False
+        return fetched_at >= self.connected_since
 
     def add_listener(self, listener: Listener) -> None:
         with self._lock:

@@ -201,3 +201,27 @@ def test_incr_version_keeps_the_tags(cache):
     assert cache.get("k", version=2) == "v"
     cache.invalidate_tags("t")
     assert cache.get("k", version=2) is None
+
+
+def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
+    import os
+
+    cache.set("k", "v", tags=["t"])
+    _wait_for_backplane(cache)
+    cache.get("k")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it trusts right after the fork, and that it resubscribes
+        try:
+            held_after_fork = cache._tags.held_count()
+            value = cache.get("k")
+            deadline = time.monotonic() + 5
+            while not cache._shared.backplane.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.write(write, f"{held_after_fork}|{value}|{cache._shared.backplane.connected}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    report = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    assert report == "0|v|True"
