@@ -53,7 +53,7 @@ test-newest-django:
 	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade pip; \
 	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]" "django>=6"; \
 	  echo "== newest Django: $$($(VENV_NEWEST)/bin/python -c 'import django, sys; print(django.__version__, "on Python", sys.version.split()[0])')"; \
-	  DISTCACHE_TEST_CLUSTER_PORT=7330 $(VENV_NEWEST)/bin/python -m pytest -q; \
+	  $(VENV_NEWEST)/bin/python -m pytest -q; \
 	fi
 
 bench: venv

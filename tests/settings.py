@@ -1,13 +1,38 @@
 """Settings for the test suite: a local Redis Cluster started by tests/conftest.py, SQLite or PostgreSQL."""
 
 import os
+import socket
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from tests.django_source import add_django_tests_to_path
 
 add_django_tests_to_path()  # makes Django's own `cache` test app importable (conformance suite)
 
-CLUSTER_BASE_PORT = int(os.environ.get("DISTCACHE_TEST_CLUSTER_PORT", "7300"))
+def _cluster_base_port() -> int:
+    """The test cluster's first port: DISTCACHE_TEST_CLUSTER_PORT, or the first free block from 7300.
+
+    A block is usable when none of its six ports answers, or when it is this checkout's own test cluster
+    (its data dir exists). The choice is put in the environment so that child processes agree.
+    """
+    if os.environ.get("DISTCACHE_TEST_CLUSTER_PORT"):
+        return int(os.environ["DISTCACHE_TEST_CLUSTER_PORT"])
+    root = Path(__file__).resolve().parent.parent
+    for base in range(7300, 7600, 10):
+        ours = (root / ".devcluster" / f"test-{base}").exists()
+        if ours or not any(_port_answers(base + offset) for offset in range(6)):
+            os.environ["DISTCACHE_TEST_CLUSTER_PORT"] = str(base)
+            return base
+    raise RuntimeError("no free block of 6 ports between 7300 and 7600 for the test cluster")
+
+
+def _port_answers(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+CLUSTER_BASE_PORT = _cluster_base_port()
 CLUSTER_LOCATION = [f"redis://127.0.0.1:{CLUSTER_BASE_PORT + i}" for i in range(3)]
 
 SECRET_KEY = "django-distcache-tests"
