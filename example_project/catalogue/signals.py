@@ -1,51 +1,50 @@
-"""Drop cached pages when the rows behind them change, after the transaction commits.
+"""Invalidate the tags of a changed row once its transaction commits.
 
-Readers that miss between the write and the commit would otherwise re-cache the old rows.
+Invalidating before the commit would let a reader that misses in between re-cache the old row. Each tag
+costs one SET whatever it covers, so a product edit refreshes its page, its category's summary (old and
+new, if it moved) and the list page, however many keys those are. An unreachable cache makes
+invalidate_tags raise rather than drop the invalidation silently.
 """
 
-from collections.abc import Callable
 from typing import Any
 
-from django.core.cache import cache
-from django.db import models, transaction
+from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 
-from .keys import LIST_KEY, category_key, product_key
+from django_distcache import invalidate_tags
+
+from .keys import LIST_TAG, category_tag, product_tag
 from .models import Category, Product
 
 
-def product_keys(product: Product) -> set[str]:
-    """A product shows up in the list, on its own page and in its category's count."""
-    return {LIST_KEY, product_key(product.slug), category_key(product.category.slug)}
+def invalidate_on_commit(tags: set[str], using: str | None) -> None:
+    transaction.on_commit(lambda: invalidate_tags(*sorted(tags)), using=using)
 
 
-def category_keys(category: Category) -> set[str]:
-    """A category's name is also on each of its products' pages."""
-    slugs = category.products.values_list("slug", flat=True)
-    return {LIST_KEY, category_key(category.slug), *map(product_key, slugs)}
+def remember_old_category(sender: type[Product], instance: Product, **kwargs: Any) -> None:
+    """A product that moves leaves its old category's summary stale too: note that category first."""
+    old = None
+    if not instance._state.adding:
+        old = sender._default_manager.filter(pk=instance.pk).values_list("category_id", flat=True).first()
+    instance._old_category_id = old
 
 
-KEYS_FOR: dict[type[models.Model], Callable[[Any], set[str]]] = {
-    Product: product_keys,
-    Category: category_keys,
-}
+def product_changed(sender: type[Product], instance: Product, **kwargs: Any) -> None:
+    tags = {LIST_TAG, product_tag(instance.pk), category_tag(instance.category_id)}
+    old_category_id = getattr(instance, "_old_category_id", None)
+    if old_category_id is not None:
+        tags.add(category_tag(old_category_id))
+    invalidate_on_commit(tags, kwargs.get("using"))
 
 
-def remember_old_keys(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    """A changed slug or category leaves the old keys stale too, so note them before the row changes."""
-    old = None if instance._state.adding else sender._default_manager.filter(pk=instance.pk).first()
-    instance._stale_cache_keys = KEYS_FOR[sender](old) if old else set()
-
-
-def invalidate(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    """Delete the row's current and previous keys in one delete_many, once the write is committed."""
-    keys = KEYS_FOR[sender](instance) | getattr(instance, "_stale_cache_keys", set())
-    transaction.on_commit(lambda: cache.delete_many(sorted(keys)), using=kwargs.get("using"))
+def category_changed(sender: type[Category], instance: Category, **kwargs: Any) -> None:
+    """A category's pages carry its tag: its summary and its products' pages (which show its name)."""
+    invalidate_on_commit({LIST_TAG, category_tag(instance.pk)}, kwargs.get("using"))
 
 
 def connect() -> None:
     """Called from CatalogueConfig.ready; dispatch_uid keeps a second call from doubling the receivers."""
-    for model in KEYS_FOR:
-        pre_save.connect(remember_old_keys, sender=model, dispatch_uid=f"catalogue-old-keys-{model.__name__}")
-        post_save.connect(invalidate, sender=model, dispatch_uid=f"catalogue-save-{model.__name__}")
-        post_delete.connect(invalidate, sender=model, dispatch_uid=f"catalogue-delete-{model.__name__}")
+    pre_save.connect(remember_old_category, sender=Product, dispatch_uid="catalogue-old-category")
+    for model, receiver in ((Product, product_changed), (Category, category_changed)):
+        post_save.connect(receiver, sender=model, dispatch_uid=f"catalogue-save-{model.__name__}")
+        post_delete.connect(receiver, sender=model, dispatch_uid=f"catalogue-delete-{model.__name__}")

@@ -1,23 +1,40 @@
-"""Catalogue pages, each read through the cache and footed with whether it was a hit or a miss."""
+"""Catalogue pages, each read through the cache and footed with whether it was a hit or a miss.
+
+Every entry is stored with tags (see keys.py) through get_or_set, which reads the tags' versions before
+it loads from the database: an invalidation that lands while a page is being built makes that entry miss
+at once, instead of hiding it until its timeout.
+"""
 
 from collections.abc import Callable
+from functools import partial
 from time import perf_counter
 from typing import Any
 
 from django.core.cache import cache
 from django.db.models import Count, Prefetch, Q
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 
-from .keys import CATEGORY_PREFIX, LIST_KEY, category_key, product_key
+from django_distcache import invalidate_tags
+
+from .keys import (
+    LIST_KEY,
+    category_key,
+    category_tags,
+    list_tags,
+    product_key,
+    product_tag,
+    product_tags,
+)
 from .models import Category, Product
 
 LIST_TIMEOUT = 60
 PRODUCT_TIMEOUT = 300
+CATEGORY_TIMEOUT = 300
 
 
-def cached(key: str, build: Callable[[], Any], timeout: int) -> tuple[Any, dict[str, Any]]:
-    """cache.get_or_set, noting whether build ran so the footer can say hit or miss."""
+def cached(key: str, build: Callable[[], Any], timeout: int, tags: list[str]) -> tuple[Any, bool]:
+    """cache.get_or_set with tags; also returns whether build ran (a miss)."""
     built = False
 
     def tracked() -> Any:
@@ -25,35 +42,11 @@ def cached(key: str, build: Callable[[], Any], timeout: int) -> tuple[Any, dict[
         built = True
         return build()
 
-    start = perf_counter()
-    value = cache.get_or_set(key, tracked, timeout=timeout)
-    elapsed_ms = (perf_counter() - start) * 1000
-    return value, {"status": "miss" if built else "hit", "ms": elapsed_ms, "what": f"{key}, TTL {timeout} s"}
+    return cache.get_or_set(key, tracked, timeout=timeout, tags=tags), built
 
 
-def get_many_or_set(
-    keys: list[str], factory: Callable[[list[str]], dict[str, Any]]
-) -> tuple[dict[str, Any], list[str]]:
-    """Use the backend's get_many_or_set, or get_many + set_many on caches without it (LocMem).
-
-    Returns the values and the keys the factory had to build.
-    """
-    built: list[str] = []
-
-    def tracked(missing: list[str]) -> dict[str, Any]:
-        built.extend(missing)
-        return factory(list(missing))
-
-    native = getattr(cache, "get_many_or_set", None)
-    if native is not None:
-        return native(keys, tracked), built
-    found = cache.get_many(keys)
-    missing = [key for key in keys if key not in found]
-    if missing:
-        fresh = tracked(missing)
-        cache.set_many(fresh)
-        found.update(fresh)
-    return found, built
+def footer(status: str, start: float, what: str) -> dict[str, Any]:
+    return {"status": status, "ms": (perf_counter() - start) * 1000, "what": what}
 
 
 def build_catalogue() -> list[dict[str, Any]]:
@@ -85,44 +78,80 @@ def load_product(slug: str) -> dict[str, Any]:
         "stock": product.stock,
         "views": product.views,
         "updated_at": product.updated_at.isoformat(timespec="seconds"),
-        "category": {"name": product.category.name, "slug": product.category.slug},
+        "category": {
+            "id": product.category_id,
+            "name": product.category.name,
+            "slug": product.category.slug,
+        },
     }
 
 
-def build_category_summaries(keys: list[str]) -> dict[str, dict[str, Any]]:
-    """Summaries for just the missing categories, in a single aggregate query."""
-    by_slug = {key.removeprefix(CATEGORY_PREFIX): key for key in keys}
-    rows = (
-        Category.objects.filter(slug__in=by_slug)
+def summarise_category(pk: int) -> dict[str, Any] | None:
+    """One category's name and counts in one aggregate query; None if it has just been deleted."""
+    return (
+        Category.objects.filter(pk=pk)
         .annotate(
             product_count=Count("products"),
             in_stock=Count("products", filter=Q(products__stock__gt=0)),
         )
         .values("name", "slug", "product_count", "in_stock")
+        .first()
     )
-    return {by_slug[row["slug"]]: row for row in rows}
 
 
 def product_list(request: HttpRequest) -> HttpResponse:
-    categories, cache_info = cached(LIST_KEY, build_catalogue, LIST_TIMEOUT)
-    context = {"categories": categories, "cache_info": cache_info}
+    start = perf_counter()
+    categories, built = cached(LIST_KEY, build_catalogue, LIST_TIMEOUT, list_tags())
+    what = f"{LIST_KEY}, TTL {LIST_TIMEOUT} s, tags {', '.join(list_tags())}"
+    context = {"categories": categories, "cache_info": footer("miss" if built else "hit", start, what)}
     return render(request, "catalogue/product_list.html", context)
 
 
 def product_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    product, cache_info = cached(product_key(slug), lambda: load_product(slug), PRODUCT_TIMEOUT)
-    return render(request, "catalogue/product_detail.html", {"product": product, "cache_info": cache_info})
+    """A hit costs one cache read. The tags name the product's and its category's primary keys, which
+    the URL does not carry, so a miss looks them up first (one indexed query) and then builds the page."""
+    key = product_key(slug)
+    start = perf_counter()
+    product, built, what = cache.get(key), False, f"{key}, TTL {PRODUCT_TIMEOUT} s"
+    if product is None:
+        ids = Product.objects.filter(slug=slug).values_list("pk", "category_id").first()
+        if ids is None:
+            raise Http404("No product has this slug.")
+        pk, category_pk = ids
+        tags = product_tags(pk, category_pk)
+        product, built = cached(key, lambda: load_product(slug), PRODUCT_TIMEOUT, tags)
+        if (product["id"], product["category"]["id"]) != (pk, category_pk):
+            # The row moved (or its slug passed to another product) between the lookup and the load: the
+            # entry just stored carries the wrong tags. Invalidating product:<pk>, whose version the entry
+            # was stamped with before the load, kills it; this response still shows the fresh row.
+            invalidate_tags(product_tag(pk))
+        what += f", tags {', '.join(tags)}"
+    context = {"product": product, "cache_info": footer("miss" if built else "hit", start, what)}
+    return render(request, "catalogue/product_detail.html", context)
 
 
 def category_list(request: HttpRequest) -> HttpResponse:
-    """One small query for the slugs, then every summary in one cache round trip."""
-    keys = [category_key(slug) for slug in Category.objects.values_list("slug", flat=True)]
+    """One small query for the primary keys, then every summary in one cache round trip.
+
+    Each summary has a tag of its own, so the ones that missed are built one by one through get_or_set
+    (after a product edit, that is the one category it belongs to).
+    """
+    pks = list(Category.objects.values_list("pk", flat=True))
     start = perf_counter()
-    summaries, built = get_many_or_set(keys, build_category_summaries)
-    elapsed_ms = (perf_counter() - start) * 1000
-    status = "miss" if len(built) == len(keys) and keys else ("partial" if built else "hit")
-    what = f"{len(keys)} category keys, {len(built)} built"
-    cache_info = {"status": status, "ms": elapsed_ms, "what": what}
-    categories = [summaries[key] for key in keys if key in summaries]
-    context = {"categories": categories, "cache_info": cache_info}
+    found = cache.get_many([category_key(pk) for pk in pks])
+    summaries, built = [], []
+    for pk in pks:
+        key = category_key(pk)
+        if key in found:
+            summary = found[key]
+        else:
+            build = partial(summarise_category, pk)
+            summary, was_built = cached(key, build, CATEGORY_TIMEOUT, category_tags(pk))
+            if was_built and summary is not None:
+                built.append(summary["slug"])
+        if summary is not None:
+            summaries.append(summary)
+    status = "miss" if built and len(built) == len(pks) else ("partial" if built else "hit")
+    what = f"{len(pks)} category keys, {len(built)} built" + (f": {', '.join(built)}" if built else "")
+    context = {"categories": summaries, "cache_info": footer(status, start, what)}
     return render(request, "catalogue/category_list.html", context)

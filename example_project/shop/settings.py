@@ -71,7 +71,9 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL.startswith(("postgres://", "postgresql://")):
     DATABASES = {"default": postgres_from_url(DATABASE_URL)}
 else:
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}}
+    # DISTCACHE_EXAMPLE_DB: another SQLite file (tests/test_example_project.py uses a temporary one).
+    SQLITE_PATH = os.environ.get("DISTCACHE_EXAMPLE_DB") or BASE_DIR / "db.sqlite3"
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": SQLITE_PATH}}
 
 CACHES = {
     "default": {
@@ -79,13 +81,11 @@ CACHES = {
         "LOCATION": os.environ.get(
             "DISTCACHE_LOCATION", "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002"
         ).split(","),
-        "KEY_PREFIX": "shop",
+        # The namespace of the shop's keys and tags; a test run uses one of its own.
+        "KEY_PREFIX": os.environ.get("DISTCACHE_KEY_PREFIX", "shop"),
         "TIMEOUT": 300,
     }
 }
-if os.environ.get("DISTCACHE_EXAMPLE_LOCMEM") == "1":
-    # Only for working on the views without a cluster; the demo always runs against Redis Cluster.
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "TIMEOUT": 300}}
 
 LOGGING = {
     "version": 1,
