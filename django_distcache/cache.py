@@ -9,6 +9,7 @@ are also the one place where an outage becomes the configured failure policy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import math
@@ -52,6 +53,15 @@ _INCR_SCRIPT = "if redis.call('EXISTS', KEYS[1]) == 0 then return false end retu
 _PERSIST_SCRIPT = (
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end redis.call('PERSIST', KEYS[1]) return 1"
 )
+
+
+# add() over a dead entry: SET only if the key is absent or still holds the bytes we judged dead.
+_REPLACE_DEAD_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current and redis.sha1hex(current) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
 
 
 class CacheUnavailable(Exception):
@@ -354,8 +364,21 @@ class RedisClusterCache(BaseCache):
         if expiry_ms == 0:
             yield Call(physical, ("DEL", physical))
             return True
-        flags = ("NX",) if only_new else ()
-        return bool((yield Call(physical, self._set_args(physical, data, expiry_ms, *flags))))
+        if not only_new:
+            return bool((yield Call(physical, self._set_args(physical, data, expiry_ms))))
+        if (yield Call(physical, self._set_args(physical, data, expiry_ms, "NX"))):
+            return True
+        # Something is stored. If it is dead (a stale tag, undecodable), it must not block add(): replace
+        # it, but only if it is still those exact bytes, so a live value written meanwhile is never lost.
+        existing = yield Call(physical, ("GET", physical))
+        if existing is None or (yield from self._valid_values({key: existing})):
+            return False
+        fingerprint = hashlib.sha1(existing).hexdigest()
+        expiry = "" if expiry_ms is None else expiry_ms
+        replaced = yield Call(
+            physical, ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry)
+        )
+        return bool(replaced)
 
     def _get_or_set_plan(self, key: Any, default: Any, timeout: Any, version: int | None, tags: Any) -> Plan:
         value = yield Guarded(self._get_plan(key, _MISSING, version), "get", _MISSING)

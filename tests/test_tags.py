@@ -225,3 +225,15 @@ def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
     report = os.read(read, 100).decode()
     os.waitpid(pid, 0)
     assert report == "0|v|True"
+
+
+def test_a_dead_entry_does_not_block_add_or_get_or_set(cache):
+    assert cache.get_or_set("k", lambda: "v1", tags=["tt"]) == "v1"
+    cache.invalidate_tags("tt")
+    assert cache.get_or_set("k", lambda: "v2", tags=["tt"]) == "v2"
+    assert cache.get("k") == "v2"  # stored, not only returned
+    cache.invalidate_tags("tt")
+    assert cache.add("k", "v3", tags=["tt"]) is True
+    assert cache.get("k") == "v3"
+    assert cache.add("k", "v4", tags=["tt"]) is False  # a live entry still wins
+    assert cache.get("k") == "v3"
