@@ -24,13 +24,13 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .topology import OUTAGE_ERRORS, Call
+from .topology import Call
 
 logger = logging.getLogger("django_distcache.backplane")
 
 CHANNEL = b"~distcache:invalidations"
 PING_EVERY = 1.0  # seconds of silence before the subscriber checks that the connection is alive
-RECONNECT_DELAY = 0.2
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # backoff while the channel's node cannot be reached
 
 Listener = Callable[[str, str, str, int | str], None]  # kind, key prefix, name, new version
 
@@ -96,18 +96,23 @@ class Backplane:
                 self._thread.start()
 
     def _run(self) -> None:
+        failures = 0
         while True:
+            was_connected = False
             try:
                 self._subscribe_and_listen()
-            except OUTAGE_ERRORS + (ResponseError,) as error:
-                if self.connected:
+            except Exception as error:  # the thread must outlive any failure; each outage is logged once
+                was_connected = self.connected
+                if was_connected or failures == 0:
                     logger.warning(
-                        "invalidation channel dropped (%s); in-process versions are not trusted", error
+                        "invalidation channel %s (%s: %s); in-process versions are not trusted until it is back",
+                        "dropped" if was_connected else "unavailable",
+                        type(error).__name__,
+                        error,
                     )
-            except Exception:  # the thread must outlive anything odd in a message
-                logger.exception("invalidation channel failed; reconnecting")
             self._drop()
-            time.sleep(RECONNECT_DELAY)
+            failures = 0 if was_connected else failures + 1
+            time.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
 
     def _drop(self) -> None:
         if self.connected:
@@ -139,14 +144,17 @@ class Backplane:
         self.connected = True
         logger.info("invalidation channel live on %s:%s", connection.host, connection.port)
         silent_since = time.monotonic()
+        ping_sent_at: float | None = None
         while True:
             if connection.can_read(timeout=PING_EVERY / 4):
                 reply = connection.read_response(push_request=True)
-                silent_since = time.monotonic()
+                silent_since, ping_sent_at = time.monotonic(), None  # anything heard proves it is alive
                 self._handle(reply)
-            elif time.monotonic() - silent_since >= PING_EVERY:
+            elif ping_sent_at is not None and time.monotonic() - ping_sent_at >= PING_EVERY:
+                raise ConnectionError("no answer to PING: the connection is half-open")
+            elif ping_sent_at is None and time.monotonic() - silent_since >= PING_EVERY:
                 connection.send_command("PING")
-                silent_since = time.monotonic()
+                ping_sent_at = time.monotonic()
 
     def _handle(self, reply: Any) -> None:
         if not isinstance(reply, list) or not reply:

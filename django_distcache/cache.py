@@ -41,6 +41,7 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_STRICT = _Missing()  # as a fallback: the operation never degrades (invalidations); outages raise
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # What Django's memcached-portability warning looks for; checked first so the common key costs one regex.
 _KEY_MAY_WARN = re.compile(r"[\x00-\x20\x7f]")
@@ -144,7 +145,7 @@ class FailurePolicy:
 
     def handle(self, operation: str, error: BaseException, fallback: Any) -> Any:
         self.count(operation)
-        if self.policy == "raise":
+        if self.policy == "raise" or fallback is _STRICT:
             raise CacheUnavailable(f"cache {operation} failed: {error}") from error
         now = time.monotonic()
         if now - self._last_logged.get(operation, 0.0) >= self.LOG_EVERY:
@@ -376,11 +377,12 @@ class RedisClusterCache(BaseCache):
         fingerprint = hashlib.sha1(existing).hexdigest()
         expiry = "" if expiry_ms is None else expiry_ms
         replaced = yield Call(
-            physical, ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry)
+            physical, ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry), idempotent=False
         )
         return bool(replaced)
 
     def _get_or_set_plan(self, key: Any, default: Any, timeout: Any, version: int | None, tags: Any) -> Plan:
+        tags = validate_tags(tags)
         value = yield Guarded(self._get_plan(key, _MISSING, version), "get", _MISSING)
         if value is not _MISSING:
             return value
@@ -403,6 +405,7 @@ class RedisClusterCache(BaseCache):
         self, keys: Iterable[Any], factory: Callable, timeout: Any, version: int | None, tags: Any
     ) -> Plan:
         keys = list(keys)
+        tags = validate_tags(tags)
         found = yield Guarded(self._get_many_plan(keys, version), "get_many", {})
         missing = [key for key in keys if key not in found]
         if missing:
@@ -599,10 +602,7 @@ class RedisClusterCache(BaseCache):
         return self._run_strict(self._invalidate_tags_plan(tags), "invalidate_tags")
 
     def _run_strict(self, plan: Plan, operation: str) -> Any:
-        result = self._run(plan, operation, _MISSING)
-        if result is _MISSING:
-            raise CacheUnavailable(f"cache {operation} could not reach the cluster; nothing was invalidated")
-        return result
+        return self._run(plan, operation, _STRICT)
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         self._run(self._delete_many_plan(keys, version), "delete_many")
@@ -740,12 +740,7 @@ class RedisClusterCache(BaseCache):
         return await self._arun(self._set_many_plan(data, timeout, version, tags), "set_many", list(data))
 
     async def ainvalidate_tags(self, *tags: str) -> int:
-        result = await self._arun(self._invalidate_tags_plan(tags), "invalidate_tags", _MISSING)
-        if result is _MISSING:
-            raise CacheUnavailable(
-                "cache invalidate_tags could not reach the cluster; nothing was invalidated"
-            )
-        return result
+        return await self._arun(self._invalidate_tags_plan(tags), "invalidate_tags", _STRICT)
 
     async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         await self._arun(self._delete_many_plan(keys, version), "delete_many")

@@ -87,14 +87,15 @@ def _eviction_policy_messages(alias: str, topology: Any) -> list:
     policies = {}
     for node in topology.primaries():
         try:
-            reply = topology.node_execute(node, "CONFIG", "GET", "maxmemory-policy")
+            reply = topology.node_execute(node, "CONFIG", "GET", "maxmemory*")
         except ResponseError:
             return []  # CONFIG is disabled on some managed services: nothing to check
         except OUTAGE_ERRORS:
             continue
         pairs = dict(reply) if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
         policy = pairs.get(b"maxmemory-policy", pairs.get("maxmemory-policy"))
-        if policy is not None:
+        limit = pairs.get(b"maxmemory", pairs.get("maxmemory", b"0"))
+        if policy is not None and int(limit) > 0:  # no limit: Redis neither evicts nor refuses anything
             policies[str(node)] = policy.decode() if isinstance(policy, bytes) else str(policy)
     evicting = sorted(node for node, policy in policies.items() if policy.startswith("allkeys-"))
     refusing = sorted(node for node, policy in policies.items() if policy == "noeviction")

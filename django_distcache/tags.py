@@ -82,9 +82,11 @@ class TagVersions:
                     self._local[tag] = (version, fetched_at)
 
     def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
+        # Forget rather than install: two invalidations of one tag may be pushed out of order, and the
+        # next read fetches whichever version Redis holds now.
         if kind == "tag" and key_prefix == self.key_prefix:
             with self._lock:
-                self._local[name] = (int(version), time.monotonic())
+                self._local.pop(name, None)
 
     def held_count(self) -> int:
         now = time.monotonic()
@@ -139,6 +141,7 @@ class TagVersions:
             if isinstance(reply, BaseException):
                 raise reply
         with self._lock:
+            self.backplane.epoch += 1  # a fetch in flight in another thread must not reinstall an old version
             now = time.monotonic()
             for tag, version in new.items():
                 self._local[tag] = (version, now)

@@ -9,13 +9,13 @@ new random one, which can only make entries miss, never resurrect them.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Generator
 from typing import Any
 
@@ -29,11 +29,16 @@ PURGE_LIST_PREFIX = "~distcache:purge:"
 PURGE_BATCH = 500
 
 
-@functools.cache
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: Any) -> str:
     """A short digest of a model's shape: app label, model name, and every concrete field's name, type and
     column. It changes when a migration adds, removes, renames or retypes a field, so keys derived from a
     model (see model_key) change with it: old entries simply miss and expire, no flush needed."""
+    cached = _fingerprints.get(model)
+    if cached is not None:
+        return cached
     meta = model._meta
     parts = [meta.app_label, meta.model_name]
     for model_field in meta.concrete_fields:
@@ -41,7 +46,8 @@ def model_fingerprint(model: Any) -> str:
         parts.append(
             f"{model_field.name}={field_type.__module__}.{field_type.__qualname__}@{model_field.column}"
         )
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+    fingerprint = _fingerprints[model] = hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+    return fingerprint
 
 
 def model_key(model: Any, *parts: Any) -> str:
@@ -92,13 +98,14 @@ class Namespace:
 
     def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
         if kind == "ns" and key_prefix == self.key_prefix:
-            self._install(str(version))
+            self.checked_at = float("-inf")  # re-read on next use: bumps may be pushed out of order
 
     def bump(self) -> Generator[Call, Any, None]:
         """Make every key of this namespace unreachable in O(1), then purge the old ones in the background."""
         self.purger.resume(self.purge_list)
         generation = new_generation()
         old = yield Call(self.key, ("SET", self.key, generation, "GET"))
+        self.backplane.epoch += 1  # a fetch in flight in another thread must not reinstall the old one
         self._install(generation)
         (published,) = yield [self.backplane.publish_call("ns", self.key_prefix, "", generation)]
         if isinstance(published, BaseException) and not is_outage(published):

@@ -107,9 +107,10 @@ def test_check_warns_about_eviction_policies_that_hurt_tags(cluster, settings, p
     from django.core.checks import run_checks
 
     nodes = [redis.Redis(port=port) for port in cluster.primary_ports]
-    before = [node.config_get("maxmemory-policy")["maxmemory-policy"] for node in nodes]
+    before = [node.config_get("maxmemory*") for node in nodes]
     try:
         for node in nodes:
+            node.config_set("maxmemory", "512mb")  # without a limit Redis neither evicts nor refuses
             node.config_set("maxmemory-policy", policy)
         ids = [message.id for message in run_checks(tags=["caches"])]
         assert f"django_distcache.{warning}" in ids
@@ -119,4 +120,5 @@ def test_check_warns_about_eviction_policies_that_hurt_tags(cluster, settings, p
         assert not {"django_distcache.W003", "django_distcache.W004"} & set(ids)
     finally:
         for node, old in zip(nodes, before, strict=True):
-            node.config_set("maxmemory-policy", old)
+            node.config_set("maxmemory", old["maxmemory"])
+            node.config_set("maxmemory-policy", old["maxmemory-policy"])
