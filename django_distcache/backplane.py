@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from .forksafe import renew_locks_after_fork
 from .topology import Call
 
 logger = logging.getLogger("django_distcache.backplane")
@@ -45,7 +46,6 @@ def _after_fork_in_child() -> None:
         backplane.epoch += 1
         backplane._thread = None
         backplane._connection = None
-        backplane._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -67,6 +67,7 @@ class Backplane:
         self._connection: Any = None
         self._sharded: bool | None = None
         _all_backplanes.add(self)
+        renew_locks_after_fork(self, "_lock")
 
     # -- trust -----------------------------------------------------------------------------------------
     def trusts(self, fetched_at: float) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from redis.exceptions import ResponseError
 from .backplane import Backplane
 from .codec import SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, parse_settings
+from .forksafe import renew_locks_after_fork
 from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
 from .topology.base import TopologyState
@@ -108,10 +110,21 @@ class _Shared:
     tag_versions: dict[tuple[str, float], TagVersions] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        renew_locks_after_fork(self, "lock")
+
 
 _shared_by_settings: dict[str, _Shared] = {}
 _shared_lock = threading.Lock()
 _counts_lock = threading.Lock()
+
+
+def _renew_module_locks() -> None:
+    global _shared_lock, _counts_lock
+    _shared_lock, _counts_lock = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_module_locks)
 
 
 def _shared_for(settings: CacheSettings) -> _Shared:
@@ -317,12 +330,18 @@ class RedisClusterCache(BaseCache):
     def _valid_values(self, stored: dict[Any, bytes]) -> Plan:
         """Decode stored bytes; drop what cannot be decoded and what carries a stale or missing tag."""
         values, stamps = {}, {}
+        held_verdict = self._tags.held_verdict
         for key, data in stored.items():
             value, tags = self._decode(data)
-            if value is not _MISSING:
-                values[key] = value
-                if tags:
+            if value is _MISSING:
+                continue
+            if tags:
+                verdict = held_verdict(tags)  # usually settled in-process, without a round trip
+                if verdict is False:
+                    continue
+                if verdict is None:
                     stamps[key] = tags
+            values[key] = value
         if stamps:
             needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
             current = yield from self._tags.current(needed, create=False)

@@ -193,6 +193,9 @@ class Codec:
         # The common stored value (signed, uncompressed, no timing, no tags, this serializer) has a header
         # whose first six bytes are always these; decode() checks them in one comparison.
         self._plain_signed_prefix = MAGIC + bytes((FORMAT_VERSION, FLAG_SIGNED, serializer.id, 0))
+        self._tagged_signed_prefix = MAGIC + bytes(
+            (FORMAT_VERSION, FLAG_SIGNED | FLAG_TAGS, serializer.id, 0)
+        )
         self._loads = serializer.loads
 
     # -- encoding ---------------------------------------------------------------------------------------
@@ -278,6 +281,22 @@ class Codec:
                     return self._loads(payload), None
                 except Exception as error:
                     raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
+        elif data[:6] == self._tagged_signed_prefix:
+            # Fast path for the common tagged entry: signed, stamped, not compressed, no timing.
+            try:
+                tags, offset = decode_tag_stamps(data, _HEADER.size)
+            except (struct.error, IndexError, UnicodeDecodeError):
+                tags = None  # the general path reports it
+            if tags is not None:
+                payload = data[offset + MAC_SIZE :]
+                mac = self._signer.copy()
+                mac.update(data[:offset])
+                mac.update(payload)
+                if hmac.compare_digest(mac.digest(), data[offset : offset + MAC_SIZE]):
+                    try:
+                        return self._loads(payload), tags
+                    except Exception as error:
+                        raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
         envelope = self.decode_envelope(data)
         return envelope.value, envelope.tags or None
 

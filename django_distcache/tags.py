@@ -20,6 +20,7 @@ from collections.abc import Generator, Iterable
 from typing import Any
 
 from .backplane import Backplane
+from .forksafe import renew_locks_after_fork
 from .topology import Call, is_outage
 
 TAG_KEY_PREFIX = "~distcache:tag:"
@@ -58,6 +59,7 @@ class TagVersions:
         self.backplane = backplane
         self._local: dict[str, tuple[int, float]] = {}  # tag -> (version, fetched at)
         self._lock = threading.Lock()
+        renew_locks_after_fork(self, "_lock")
         if local_ttl > 0:
             backplane.add_listener(self._on_message)
 
@@ -87,6 +89,22 @@ class TagVersions:
         if kind == "tag" and key_prefix == self.key_prefix:
             with self._lock:
                 self._local.pop(name, None)
+
+    def held_verdict(self, stamps: dict[str, int]) -> bool | None:
+        """From the in-process copies alone: True (all current), False (one is stale), None (ask Redis)."""
+        if self.local_ttl <= 0:
+            return None
+        backplane, local, now = self.backplane, self._local, time.monotonic()
+        if not backplane.connected:
+            return None
+        since, ttl = backplane.connected_since, self.local_ttl
+        for tag, stamped in stamps.items():
+            entry = local.get(tag)
+            if entry is None or now - entry[1] >= ttl or entry[1] < since:
+                return None
+            if entry[0] != stamped:
+                return False
+        return True
 
     def held_count(self) -> int:
         now = time.monotonic()

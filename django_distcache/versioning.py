@@ -20,6 +20,7 @@ from collections.abc import Generator
 from typing import Any
 
 from .backplane import Backplane
+from .forksafe import renew_locks_after_fork
 from .topology import OUTAGE_ERRORS, Call, is_outage
 
 logger = logging.getLogger("django_distcache.versioning")
@@ -127,6 +128,7 @@ class Purger:
         self.queue: queue.Queue[tuple[bytes, str | None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        renew_locks_after_fork(self, "_lock")
         self._resumed: set[bytes] = set()
         self.idle = threading.Event()
         self.idle.set()

@@ -115,12 +115,15 @@ def tls_cluster(tmp_path):
     )
     client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(tmp_path / "ca.crt"))
     try:
-        for _ in range(100):
+        for _ in range(200):
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
+                assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
                 time.sleep(0.05)
+        else:
+            pytest.fail("the TLS server did not answer: " + (tmp_path / "server.log").read_text()[-2000:])
         client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
         for _ in range(100):
             info = client.execute_command("CLUSTER INFO")

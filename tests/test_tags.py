@@ -222,6 +222,13 @@ def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
         finally:
             os._exit(0)
     os.close(write)
+    import select
+
+    ready, _, _ = select.select([read], [], [], 20)
+    if not ready:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
     report = os.read(read, 100).decode()
     os.waitpid(pid, 0)
     assert report == "0|v|True"

@@ -28,6 +28,7 @@ from redis.exceptions import (
 )
 
 from ..conf import ConnectionSettings, NodeAddress
+from ..forksafe import renew_locks_after_fork
 
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
@@ -134,6 +135,9 @@ class TopologyState:
     last_refresh: float = 0.0
     refresh_wanted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        renew_locks_after_fork(self, "lock")
 
     def known_nodes(self) -> list[NodeAddress]:
         nodes = list(self.settings.startup_nodes)

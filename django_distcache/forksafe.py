@@ -1,0 +1,31 @@
+"""Locks that a forked child must not inherit.
+
+A lock held by another thread at the moment of fork() stays held forever in the child (the thread that
+would release it does not exist there). Objects register the attributes holding their locks, and the
+child gets fresh ones.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+_owners: list[tuple[weakref.ref, tuple[str, ...]]] = []  # weak: registering keeps nothing alive
+
+
+def renew_locks_after_fork(owner: Any, *attributes: str) -> None:
+    _owners[:] = [(ref, names) for ref, names in _owners if ref() is not None]
+    _owners.append((weakref.ref(owner), attributes))
+
+
+def _after_fork_in_child() -> None:
+    for ref, attributes in list(_owners):
+        owner = ref()
+        if owner is not None:
+            for attribute in attributes:
+                setattr(owner, attribute, threading.Lock())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
