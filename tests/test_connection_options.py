@@ -9,7 +9,9 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from django_distcache.devcluster import find_server_binary
 from tests.conftest import make_cache
@@ -78,52 +80,45 @@ def tls_cluster(tmp_path):
         "server.crt",
         cwd=tmp_path,
     )
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            find_server_binary(),
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            "server.crt",
-            "--tls-key-file",
-            "server.key",
-            "--tls-ca-cert-file",
-            "ca.crt",
-            "--tls-auth-clients",
-            "no",
-            "--tls-cluster",
-            "yes",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+    log = tmp_path / "server.log"
+
+    def start_server() -> tuple[int, subprocess.Popen]:
+        port = _free_port()
+        arguments = {
+            "--port": "0", "--tls-port": str(port), "--bind": "127.0.0.1",
+            "--tls-cert-file": "server.crt", "--tls-key-file": "server.key", "--tls-ca-cert-file": "ca.crt",
+            "--tls-auth-clients": "no", "--tls-cluster": "yes", "--cluster-enabled": "yes",
+            "--cluster-config-file": "nodes.conf", "--save": "", "--appendonly": "no", "--dir": str(tmp_path),
+        }  # fmt: skip
+        command = [find_server_binary()] + [part for pair in arguments.items() for part in pair]
+        with log.open("a") as output:
+            return port, subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
+
+    # The port is free when chosen but another process may take it before the server binds it: retry.
+    for _ in range(3):
+        port, process = start_server()
+        time.sleep(0.2)
+        if process.poll() is None:
+            break
+    else:
+        pytest.fail("the TLS server would not start: " + log.read_text()[-2000:])
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        ssl=True,
+        ssl_ca_certs=str(tmp_path / "ca.crt"),
+        retry=Retry(NoBackoff(), 0),
     )
-    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(tmp_path / "ca.crt"))
     try:
         for _ in range(200):
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
-                assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                assert process.poll() is None, log.read_text()[-2000:]
                 time.sleep(0.05)
         else:
-            pytest.fail("the TLS server did not answer: " + (tmp_path / "server.log").read_text()[-2000:])
+            pytest.fail("the TLS server did not answer: " + log.read_text()[-2000:])
         client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
         for _ in range(100):
             info = client.execute_command("CLUSTER INFO")
