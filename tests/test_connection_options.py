@@ -42,6 +42,11 @@ def tls_cluster(tmp_path):
         "1",
         "-subj",
         "/CN=test-ca",
+        # Python >= 3.13 verifies strictly (VERIFY_X509_STRICT): a CA needs these extensions.
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         "-keyout",
         "ca.key",
         "-out",
@@ -61,7 +66,10 @@ def tls_cluster(tmp_path):
         "server.csr",
         cwd=tmp_path,
     )
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (tmp_path / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
     _openssl(
         "x509",
         "-req",
