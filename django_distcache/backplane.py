@@ -73,15 +73,21 @@ class Backplane:
     def trusts(self, fetched_at: float) -> bool:
         """May a value fetched at `fetched_at` (time.monotonic) still be used without asking Redis?"""
         if not self.connected:
-            if self._thread is None and self._listeners:
-                self.start()  # e.g. in a child process after fork()
             return False
         return fetched_at >= self.connected_since
 
+    def ensure_started(self) -> None:
+        """Called whenever a value is fetched to be held in-process: the subscription must exist."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self.start()
+
     def add_listener(self, listener: Listener) -> None:
+        """Register an in-process cache; the subscription starts with the first read that would trust it
+        (so constructing a backend, e.g. for `manage.py check`, opens no connection by itself); after a fork
+        the child's first fetch starts its own."""
         with self._lock:
             self._listeners.append(listener)
-        self.start()
 
     # -- publishing --------------------------------------------------------------------------------------
     def publish_call(self, kind: str, key_prefix: str, name: str, version: int | str) -> Call:

@@ -125,6 +125,7 @@ class TagVersions:
                 versions[tag] = held
         if not missing:
             return versions
+        self.backplane.ensure_started()
         epoch, fetched_at = self.backplane.epoch, time.monotonic()
         proposals = {tag: new_version() for tag in missing} if create else {}
         calls = [

@@ -86,6 +86,7 @@ class Namespace:
             and self.backplane.trusts(checked_at)
         ):
             return self.prefix
+        self.backplane.ensure_started()
         proposed = new_generation()
         epoch, fetched_at = self.backplane.epoch, time.monotonic()
         existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))

@@ -93,6 +93,7 @@ class Peer:
         import time
 
         deadline = time.monotonic() + timeout
+        self.get("warm-up")  # the first read starts the subscription
         while not self.ask("stats")["connected"]:
             assert time.monotonic() < deadline, "the peer's invalidation channel did not come up"
             time.sleep(0.02)

@@ -9,6 +9,7 @@ from tests.django_source import add_django_tests_to_path
 
 add_django_tests_to_path()  # makes Django's own `cache` test app importable (conformance suite)
 
+
 def _cluster_base_port() -> int:
     """The test cluster's first port: DISTCACHE_TEST_CLUSTER_PORT, or the first free block from 7300.
 
