@@ -130,12 +130,6 @@ class Backplane:
         if connection is not None:
             connection.disconnect()
 
-    def disconnect_for_test(self) -> None:
-        """Close the subscription from this side (tests use CLIENT KILL on the server for the real thing)."""
-        connection = self._connection
-        if connection is not None:
-            connection.disconnect()
-
     def _subscribe_and_listen(self) -> None:
         connection = self.topology.dedicated_connection(CHANNEL)
         self._connection = connection

@@ -627,26 +627,19 @@ class RedisClusterCache(BaseCache):
         self._run(self._delete_many_plan(keys, version), "delete_many")
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self._run_incr(self._incr_plan(key, delta, version), key)
+        return self._incr_result(self._run(self._incr_plan(key, delta, version), "incr", _MISSING), key)
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self._run_incr(self._incr_plan(key, delta, version, negate=True), key)
-
-    def _run_incr(self, plan: Plan, key: Any) -> int:
-        # During an outage the key is as good as missing: Django's contract for that is ValueError.
-        result = self._run(plan, "incr", _MISSING)
-        if result is _MISSING:
-            raise ValueError(f"Key '{key}' not found (cache unavailable)")
-        return result
+        return self._incr_result(
+            self._run(self._incr_plan(key, delta, version, negate=True), "incr", _MISSING), key
+        )
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         return self._run(self._touch_plan(key, timeout, version), "touch", False)
 
     def incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         result = self._run(self._incr_version_plan(key, delta, version), "incr_version", _MISSING)
-        if result is _MISSING:
-            raise ValueError(f"Key '{key}' not found (cache unavailable)")
-        return result
+        return self._incr_result(result, key)
 
     def clear(self) -> bool:
         return self._run(self._clear_plan(), "clear", False)
@@ -776,6 +769,7 @@ class RedisClusterCache(BaseCache):
 
     @staticmethod
     def _incr_result(result: Any, key: Any) -> Any:
+        # During an outage the key is as good as missing: Django's contract for that is ValueError.
         if result is _MISSING:
             raise ValueError(f"Key '{key}' not found (cache unavailable)")
         return result

@@ -34,6 +34,7 @@ _TAG_COUNT = struct.Struct(">H")
 _TAG_VERSION = struct.Struct(">Q")
 MAC_SIZE = 16
 _PLAIN_PAYLOAD_AT = _HEADER.size + MAC_SIZE
+_UNVERIFIED = object()
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
@@ -269,36 +270,38 @@ class Codec:
         """The stored value and its tag stamps (None when it carries none)."""
         if data[:2] != MAGIC:
             return (int(data) if _BARE_INT.fullmatch(data) else data), None
-        if data[:6] == self._plain_signed_prefix and len(data) >= _PLAIN_PAYLOAD_AT:
-            # Fast path for the common case; anything unusual (another key, a corrupt value) takes the
-            # general path below, which decides what it is.
-            payload = data[_PLAIN_PAYLOAD_AT:]
-            mac = self._signer.copy()
-            mac.update(data[: _HEADER.size])
-            mac.update(payload)
-            if hmac.compare_digest(mac.digest(), data[_HEADER.size : _PLAIN_PAYLOAD_AT]):
-                try:
-                    return self._loads(payload), None
-                except Exception as error:
-                    raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
-        elif data[:6] == self._tagged_signed_prefix:
-            # Fast path for the common tagged entry: signed, stamped, not compressed, no timing.
+        # Fast paths for the two common shapes (signed, not compressed, no timing; without or with tags).
+        # Anything unusual (another key, a corrupt value) takes decode_envelope, which decides what it is.
+        prefix = data[:6]
+        if prefix == self._plain_signed_prefix and len(data) >= _PLAIN_PAYLOAD_AT:
+            value = self._open_signed(data, _HEADER.size)
+            if value is not _UNVERIFIED:
+                return value, None
+        elif prefix == self._tagged_signed_prefix:
             try:
-                tags, offset = decode_tag_stamps(data, _HEADER.size)
+                tags, head_end = decode_tag_stamps(data, _HEADER.size)
             except (struct.error, IndexError, UnicodeDecodeError):
-                tags = None  # the general path reports it
+                tags = None
             if tags is not None:
-                payload = data[offset + MAC_SIZE :]
-                mac = self._signer.copy()
-                mac.update(data[:offset])
-                mac.update(payload)
-                if hmac.compare_digest(mac.digest(), data[offset : offset + MAC_SIZE]):
-                    try:
-                        return self._loads(payload), tags
-                    except Exception as error:
-                        raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
+                value = self._open_signed(data, head_end)
+                if value is not _UNVERIFIED:
+                    return value, tags
         envelope = self.decode_envelope(data)
         return envelope.value, envelope.tags or None
+
+    def _open_signed(self, data: bytes, head_end: int) -> Any:
+        """Verify `head | MAC | payload` with the current key and load the payload; _UNVERIFIED otherwise
+        (the general path then tries the fallback keys and reports what is wrong)."""
+        payload = data[head_end + MAC_SIZE :]
+        mac = self._signer.copy()
+        mac.update(data[:head_end])
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest(), data[head_end : head_end + MAC_SIZE]):
+            return _UNVERIFIED
+        try:
+            return self._loads(payload)
+        except Exception as error:
+            raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
 
     def decode_envelope(self, data: bytes) -> Envelope:
         if data[:2] != MAGIC:
@@ -338,27 +341,21 @@ class Codec:
         return Envelope(value, created_at, soft_expiry, recompute_time, tags)
 
     def _serializer_for(self, serializer_id: int) -> Serializer:
-        serializer = self._serializers.get(serializer_id)
-        if serializer is None:
-            # Values written under another SERIALIZER setting stay readable after a switch.
-            for cls in SERIALIZERS.values():
-                if cls.id == serializer_id:
-                    serializer = self._serializers[serializer_id] = cls()
-                    break
-            else:
-                raise UndecodableValueError(f"unknown serializer id {serializer_id}")
-        return serializer
+        # Values written under another SERIALIZER setting stay readable after a switch.
+        return _plugin_by_id(self._serializers, SERIALIZERS, serializer_id, "serializer")
 
     def _decompressor_for(self, compressor_id: int) -> Compressor:
-        compressor = self._decompressors.get(compressor_id)
-        if compressor is None:
-            for cls in COMPRESSORS.values():
-                if cls.id == compressor_id:
-                    compressor = self._decompressors[compressor_id] = cls()
-                    break
-            else:
-                raise UndecodableValueError(f"unknown compressor id {compressor_id}")
-        return compressor
+        return _plugin_by_id(self._decompressors, COMPRESSORS, compressor_id, "compressor")
+
+
+def _plugin_by_id(loaded: dict[int, Any], registry: dict[str, type], plugin_id: int, kind: str) -> Any:
+    plugin = loaded.get(plugin_id)
+    if plugin is None:
+        cls = next((cls for cls in registry.values() if cls.id == plugin_id), None)
+        if cls is None:
+            raise UndecodableValueError(f"unknown {kind} id {plugin_id}")
+        plugin = loaded[plugin_id] = cls()
+    return plugin
 
 
 class ValueTooLargeError(ValueError):

@@ -73,8 +73,8 @@ class CacheSettings:
     options: dict[str, Any]
 
 
-def _fail(alias_hint: str, message: str) -> ImproperlyConfigured:
-    return ImproperlyConfigured(f"django_distcache{alias_hint}: {message}")
+def _fail(message: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"django_distcache: {message}")
 
 
 def parse_location(location: str | list[str] | tuple[str, ...]) -> tuple[tuple[NodeAddress, ...], dict]:
@@ -84,24 +84,24 @@ def parse_location(location: str | list[str] | tuple[str, ...]) -> tuple[tuple[N
     elif isinstance(location, list | tuple):
         urls = list(location)
     else:
-        raise _fail("", f"LOCATION must be a URL or a list of URLs, got {type(location).__name__}")
+        raise _fail(f"LOCATION must be a URL or a list of URLs, got {type(location).__name__}")
     if not urls:
-        raise _fail("", "LOCATION is empty: give at least one startup node, e.g. 'redis://127.0.0.1:7000'")
+        raise _fail("LOCATION is empty: give at least one startup node, e.g. 'redis://127.0.0.1:7000'")
     nodes, schemes, credentials = [], set(), {}
     for url in urls:
         if not isinstance(url, str):
-            raise _fail("", f"LOCATION entries must be strings, got {url!r}")
+            raise _fail(f"LOCATION entries must be strings, got {url!r}")
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise _fail("", f"LOCATION entry {url!r} must start with redis:// or rediss://")
+            raise _fail(f"LOCATION entry {url!r} must start with redis:// or rediss://")
         try:
             port = parts.port or 6379
         except ValueError:
-            raise _fail("", f"LOCATION entry {url!r} has an invalid port") from None
+            raise _fail(f"LOCATION entry {url!r} has an invalid port") from None
         if not parts.hostname:
-            raise _fail("", f"LOCATION entry {url!r} has no host")
+            raise _fail(f"LOCATION entry {url!r} has no host")
         if parts.path not in ("", "/", "/0"):
-            raise _fail("", f"LOCATION entry {url!r} names a database; Redis Cluster only has database 0")
+            raise _fail(f"LOCATION entry {url!r} names a database; Redis Cluster only has database 0")
         schemes.add(parts.scheme)
         if parts.username:
             credentials["username"] = unquote(parts.username)
@@ -109,7 +109,7 @@ def parse_location(location: str | list[str] | tuple[str, ...]) -> tuple[tuple[N
             credentials["password"] = unquote(parts.password)
         nodes.append(NodeAddress(parts.hostname, port))
     if len(schemes) > 1:
-        raise _fail("", "LOCATION mixes redis:// and rediss:// URLs; use one scheme for the whole cluster")
+        raise _fail("LOCATION mixes redis:// and rediss:// URLs; use one scheme for the whole cluster")
     credentials["ssl"] = schemes == {"rediss"}
     return tuple(dict.fromkeys(nodes)), credentials
 
@@ -118,19 +118,19 @@ def _positive_number(name: str, value: Any, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _fail("", f"OPTIONS[{name!r}] must be a non-negative number, got {value!r}")
+        raise _fail(f"OPTIONS[{name!r}] must be a non-negative number, got {value!r}")
     return value
 
 
 def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        raise _fail("", f"unknown OPTIONS {sorted(unknown)}; known options: {sorted(DEFAULTS)}")
+        raise _fail(f"unknown OPTIONS {sorted(unknown)}; known options: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
     nodes, credentials = parse_location(location)
     if opts["FAILURE_POLICY"] not in FAILURE_POLICIES:
         raise _fail(
-            "", f"OPTIONS['FAILURE_POLICY'] must be one of {FAILURE_POLICIES}, got {opts['FAILURE_POLICY']!r}"
+            f"OPTIONS['FAILURE_POLICY'] must be one of {FAILURE_POLICIES}, got {opts['FAILURE_POLICY']!r}"
         )
     for name in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
         _positive_number(name, opts[name], allow_none=True)
@@ -144,7 +144,7 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         _positive_number(name, opts[name])
     _positive_number("MAX_VALUE_SIZE", opts["MAX_VALUE_SIZE"], allow_none=True)
     if opts["SSL"] is not None and not isinstance(opts["SSL"], dict):
-        raise _fail("", "OPTIONS['SSL'] must be a dict of redis-py ssl_* connection arguments")
+        raise _fail("OPTIONS['SSL'] must be a dict of redis-py ssl_* connection arguments")
     ssl_options = dict(opts["SSL"] or {})
     connection = ConnectionSettings(
         startup_nodes=nodes,
@@ -173,19 +173,19 @@ def _load_plugin(kind: str, registry: dict[str, type], spec: Any, **kwargs: Any)
         try:
             cls = import_string(spec)
         except ImportError as exc:
-            raise _fail("", f"cannot import {kind} {spec!r}: {exc}") from exc
+            raise _fail(f"cannot import {kind} {spec!r}: {exc}") from exc
     elif isinstance(spec, str):
-        raise _fail("", f"unknown {kind} {spec!r}; choose one of {sorted(registry)} or a dotted path")
+        raise _fail(f"unknown {kind} {spec!r}; choose one of {sorted(registry)} or a dotted path")
     else:
         cls = spec
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         instance = cls(**kwargs)
     except ImportError as exc:
-        raise _fail("", f"the {kind} {spec!r} needs a package that is not installed: {exc}") from exc
+        raise _fail(f"the {kind} {spec!r} needs a package that is not installed: {exc}") from exc
     for attribute in ("id", "name"):
         if not hasattr(instance, attribute):
-            raise _fail("", f"{kind} {spec!r} has no {attribute!r} attribute")
+            raise _fail(f"{kind} {spec!r} has no {attribute!r} attribute")
     return instance
 
 
@@ -209,7 +209,7 @@ def build_codec(settings: CacheSettings) -> Codec:
     compressor = _load_plugin("compressor", COMPRESSORS, opts["COMPRESSOR"], **compressor_kwargs)
     keys = signing_keys(opts["SIGNING_KEY"])
     if not keys and getattr(serializer, "needs_signature", True):
-        raise _fail("", "SECRET_KEY is empty: the pickle serializer signs values with a key derived from it")
+        raise _fail("SECRET_KEY is empty: the pickle serializer signs values with a key derived from it")
     return Codec(
         serializer,
         compressor,

@@ -21,7 +21,7 @@ import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, ResponseError
+from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from ..conf import ConnectionSettings, NodeAddress
@@ -631,4 +631,4 @@ class AsyncClusterTopology(_TopologyCommon):
             await pool.close()
 
 
-__all__ = ["AskError", "AsyncClusterTopology", "ClusterTopology"]
+__all__ = ["AsyncClusterTopology", "ClusterTopology"]
