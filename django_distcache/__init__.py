@@ -1,6 +1,29 @@
 """django-distcache: a Django cache on Redis Cluster that survives real traffic."""
 
+from typing import Any
+
 __version__ = "0.1.0.dev0"
+
+# Model caching needs Django's ORM, which must not be imported while settings are being read (the
+# backend module is imported from CACHES); these names are imported on first use instead.
+_MODEL_API = {
+    "cache_model",
+    "get_cached",
+    "aget_cached",
+    "invalidate_model",
+    "ainvalidate_model",
+    "save_behind",
+    "flush_behind",
+    "behind_metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODEL_API:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'django_distcache' has no attribute {name!r}")
 
 
 def invalidate_tags(*tags: str, using: str = "default") -> int:

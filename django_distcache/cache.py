@@ -623,6 +623,9 @@ class RedisClusterCache(BaseCache):
     def _run_strict(self, plan: Plan, operation: str) -> Any:
         return self._run(plan, operation, _STRICT)
 
+    async def _arun_strict(self, plan: Plan, operation: str) -> Any:
+        return await self._arun(plan, operation, _STRICT)
+
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         self._run(self._delete_many_plan(keys, version), "delete_many")
 

@@ -37,6 +37,14 @@ DEFAULTS: dict[str, Any] = {
     "TAG_VERSION_TTL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
     "SIGNING_KEY": None,
+    # Write-behind (docs/write-behind.md)
+    "BEHIND_SHARDS": 8,
+    "BEHIND_BATCH_SIZE": 500,
+    "BEHIND_IDLE_TIMEOUT": 30.0,
+    "BEHIND_MAX_ATTEMPTS": 5,
+    "BEHIND_TRIGGER_BACKLOG": 1000,
+    "BEHIND_WAIT_REPLICAS": 0,
+    "BEHIND_WAIT_TIMEOUT": 0.1,
 }
 
 
@@ -143,6 +151,17 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     ):
         _positive_number(name, opts[name])
     _positive_number("MAX_VALUE_SIZE", opts["MAX_VALUE_SIZE"], allow_none=True)
+    for name in (
+        "BEHIND_IDLE_TIMEOUT",
+        "BEHIND_WAIT_TIMEOUT",
+        "BEHIND_WAIT_REPLICAS",
+        "BEHIND_TRIGGER_BACKLOG",
+    ):
+        _positive_number(name, opts[name])
+    for name in ("BEHIND_SHARDS", "BEHIND_BATCH_SIZE", "BEHIND_MAX_ATTEMPTS"):
+        value = opts[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(f"OPTIONS[{name!r}] must be a whole number of at least 1, got {value!r}")
     if opts["SSL"] is not None and not isinstance(opts["SSL"], dict):
         raise _fail("OPTIONS['SSL'] must be a dict of redis-py ssl_* connection arguments")
     ssl_options = dict(opts["SSL"] or {})

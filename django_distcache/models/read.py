@@ -1,0 +1,254 @@
+"""Read-through: `get_cached(Model, **lookup)`, and the fill protocol that keeps fills behind writes.
+
+A fill (a miss loaded from the database) must never overwrite a newer write. Three things make sure:
+
+1. *The lease.* At miss time, before the database is read, the reader notes the model's write epoch: a
+   random value every writer (write-through, `invalidate_model`, write-behind drain) replaces before it
+   touches anything else. The fill is dropped if the epoch changed meanwhile.
+2. *Order.* The fill reads the row's tag version, *then* the epoch, then writes. Writers replace the epoch,
+   *then* the row's tag. So a fill that saw the new tag also sees the new epoch (and is dropped); a fill
+   that saw the old tag stamps its entry with it, and the entry is dead on arrival.
+3. *Compare-and-set.* Each key is written only if it still holds what the reader saw (nothing, or a dead
+   entry), so a value a writer stored meanwhile is never replaced.
+
+Nothing is cached from inside a transaction: inside `atomic()`, a miss reads the database and returns the
+row without filling, and a model this transaction wrote is read from the database, not from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections, router
+
+from ..topology import Call
+from .registry import MISSING_ROW, ModelCacheConfig, config_for
+
+EPOCH_KEY_PREFIX = "~distcache:epoch:"
+
+# Write KEYS[1] only if it is absent or still holds the bytes whose sha1 is ARGV[1] (what the reader saw),
+# and, when KEYS[2] is given (write-behind), only if no queued change of the row is still on its way.
+FILL_SCRIPT = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local current = redis.call('GET', KEYS[1])
+if current and redis.sha1hex(current) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+
+def epoch_key(cache: Any, config: ModelCacheConfig) -> bytes:
+    return f"{EPOCH_KEY_PREFIX}{cache.key_prefix}:{config.label}".encode()
+
+
+def bump_epoch_plan(cache: Any, config: ModelCacheConfig) -> Any:
+    """Writers call this first: every fill that started before it is dropped. Returns the new epoch."""
+    key = epoch_key(cache, config)
+    epoch = os.urandom(8).hex().encode()
+    yield Call(key, ("SET", key, epoch))
+    return epoch
+
+
+@dataclass(slots=True)
+class Miss:
+    physical: bytes
+    observed: bytes | None  # what the key held when the reader looked (a dead entry), or None
+
+
+@dataclass(slots=True)
+class Lease:
+    epoch: bytes | None
+    stamps: dict[str, int] | None  # the static tags' versions, read before the database was
+
+
+def observed_fingerprint(observed: bytes | None) -> str:
+    return hashlib.sha1(observed).hexdigest() if observed is not None else "-"
+
+
+def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
+    """A hit (an instance or MISSING_ROW), or a Miss saying what the key held."""
+    physical = yield from cache._physical_key(config.entry_key(lookup, value), None)
+    data = yield Call(physical, ("GET", physical), read=True)
+    if data is not None:
+        found = yield from cache._valid_values({0: data})
+        if 0 in found:
+            result = config.instance_from(found[0], lookup, value, using)
+            if result is not None:
+                return result
+    return Miss(physical, data)
+
+
+def lease_plan(cache: Any, config: ModelCacheConfig) -> Any:
+    """Taken at miss time, before the database is read."""
+    key = epoch_key(cache, config)
+    epoch = yield Call(key, ("GET", key))
+    stamps = yield from cache._stamps([*config.static_tags(), config.missing_tag()])
+    return Lease(epoch, stamps)
+
+
+def fill_plan(
+    cache: Any,
+    config: ModelCacheConfig,
+    lease: Lease,
+    found: Any,
+    misses: dict[str, Miss | None],
+    lookup: str | None = None,
+    value: Any = None,
+) -> Any:
+    """Store `found` (an instance, or MISSING_ROW for `lookup=value`) under its keys, unless a writer came
+    first. `misses` maps lookups to what the reader saw; keys not in it are read here."""
+    static = {tag: lease.stamps[tag] for tag in config.static_tags()} if lease.stamps else {}
+    if found is MISSING_ROW:
+        tags = [config.row_tag(value)] if lookup == "pk" else []
+        payloads = {lookup: config.missing_payload(lookup, value)}
+        keys = {lookup: config.entry_key(lookup, value)}
+        static[config.missing_tag()] = lease.stamps[config.missing_tag()] if lease.stamps else 0
+        timeout = config.negative_timeout
+    else:
+        tags = config.row_tags(found)
+        keys = config.keys_of(found)
+        payload = config.row_payload(found)
+        payloads = dict.fromkeys(keys, payload)
+        timeout = config.timeout
+    if not keys or (found is MISSING_ROW and not timeout):
+        return False
+    # (2) the row's tags before the epoch
+    row_versions = (yield from cache._tags.current(tags, create=True)) if tags else {}
+    prefix = yield from cache._namespace.current()
+    physical = {name: prefix + cache._made_key(key, None).encode() for name, key in keys.items()}
+    unseen = [name for name in physical if name not in misses]
+    observed = {name: (misses[name].observed if misses.get(name) else None) for name in physical}
+    if unseen:
+        replies = yield [Call(physical[name], ("GET", physical[name])) for name in unseen]
+        for name, reply in zip(unseen, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            observed[name] = reply
+    key = epoch_key(cache, config)
+    if (yield Call(key, ("GET", key))) != lease.epoch:  # (1) a writer came after our miss
+        return False
+    stamps = {**static, **row_versions}
+    expiry_ms = cache._expiry_ms(timeout)
+    expiry = "" if expiry_ms is None else expiry_ms
+    marker = None
+    if config.write == "behind" and found is not MISSING_ROW:
+        marker = prefix + cache._made_key(config.pending_key(found.pk), None).encode()
+    calls = []
+    for name, target in physical.items():
+        data = cache._encode(payloads[name], keys[name], stamps)
+        script_keys = (target, marker) if marker is not None else (target,)
+        calls.append(
+            Call(
+                target,
+                (
+                    "EVAL",
+                    FILL_SCRIPT,
+                    len(script_keys),
+                    *script_keys,
+                    observed_fingerprint(observed[name]),
+                    data,
+                    expiry,
+                ),
+                idempotent=False,
+            )
+        )
+    replies = yield calls  # (3) compare-and-set, key by key
+    return all(reply == 1 for reply in replies)
+
+
+# -- the public functions ---------------------------------------------------------------------------------
+def _single_lookup(config: ModelCacheConfig, lookup: dict[str, Any]) -> tuple[str, Any]:
+    if len(lookup) != 1:
+        raise TypeError(
+            f"get_cached() takes exactly one lookup, one of {config.lookups}; got {sorted(lookup) or 'none'}"
+        )
+    ((name, value),) = lookup.items()
+    if name == config.model._meta.pk.name and "pk" in config.lookups:
+        name = "pk"
+    if name not in config.lookups:
+        raise TypeError(
+            f"{config.label} is cached by {config.lookups}; {name!r} is not one of them "
+            "(add it to cache_model(lookups=...) or use the ORM)"
+        )
+    return name, config.normalize(name, value)
+
+
+def _db_alias(config: ModelCacheConfig) -> str:
+    return router.db_for_read(config.model) or DEFAULT_DB_ALIAS
+
+
+def written_in_this_transaction(config: ModelCacheConfig, using: str) -> bool:
+    """True if this transaction saved or deleted a row of the model (its write-through is pending)."""
+    connection = connections[using]
+    for entry in connection.run_on_commit:
+        callback = entry[1] if isinstance(entry, tuple) else entry
+        if getattr(callback, "distcache_model", None) is config.model:
+            return True
+    return False
+
+
+def _load(config: ModelCacheConfig, using: str, lookup: str, value: Any) -> Any:
+    try:
+        return config.model._base_manager.using(using).get(**{lookup: value})
+    except config.model.DoesNotExist:
+        return MISSING_ROW
+
+
+async def _aload(config: ModelCacheConfig, using: str, lookup: str, value: Any) -> Any:
+    try:
+        return await config.model._base_manager.using(using).aget(**{lookup: value})
+    except config.model.DoesNotExist:
+        return MISSING_ROW
+
+
+def _found_or_raise(config: ModelCacheConfig, found: Any, lookup: str, value: Any) -> Any:
+    if found is MISSING_ROW:
+        raise config.model.DoesNotExist(
+            f"{config.model._meta.object_name} matching {lookup}={value!r} does not exist."
+        )
+    return found
+
+
+def get_cached(model: Any, **lookup: Any) -> Any:
+    """The row of `model` with `lookup` (one registered lookup), from the cache, else from the database
+    (which then fills every lookup's key). Raises `model.DoesNotExist` like `Model.objects.get`."""
+    config = config_for(model)
+    name, value = _single_lookup(config, lookup)
+    using = _db_alias(config)
+    cache = config.cache
+    connection = connections[using]
+    in_transaction = connection.in_atomic_block
+    if in_transaction and written_in_this_transaction(config, using):
+        return _found_or_raise(config, _load(config, using, name, value), name, value)
+    result = cache._run(lookup_plan(cache, config, name, value, using), "get_cached", None)
+    if result is not None and not isinstance(result, Miss):
+        return _found_or_raise(config, result, name, value)
+    if in_transaction or result is None:
+        # Inside a transaction nothing is cached; after an outage the cache is skipped for this call.
+        return _found_or_raise(config, _load(config, using, name, value), name, value)
+    lease = cache._run(lease_plan(cache, config), "get_cached", None)
+    found = _load(config, using, name, value)
+    if lease is not None:
+        cache._run(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
+    return _found_or_raise(config, found, name, value)
+
+
+async def aget_cached(model: Any, **lookup: Any) -> Any:
+    """`get_cached` for async code: the cache is read natively, the database with Django's async ORM."""
+    config = config_for(model)
+    name, value = _single_lookup(config, lookup)
+    using = _db_alias(config)
+    cache = config.cache
+    result = await cache._arun(lookup_plan(cache, config, name, value, using), "get_cached", None)
+    if result is not None and not isinstance(result, Miss):
+        return _found_or_raise(config, result, name, value)
+    if result is None:
+        return _found_or_raise(config, await _aload(config, using, name, value), name, value)
+    lease = await cache._arun(lease_plan(cache, config), "get_cached", None)
+    found = await _aload(config, using, name, value)
+    if lease is not None:
+        await cache._arun(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
+    return _found_or_raise(config, found, name, value)

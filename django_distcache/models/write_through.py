@@ -1,0 +1,232 @@
+"""Write-through: after a registered model's row is saved or deleted and the transaction commits, its
+cache entries are replaced (save) or removed (delete), and its row tag is invalidated.
+
+Covered: `Model.save()`, `Model.delete()` (and the cascade's per-object deletes), `QuerySet.delete()` (Django
+sends post_delete per row), many-to-many `add/remove/set/clear` (m2m_changed). Not covered, because Django
+sends no signal: `QuerySet.update()`, `bulk_create`, `bulk_update`, raw SQL; after those call
+`invalidate_model(Model, pks=...)`.
+
+The replacement is re-read from the database after the commit rather than taken from the saved instance:
+the instance may hold expressions (`F("views") + 1`), values the database converts, or stale fields outside
+`update_fields`. The re-read goes through the fill protocol (see read.py), so two writers racing leave the
+newer row or nothing, never the older one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
+from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
+
+from ..topology import Call
+from .read import MISSING_ROW, Lease, bump_epoch_plan, fill_plan
+from .registry import ModelCacheConfig, config_for
+
+logger = logging.getLogger("django_distcache.models")
+
+SNAPSHOT_ATTRIBUTE = "_distcache_lookup_values"
+
+
+def _invalidate_plan(
+    cache: Any, config: ModelCacheConfig, pks: list[Any], extra_keys: Iterable[str], whole_model: bool
+) -> Any:
+    """Epoch first (voids every fill in flight), then the tags, then the keys we know."""
+    epoch = yield from bump_epoch_plan(cache, config)
+    if whole_model:
+        tags = [config.model_tag(), config.missing_tag()]
+    else:
+        tags = [config.row_tag(pk) for pk in pks] + [config.missing_tag()]
+    yield from cache._tags.invalidate(tags)
+    keys = list(
+        dict.fromkeys([*(config.entry_key("pk", config.normalize("pk", pk)) for pk in pks), *extra_keys])
+    )
+    if keys:
+        prefix = yield from cache._namespace.current()
+        physical = [prefix + cache._made_key(key, None).encode() for key in keys]
+        replies = yield [Call(p, ("DEL", p)) for p in physical]
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+    return epoch
+
+
+def _write_through(
+    config: ModelCacheConfig, pk: Any, stale_keys: list[str], refill: bool, using: str
+) -> None:
+    """Runs after the commit. A cache outage is logged and counted, never raised into the request."""
+    cache = config.cache
+    epoch = cache._run(_invalidate_plan(cache, config, [pk], stale_keys, False), "write_through", None)
+    if epoch is None:
+        logger.error(
+            "write-through of %s pk=%r could not reach the cache; its entries may be stale until they expire",
+            config.label,
+            pk,
+        )
+        return
+    if not refill:
+        return
+    try:
+        found = config.model._base_manager.using(using).get(pk=pk)
+    except config.model.DoesNotExist:
+        return  # deleted by a later transaction; its own write-through removed the keys
+    lease = Lease(epoch, None)
+    lease.stamps = cache._run(cache._stamps(config.static_tags()), "write_through", None)
+    if lease.stamps is not None:
+        cache._run(fill_plan(cache, config, lease, found, {}), "write_through", False)
+
+
+def _on_commit(config: ModelCacheConfig, using: str, callback: Any) -> None:
+    callback.distcache_model = config.model  # read.written_in_this_transaction looks for it
+    transaction.on_commit(callback, using=using)
+
+
+def _stale_keys(config: ModelCacheConfig, instance: models.Model, current: dict[str, str]) -> list[str]:
+    """Keys of lookup values the row had when loaded and no longer has (a changed slug)."""
+    before = getattr(instance, SNAPSHOT_ATTRIBUTE, None) or {}
+    stale = []
+    for lookup, value in before.items():
+        if value is None:
+            continue
+        key = config.entry_key(lookup, value)
+        if current.get(lookup) != key:
+            stale.append(key)
+    return stale
+
+
+def _snapshot(config: ModelCacheConfig, instance: models.Model) -> None:
+    values = {}
+    for lookup in config.lookups:
+        if lookup == "pk":
+            continue
+        raw = config.lookup_value(instance, lookup)
+        try:
+            values[lookup] = None if raw is None else config.normalize(lookup, raw)
+        except ValueError:
+            values[lookup] = None
+    instance.__dict__[SNAPSHOT_ATTRIBUTE] = values
+
+
+def _post_init(config: ModelCacheConfig, sender: Any, instance: models.Model, **kwargs: Any) -> None:
+    _snapshot(config, instance)
+
+
+def _post_save(
+    config: ModelCacheConfig,
+    sender: Any,
+    instance: models.Model,
+    raw: bool = False,
+    using: str = DEFAULT_DB_ALIAS,
+    **kwargs: Any,
+) -> None:
+    current = config.keys_of(instance)
+    stale = _stale_keys(config, instance, current)
+    pk = instance.pk
+    _on_commit(config, using, partial(_write_through, config, pk, [*current.values(), *stale], True, using))
+    if len(config.lookups) > 1:
+        _snapshot(config, instance)
+
+
+def _post_delete(
+    config: ModelCacheConfig,
+    sender: Any,
+    instance: models.Model,
+    using: str = DEFAULT_DB_ALIAS,
+    **kwargs: Any,
+) -> None:
+    keys = list(config.keys_of(instance).values()) + _stale_keys(config, instance, {})
+    _on_commit(config, using, partial(_write_through, config, instance.pk, keys, False, using))
+
+
+def _m2m_changed(
+    action: str, instance: models.Model, model: Any, pk_set: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any
+) -> None:
+    if action not in ("post_add", "post_remove", "post_clear"):
+        return  # (after clear() Django does not say which rows were on the other side: see docs/models.md)
+    touched: list[tuple[Any, Any]] = [(type(instance), instance.pk)]
+    if pk_set:
+        touched.extend((model, pk) for pk in pk_set)
+    for target_model, pk in touched:
+        try:
+            config = config_for(target_model)
+        except ImproperlyConfigured:  # that side of the relation is not cached
+            continue
+        _on_commit(config, using, partial(_write_through, config, pk, [], True, using))
+
+
+_connected: set[type] = set()
+
+
+def connect_signals(config: ModelCacheConfig) -> None:
+    model = config.model
+    if model in _connected:
+        return
+    _connected.add(model)
+    post_save.connect(
+        partial(_post_save, config), sender=model, weak=False, dispatch_uid=f"distcache-save-{config.label}"
+    )
+    post_delete.connect(
+        partial(_post_delete, config),
+        sender=model,
+        weak=False,
+        dispatch_uid=f"distcache-delete-{config.label}",
+    )
+    if len(config.lookups) > 1:
+        post_init.connect(
+            partial(_post_init, config),
+            sender=model,
+            weak=False,
+            dispatch_uid=f"distcache-init-{config.label}",
+        )
+    for many_to_many in model._meta.many_to_many:
+        through = getattr(many_to_many.remote_field, "through", None)
+        if through is not None:
+            m2m_changed.connect(
+                _m2m_changed,
+                sender=through,
+                weak=False,
+                dispatch_uid=f"distcache-m2m-{through._meta.label_lower}",
+            )
+    for related in model._meta.related_objects:
+        if related.many_to_many and related.through is not None:
+            m2m_changed.connect(
+                _m2m_changed,
+                sender=related.through,
+                weak=False,
+                dispatch_uid=f"distcache-m2m-{related.through._meta.label_lower}",
+            )
+
+
+def invalidate_model(model: Any, pks: Iterable[Any] | None = None, *, using: str | None = None) -> None:
+    """Make cached rows of `model` miss: the rows `pks`, or every row when `pks` is None. For writes that
+    send no signals (`QuerySet.update`, `bulk_create`, `bulk_update`, raw SQL). Inside a transaction it
+    runs when the transaction commits. Raises CacheUnavailable if the cache cannot be reached."""
+    config = config_for(model)
+    pk_list = None if pks is None else [config.normalize("pk", pk) for pk in pks]
+    db = using or router.db_for_write(config.model) or DEFAULT_DB_ALIAS
+
+    def run() -> None:
+        cache = config.cache
+        plan = _invalidate_plan(cache, config, pk_list or [], [], pk_list is None)
+        cache._run_strict(plan, "invalidate_model")
+
+    if connections[db].in_atomic_block:
+        _on_commit(config, db, run)
+    else:
+        run()
+
+
+async def ainvalidate_model(model: Any, pks: Iterable[Any] | None = None) -> None:
+    config = config_for(model)
+    pk_list = None if pks is None else [config.normalize("pk", pk) for pk in pks]
+    cache = config.cache
+    await cache._arun_strict(
+        _invalidate_plan(cache, config, pk_list or [], [], pk_list is None), "invalidate_model"
+    )
+
+
+__all__ = ["invalidate_model", "ainvalidate_model", "MISSING_ROW"]
