@@ -881,6 +881,59 @@ def _config_value(reply: Any, name: str) -> str:
     return str(pairs.get(name, ""))
 
 
+class StandaloneServer:
+    """One plain (non-cluster) Redis on loopback, e.g. the Celery broker for tests and the demo: the
+    cluster is for the cache; a broker's queues belong on a server of their own."""
+
+    def __init__(self, port: int, data_dir: str | os.PathLike[str], host: str = "127.0.0.1") -> None:
+        self.port, self.host = port, host
+        self.data_dir = Path(data_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def pid(self) -> int | None:
+        pid = _read_pidfile(self._pidfile)
+        return pid if pid is not None and _process_alive(pid) else None
+
+    def up(self, timeout: float = 30) -> str:
+        if self.pid() is not None and _port_open(self.host, self.port):
+            return self.url
+        if _port_open(self.host, self.port):
+            raise DevClusterError(f"port {self.port} is taken by a process that is not ours")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            find_server_binary(), "--port", str(self.port), "--bind", self.host, "--save", "",
+            "--appendonly", "no", "--protected-mode", "no", "--daemonize", "yes",
+            "--pidfile", str(self._pidfile), "--logfile", str(self.data_dir / "redis.log"),
+            "--dir", str(self.data_dir),
+        ]  # fmt: skip
+        proc = subprocess.run(command, cwd=self.data_dir, capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise DevClusterError(f"standalone server {self.port} failed to start: {proc.stderr[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.host, self.port):
+            if time.monotonic() > deadline:
+                raise DevClusterError(f"standalone server {self.port} not up after {timeout:.0f}s")
+            time.sleep(POLL)
+        return self.url
+
+    def down(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                redis.Redis(host=self.host, port=self.port, socket_timeout=1).shutdown(nosave=True)
+            if _wait_exit([pid], STOP_GRACE):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -909,7 +962,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m django_distcache.devcluster",
         description="Start, inspect or stop a local Redis Cluster on loopback for development and tests.",
     )
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument(
+        "command",
+        choices=("up", "down", "status", "broker-up", "broker-down"),
+        help="broker-up/broker-down: a standalone Redis on --base-port (a Celery broker)",
+    )
     env_port = os.environ.get(BASE_PORT_ENV)
     parser.add_argument(
         "--base-port",
@@ -944,6 +1001,13 @@ def main(argv: list[str] | None = None) -> int:
             node_timeout=args.node_timeout,
             host=args.host,
         )
+        if args.command in ("broker-up", "broker-down"):
+            server = StandaloneServer(args.base_port, args.data_dir or f".devcluster/broker-{args.base_port}")
+            if args.command == "broker-up":
+                print(server.up(timeout=args.timeout))
+            else:
+                server.down()
+            return 0
         if args.command == "up":
             for url in cluster.up(timeout=args.timeout):
                 print(url)

@@ -104,3 +104,85 @@ class Peer:
     def __exit__(self, *exc):
         self.process.stdin.close()
         self.process.wait(10)
+
+
+class Worker:
+    """A real Celery worker process (tests/celery_app.py) on the test broker, database and cluster."""
+
+    def __init__(self, name: str, beat: bool = False) -> None:
+        import subprocess
+        import sys
+
+        from django.db import connection
+
+        self.log_path = ROOT / ".devcluster" / f"worker-{settings.CLUSTER_BASE_PORT}-{name}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ)
+        env["DISTCACHE_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+        env["DISTCACHE_TEST_CLUSTER_PORT"] = str(settings.CLUSTER_BASE_PORT)
+        command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "solo",
+                   "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                   "-l", "info"]  # fmt: skip
+        if beat:
+            command += ["-B", "-s", str(ROOT / ".devcluster" / f"beat-{settings.CLUSTER_BASE_PORT}")]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while "ready." not in self.log_path.read_text(errors="replace"):
+            assert self.process.poll() is None, f"the worker exited: {self.log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"the worker is not ready: {self.log_path.read_text()[-3000:]}"
+            )
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except Exception:  # noqa: BLE001 - a worker that does not stop in time is killed
+                self.process.kill()
+                self.process.wait(5)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A standalone Redis as the Celery broker (not the cluster), started by the dev tooling."""
+    from django_distcache.devcluster import StandaloneServer
+
+    server = StandaloneServer(
+        settings.CLUSTER_BASE_PORT + 8, ROOT / ".devcluster" / f"broker-{settings.CLUSTER_BASE_PORT}"
+    )
+    server.up()
+    yield server
+    server.down()
+
+
+@pytest.fixture
+def start_worker(broker, transactional_db):
+    """start_worker(name, beat=False) -> a ready Worker; every worker is stopped after the test."""
+    import redis
+
+    redis.Redis.from_url(broker.url).flushdb()  # no task of an earlier test is left for this test's workers
+    workers = []
+
+    def start(name: str = "w1", beat: bool = False, wait: bool = True) -> Worker:
+        worker = Worker(name, beat)
+        workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

@@ -44,6 +44,7 @@ INSTALLED_APPS = [
     "django_distcache",
     "cache",
     "tests.versioned_app",
+    "tests.model_app.apps.ModelAppConfig",
 ]
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
@@ -60,15 +61,34 @@ def _database() -> dict:
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
         }
-    return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    # A file, not ":memory:": the Celery worker process of the write-behind tests opens the same database.
+    data_dir = Path(__file__).resolve().parent.parent / ".devcluster"
+    data_dir.mkdir(exist_ok=True)
+    test_file = str(data_dir / f"test-db-{CLUSTER_BASE_PORT}.sqlite3")
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": test_file,
+        "TEST": {"NAME": test_file},
+        "OPTIONS": {"timeout": 30},
+    }
 
 
 DATABASES = {"default": _database()}
+# A worker process started by the tests uses the test database the test run created (tests/conftest.py).
+if os.environ.get("DISTCACHE_TEST_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["DISTCACHE_TEST_DB_NAME"]
 
 CACHES = {
     "default": {
         "BACKEND": "django_distcache.cache.RedisClusterCache",
         "LOCATION": CLUSTER_LOCATION,
         "KEY_PREFIX": "tests",
+        # Short takeover for the crash tests of write-behind; 4 shards keep drains quick.
+        "OPTIONS": {"BEHIND_IDLE_TIMEOUT": 2.0, "BEHIND_SHARDS": 4, "BEHIND_MAX_ATTEMPTS": 3},
     }
 }
+
+# Celery: the broker is a standalone Redis the tests start (not the cluster), on the block's 9th port.
+CELERY_BROKER_URL = f"redis://127.0.0.1:{CLUSTER_BASE_PORT + 8}/0"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

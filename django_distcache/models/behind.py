@@ -382,6 +382,15 @@ def _batch(cache: Any, calls: list[Call], operation: str = "flush_behind") -> li
     return _run(cache, plan(), operation)
 
 
+def _stream_entries(reply: Any) -> Any:
+    """The entry list of a one-stream XREADGROUP reply (a map in RESP3, a list of pairs in RESP2)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))
+    return reply[0][1]
+
+
 def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
     """[(id, payload)] from XAUTOCLAIM/XREADGROUP entry lists; deleted entries come back as None."""
     result = []
@@ -464,7 +473,7 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
                     ),
                 ),
             )
-            entries = _entries(reply[0][1]) if reply else []
+            entries = _entries(_stream_entries(reply))
             if not entries:
                 break
             if not _still_ours(cache, keys, token, idle_ms):
@@ -826,8 +835,9 @@ def behind_metrics(using: str = "default") -> dict[str, Any]:
             lag = max(0.0, (now_ms - millis) / 1000)
         oldest_lag = max(oldest_lag, lag)
         shards.append({"shard": shard, "backlog": int(backlog), "lag_seconds": lag})
-    raw = replies[-2] or []
-    stats = {raw[i].decode(): float(raw[i + 1]) for i in range(0, len(raw), 2)}
+    raw = replies[-2] or {}
+    pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+    stats = {name.decode(): float(value) for name, value in pairs}
     applied = stats.get("changes_applied", 0.0)
     rows = stats.get("rows_written", 0.0)
     seconds = stats.get("apply_seconds", 0.0)

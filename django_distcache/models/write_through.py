@@ -159,6 +159,7 @@ def _m2m_changed(
 
 
 _connected: set[type] = set()
+_connected_m2m: list[bool] = []
 
 
 def connect_signals(config: ModelCacheConfig) -> None:
@@ -182,23 +183,11 @@ def connect_signals(config: ModelCacheConfig) -> None:
             weak=False,
             dispatch_uid=f"distcache-init-{config.label}",
         )
-    for many_to_many in model._meta.many_to_many:
-        through = getattr(many_to_many.remote_field, "through", None)
-        if through is not None:
-            m2m_changed.connect(
-                _m2m_changed,
-                sender=through,
-                weak=False,
-                dispatch_uid=f"distcache-m2m-{through._meta.label_lower}",
-            )
-    for related in model._meta.related_objects:
-        if related.many_to_many and related.through is not None:
-            m2m_changed.connect(
-                _m2m_changed,
-                sender=related.through,
-                weak=False,
-                dispatch_uid=f"distcache-m2m-{related.through._meta.label_lower}",
-            )
+    if not _connected_m2m:
+        # One receiver for every relation: at registration (class creation) the through models of the
+        # relations may not exist yet, and the handler ignores relations with no registered side.
+        m2m_changed.connect(_m2m_changed, weak=False, dispatch_uid="distcache-m2m")
+        _connected_m2m.append(True)
 
 
 def invalidate_model(model: Any, pks: Iterable[Any] | None = None, *, using: str | None = None) -> None:
