@@ -173,6 +173,8 @@ def start_worker(broker, transactional_db):
     """start_worker(name, beat=False) -> a ready Worker; every worker is stopped after the test."""
     import redis
 
+    import tests.celery_app  # noqa: F401  (this process sends tasks through the same app and broker)
+
     redis.Redis.from_url(broker.url).flushdb()  # no task of an earlier test is left for this test's workers
     workers = []
 

@@ -64,12 +64,14 @@ def _database() -> dict:
     # A file, not ":memory:": the Celery worker process of the write-behind tests opens the same database.
     data_dir = Path(__file__).resolve().parent.parent / ".devcluster"
     data_dir.mkdir(exist_ok=True)
-    test_file = str(data_dir / f"test-db-{CLUSTER_BASE_PORT}.sqlite3")
+    test_file = str(data_dir / f"test-db-{CLUSTER_BASE_PORT}-{os.getpid()}.sqlite3")
     return {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": test_file,
         "TEST": {"NAME": test_file},
-        "OPTIONS": {"timeout": 30},
+        # IMMEDIATE: a transaction takes the write lock when it begins, so a writer waits for a lock held
+        # elsewhere (the write-behind crash test holds one) instead of failing at its first write.
+        "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
     }
 
 

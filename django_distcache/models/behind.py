@@ -30,7 +30,15 @@ from typing import Any
 
 from django.core.cache import caches
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models.expressions import Combinable
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
@@ -96,6 +104,10 @@ _RELEASE_SCRIPT = (
 
 class BehindError(Exception):
     """A write-behind request that cannot be queued as asked (the message says why)."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database refused a whole batch for a reason of its own (down, locked): retried by the next drain."""
 
 
 # -- keys ---------------------------------------------------------------------------------------------
@@ -324,6 +336,7 @@ class DrainReport:
     dead_lettered: int = 0
     failed_rows: int = 0
     batches: int = 0
+    database_errors: int = 0
     seconds: float = 0.0
     shards_busy: list[int] = field(default_factory=list)
 
@@ -336,6 +349,7 @@ class DrainReport:
             "dead_lettered",
             "failed_rows",
             "batches",
+            "database_errors",
             "seconds",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -479,6 +493,13 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
             if not _still_ours(cache, keys, token, idle_ms):
                 return report
             _apply_batch(cache, shard, keys, entries, failed_rows, report)
+    except DatabaseUnavailable as error:
+        report.database_errors += 1
+        logger.warning(
+            "write-behind drain of shard %s stopped, the database failed: %s (retried by the next drain)",
+            shard,
+            error,
+        )
     finally:
         _call(cache, Call(keys.lock, ("EVAL", _RELEASE_SCRIPT, 1, keys.lock, token)))
     return report
@@ -623,6 +644,9 @@ def _apply_rows(
         with transaction.atomic(using=db):
             _write_rows(config, rows, db)
         return rows, []
+    except (OperationalError, InterfaceError) as error:
+        # The database is down, locked or deadlocked: no row is at fault, none is charged an attempt.
+        raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
     except Exception as first_error:  # noqa: BLE001 - isolate the rows that fail, apply the others
         if len(rows) == 1:
             return [], [(rows[0], f"{type(first_error).__name__}: {first_error}")]
@@ -632,6 +656,8 @@ def _apply_rows(
             with transaction.atomic(using=db):
                 _write_rows(config, [row], db)
             ok.append(row)
+        except (OperationalError, InterfaceError) as error:
+            raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
         except Exception as error:  # noqa: BLE001 - recorded with the row, dead-lettered after N attempts
             bad.append((row, f"{type(error).__name__}: {error}"))
     return ok, bad

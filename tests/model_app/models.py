@@ -24,6 +24,7 @@ class PageCounter(models.Model):
     name = models.CharField(max_length=50)
     views = models.IntegerField(default=0)
     note = models.CharField(max_length=20, default="")
+    code = models.CharField(max_length=20, unique=True, null=True, blank=True)
 
 
 class Uncached(models.Model):
