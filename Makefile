@@ -7,6 +7,13 @@ STAMP := $(VENV)/.installed
 DEMO_PORT ?= 7000
 DEMO_DATA := .devcluster/demo-$(DEMO_PORT)
 DEMO_LOCATION := redis://127.0.0.1:$(DEMO_PORT),redis://127.0.0.1:$(shell echo $$(($(DEMO_PORT)+1))),redis://127.0.0.1:$(shell echo $$(($(DEMO_PORT)+2)))
+# The demo's Celery broker (a standalone Redis) and its worker, which drains the write-behind view counts.
+DEMO_BROKER_PORT ?= 7010
+DEMO_ENV := DISTCACHE_LOCATION=$(DEMO_LOCATION) DISTCACHE_BROKER_URL=redis://127.0.0.1:$(DEMO_BROKER_PORT)/0
+DEMO_WORKER_LOG := .devcluster/demo-worker.log
+DEMO_WORKER_PID := .devcluster/demo-worker.pid
+# An absolute data dir: broker-up cannot start the server with a relative one.
+DEMO_BROKER_ARGS := --base-port $(DEMO_BROKER_PORT) --data-dir $(CURDIR)/.devcluster/broker-$(DEMO_BROKER_PORT)
 
 # A second interpreter (>= 3.12) for the newest Django, when the machine has one (pyenv or PATH).
 NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
@@ -30,14 +37,33 @@ cluster-up: venv
 	$(PY) -m django_distcache.devcluster up --base-port $(DEMO_PORT) --data-dir $(DEMO_DATA)
 
 cluster-down: venv
+	@pid=$$(cat $(DEMO_WORKER_PID) 2>/dev/null); \
+	if [ -n "$$pid" ] && ps -o args= -p $$pid 2>/dev/null | grep -q celery; then \
+	  echo "Stopping the demo's Celery worker (pid $$pid)"; kill -TERM $$pid; \
+	  for _ in $$(seq 150); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+	  if kill -0 $$pid 2>/dev/null; then echo "The worker did not stop in 15 s; killing it"; kill -KILL $$pid; fi; \
+	fi; \
+	rm -f $(DEMO_WORKER_PID)
+	$(PY) -m django_distcache.devcluster broker-down $(DEMO_BROKER_ARGS)
 	$(PY) -m django_distcache.devcluster down --base-port $(DEMO_PORT) --data-dir $(DEMO_DATA)
 
 demo: cluster-up
-	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) ../$(PY) manage.py migrate --noinput
-	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) DISTCACHE_DEMO_SUPERUSER=1 ../$(PY) manage.py seed_catalogue
+	$(PY) -m django_distcache.devcluster broker-up $(DEMO_BROKER_ARGS)
+	cd example_project && $(DEMO_ENV) ../$(PY) manage.py migrate --noinput
+	cd example_project && $(DEMO_ENV) DISTCACHE_DEMO_SUPERUSER=1 ../$(PY) manage.py seed_catalogue
+	@pid=$$(cat $(DEMO_WORKER_PID) 2>/dev/null); \
+	if [ -n "$$pid" ] && ps -o args= -p $$pid 2>/dev/null | grep -q celery; then \
+	  echo "The demo's Celery worker is already running (pid $$pid)"; \
+	else \
+	  $(DEMO_ENV) nohup $(PY) -m celery --workdir example_project -A shop worker -B -P solo -l info \
+	    -s $(CURDIR)/.devcluster/demo-beat-schedule >$(DEMO_WORKER_LOG) 2>&1 & \
+	  echo $$! >$(DEMO_WORKER_PID); \
+	  echo "Started a Celery worker with beat (pid $$!): it writes the view counts to the database."; \
+	fi
+	@echo "The worker logs to $(DEMO_WORKER_LOG)."
 	@echo "Serving the catalogue on http://127.0.0.1:8000/ (admin: admin/admin); Ctrl-C stops it,"
-	@echo "'make cluster-down' stops the local cluster."
-	cd example_project && DISTCACHE_LOCATION=$(DEMO_LOCATION) ../$(PY) manage.py runserver 127.0.0.1:8000
+	@echo "'make cluster-down' stops the local cluster, the broker and the worker."
+	cd example_project && $(DEMO_ENV) ../$(PY) manage.py runserver 127.0.0.1:8000
 
 test: test-main test-newest-django
 

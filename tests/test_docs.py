@@ -6,7 +6,9 @@ own) and `settings` bound to Django's settings; `django.core.cache.cache` points
 the block runs, so a sample may import it. A block with a top-level `await` runs in an event loop. A block
 that defines `CACHES` must describe backends that can be created (LOCATION and OPTIONS are validated).
 `failure_counts` is shared by every backend in the process with the same connection settings, so a sample
-asserts on the difference between two readings, never on an absolute count.
+asserts on the difference between two readings, never on an absolute count. A block that imports the test
+suite's models (`tests.model_app`) runs with the test database as a transactional test does: transactions
+really commit (so write-through runs on commit, as in production), and the tables are emptied afterwards.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ ALL_BLOCKS = [block for path in DOC_FILES for block in fenced_blocks(path)]
 PYTHON_BLOCKS = [block for block in ALL_BLOCKS if block.language == "python"]
 
 
+def _sample_param(block: Block) -> object:
+    """A block that uses the test suite's models gets a database whose transactions commit for real."""
+    marks = [pytest.mark.django_db(transaction=True)] if "tests.model_app" in block.code else []
+    return pytest.param(block, id=block.name, marks=marks)
+
+
 def test_the_docs_have_python_samples():
     assert len(PYTHON_BLOCKS) >= 20
     assert {block.path.name for block in PYTHON_BLOCKS} >= {
@@ -80,6 +88,8 @@ def test_the_docs_have_python_samples():
         "configuration.md",
         "tags.md",
         "versioned-keys.md",
+        "models.md",
+        "write-behind.md",
     }
 
 
@@ -91,7 +101,7 @@ def test_every_block_names_its_language_and_python_is_spelled_python():
     assert misspelled == [], "write ```python so that the block is run by this test"
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda block: block.name)
+@pytest.mark.parametrize("block", [_sample_param(block) for block in PYTHON_BLOCKS])
 def test_python_sample_runs(block: Block):
     cache = make_cache()
     namespace = {"__name__": "docs_sample", "cache": cache, "settings": settings}

@@ -15,7 +15,7 @@ import django_distcache
 from django_distcache.models import read
 from django_distcache.models.registry import MISSING_ROW, config_for
 from django_distcache.versioning import model_fingerprint
-from tests.model_app.models import Label, PageCounter, Product, Uncached
+from tests.model_app.models import Label, Product, Uncached
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

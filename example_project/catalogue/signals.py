@@ -1,9 +1,13 @@
-"""Invalidate the tags of a changed row once its transaction commits.
+"""Invalidate what a changed row's own tag does not cover, once its transaction commits.
 
-Invalidating before the commit would let a reader that misses in between re-cache the old row. Each tag
-costs one SET whatever it covers, so a product edit refreshes its page, its category's summary (old and
-new, if it moved) and the list page, however many keys those are. An unreachable cache makes
-invalidate_tags raise rather than drop the invalidation silently.
+Product and Category are registered with django_distcache's model caching, whose write-through already
+invalidates a saved or deleted row's tag (`catalogue.product:<pk>`, `catalogue.category:<pk>`) after the
+commit: that refreshes the pages showing the row (see keys.py). What it cannot know is which pages show
+*sets* of rows: the list page, and the summary of a category, which counts its products. Those are
+invalidated here. A product that moves to another category changes both categories' summaries.
+
+Invalidating before the commit would let a reader that misses in between re-cache the old rows. An
+unreachable cache makes invalidate_tags raise rather than drop the invalidation silently.
 """
 
 from typing import Any
@@ -13,7 +17,7 @@ from django.db.models.signals import post_delete, post_save, pre_save
 
 from django_distcache import invalidate_tags
 
-from .keys import LIST_TAG, category_tag, product_tag
+from .keys import LIST_TAG, category_tag
 from .models import Category, Product
 
 
@@ -30,7 +34,7 @@ def remember_old_category(sender: type[Product], instance: Product, **kwargs: An
 
 
 def product_changed(sender: type[Product], instance: Product, **kwargs: Any) -> None:
-    tags = {LIST_TAG, product_tag(instance.pk), category_tag(instance.category_id)}
+    tags = {LIST_TAG, category_tag(instance.category_id)}
     old_category_id = getattr(instance, "_old_category_id", None)
     if old_category_id is not None:
         tags.add(category_tag(old_category_id))
@@ -38,8 +42,8 @@ def product_changed(sender: type[Product], instance: Product, **kwargs: Any) -> 
 
 
 def category_changed(sender: type[Category], instance: Category, **kwargs: Any) -> None:
-    """A category's pages carry its tag: its summary and its products' pages (which show its name)."""
-    invalidate_on_commit({LIST_TAG, category_tag(instance.pk)}, kwargs.get("using"))
+    """The list page shows every category's name; the write-through covers the category's own pages."""
+    invalidate_on_commit({LIST_TAG}, kwargs.get("using"))
 
 
 def connect() -> None:

@@ -1,10 +1,12 @@
 """Catalogue pages, each read through the cache and footed with whether it was a hit or a miss.
 
-Every entry is stored with tags (see keys.py) through get_or_set, which reads the tags' versions before
-it loads from the database: an invalidation that lands while a page is being built makes that entry miss
-at once, instead of hiding it until its timeout.
+Every page entry is stored with tags (see keys.py) through get_or_set, which reads the tags' versions
+before it builds the page: an invalidation that lands while a page is being built makes that entry miss at
+once, instead of hiding it until its timeout. The product page is built from rows of django_distcache's
+model cache (`get_cached`) and counts its views with `save_behind`.
 """
 
+import logging
 from collections.abc import Callable
 from functools import partial
 from time import perf_counter
@@ -13,9 +15,10 @@ from typing import Any
 from django.core.cache import cache
 from django.db.models import Count, Prefetch, Q
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import render
 
-from django_distcache import invalidate_tags
+from django_distcache import get_cached, invalidate_tags, save_behind
+from django_distcache.cache import CacheUnavailable
 
 from .keys import (
     LIST_KEY,
@@ -23,10 +26,12 @@ from .keys import (
     category_tags,
     list_tags,
     product_key,
-    product_tag,
+    product_row_tag,
     product_tags,
 )
-from .models import Category, Product
+from .models import Category, Product, ProductViews
+
+logger = logging.getLogger(__name__)
 
 LIST_TIMEOUT = 60
 PRODUCT_TIMEOUT = 300
@@ -66,9 +71,23 @@ def build_catalogue() -> list[dict[str, Any]]:
     ]
 
 
-def load_product(slug: str) -> dict[str, Any]:
-    """A product as a plain dict; raises Http404, which get_or_set lets through uncached."""
-    product = get_object_or_404(Product.objects.select_related("category"), slug=slug)
+def find_product(slug: str) -> Product:
+    """The product with this slug from the model cache (one read when cached), else Http404."""
+    try:
+        return get_cached(Product, slug=slug)
+    except Product.DoesNotExist:
+        raise Http404("No product has this slug.") from None
+
+
+def build_product_page(slug: str) -> dict[str, Any]:
+    """A product page's data as a plain dict, from the rows the model cache holds. After an admin edit the
+    write-through has already stored the new row, so the rebuild reads no SQL for it. Raises Http404,
+    which get_or_set lets through uncached."""
+    product = find_product(slug)
+    try:
+        category = get_cached(Category, pk=product.category_id)
+    except Category.DoesNotExist:  # deleted since the product was read: so is the product (cascade)
+        raise Http404("No product has this slug.") from None
     return {
         "id": product.id,
         "name": product.name,
@@ -76,14 +95,30 @@ def load_product(slug: str) -> dict[str, Any]:
         "description": product.description,
         "price": str(product.price),
         "stock": product.stock,
-        "views": product.views,
         "updated_at": product.updated_at.isoformat(timespec="seconds"),
-        "category": {
-            "id": product.category_id,
-            "name": product.category.name,
-            "slug": product.category.slug,
-        },
+        "category": {"id": category.id, "name": category.name, "slug": category.slug},
     }
+
+
+def count_view(product_id: int) -> int | None:
+    """Add one to the product's view count and return it; None if the cache cannot take the count.
+
+    The counter is written behind: get_cached reads it from the cache, save_behind stores the new count
+    there at once and queues it, and a drain (the Celery beat task, see shop/celery.py) writes the queued
+    counts to the database in batches. Two requests counting the same product at the same instant may
+    store the same number (the later write wins), a loss a view counter can afford."""
+    try:
+        counter = get_cached(ProductViews, pk=product_id)
+    except ProductViews.DoesNotExist:
+        # The first view: write-behind queues changes of rows that exist, so the row is created now.
+        counter, _ = ProductViews.objects.get_or_create(product_id=product_id)
+    counter.views += 1
+    try:
+        save_behind(counter, update_fields=["views"])
+    except CacheUnavailable as error:
+        logger.warning("view of product %s not counted: %s", product_id, error)
+        return None
+    return counter.views
 
 
 def summarise_category(pk: int) -> dict[str, Any] | None:
@@ -108,25 +143,25 @@ def product_list(request: HttpRequest) -> HttpResponse:
 
 
 def product_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    """A hit costs one cache read. The tags name the product's and its category's primary keys, which
-    the URL does not carry, so a miss looks them up first (one indexed query) and then builds the page."""
+    """A hit costs one cache read, plus the view count. The tags name the product's and its category's
+    primary keys, which the URL does not carry, so a miss first reads the product by slug from the model
+    cache, then builds the page."""
     key = product_key(slug)
     start = perf_counter()
     product, built, what = cache.get(key), False, f"{key}, TTL {PRODUCT_TIMEOUT} s"
     if product is None:
-        ids = Product.objects.filter(slug=slug).values_list("pk", "category_id").first()
-        if ids is None:
-            raise Http404("No product has this slug.")
-        pk, category_pk = ids
+        found = find_product(slug)
+        pk, category_pk = found.pk, found.category_id
         tags = product_tags(pk, category_pk)
-        product, built = cached(key, lambda: load_product(slug), PRODUCT_TIMEOUT, tags)
+        product, built = cached(key, lambda: build_product_page(slug), PRODUCT_TIMEOUT, tags)
         if (product["id"], product["category"]["id"]) != (pk, category_pk):
-            # The row moved (or its slug passed to another product) between the lookup and the load: the
-            # entry just stored carries the wrong tags. Invalidating product:<pk>, whose version the entry
-            # was stamped with before the load, kills it; this response still shows the fresh row.
-            invalidate_tags(product_tag(pk))
+            # The row moved (or its slug passed to another product) between the lookup and the build: the
+            # entry just stored carries the wrong tags. Invalidating the product's row tag, whose version
+            # the entry was stamped with before the build, kills it; this response still shows the new row.
+            invalidate_tags(product_row_tag(pk))
         what += f", tags {', '.join(tags)}"
-    context = {"product": product, "cache_info": footer("miss" if built else "hit", start, what)}
+    cache_info = footer("miss" if built else "hit", start, what)  # the page's read, not the count's
+    context = {"product": product, "views": count_view(product["id"]), "cache_info": cache_info}
     return render(request, "catalogue/product_detail.html", context)
 
 

@@ -87,6 +87,12 @@ CACHES = {
     }
 }
 
+# Celery (shop/celery.py): its worker drains the write-behind view counts into the database every second.
+# The broker is a plain Redis of its own (`make demo` starts one), not the cache's cluster.
+CELERY_BROKER_URL = os.environ.get("DISTCACHE_BROKER_URL", "redis://127.0.0.1:7010/0")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_IGNORE_RESULT = True
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -12,7 +12,7 @@ from django.utils.text import slugify
 
 from catalogue.keys import ALL_TAG
 from catalogue.models import Category, Product
-from django_distcache import invalidate_tags
+from django_distcache import invalidate_model, invalidate_tags
 
 CATEGORIES = [
     ("Teapots", "Teapot"),
@@ -57,8 +57,9 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"Seeded {products} products in {len(CATEGORIES)} categories."))
 
     def seed(self, count: int) -> None:
-        """bulk_create sends no signals, so invalidate the whole catalogue's tag here: a rebuilt database
-        may meet an old cache, whose entries name rows by primary keys that now belong to other rows."""
+        """bulk_create sends no signals, so invalidate the whole catalogue here, pages and cached rows: a
+        rebuilt database may meet an old cache, whose entries name rows by primary keys or slugs that now
+        belong to other rows (or say a slug has no row). Both run when the transaction commits."""
         rng = random.Random(2024)
         categories = Category.objects.bulk_create(
             Category(name=name, slug=slugify(name)) for name, _ in CATEGORIES
@@ -78,6 +79,8 @@ class Command(BaseCommand):
                 )
             )
         Product.objects.bulk_create(rows, batch_size=500)
+        invalidate_model(Category)
+        invalidate_model(Product)
         transaction.on_commit(lambda: invalidate_tags(ALL_TAG))
 
     def ensure_superuser(self) -> None:
