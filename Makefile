@@ -61,8 +61,8 @@ demo: cluster-up
 	  echo "Started a Celery worker with beat (pid $$!): it writes the view counts to the database."; \
 	fi
 	@echo "The worker logs to $(DEMO_WORKER_LOG)."
-	@echo "Serving the catalogue on http://127.0.0.1:8000/ (admin: admin/admin); Ctrl-C stops it,"
-	@echo "'make cluster-down' stops the local cluster, the broker and the worker."
+	@echo "Serving the catalogue on http://127.0.0.1:8000/ (admin: admin/admin); Ctrl-C stops it and the"
+	@echo "worker, 'make cluster-down' stops the local cluster and the broker (and the worker, if it runs)."
 	cd example_project && $(DEMO_ENV) ../$(PY) manage.py runserver 127.0.0.1:8000
 
 test: test-main test-newest-django
