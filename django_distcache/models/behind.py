@@ -43,7 +43,7 @@ from django.db.models.expressions import Combinable
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from ..cache import Compute
+from ..cache import Compute, Guarded
 from ..topology import Call
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
@@ -251,6 +251,28 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
             logger.warning(
                 "write-behind change %s reached %s of %s replicas", stream_id, acknowledged, wait_replicas
             )
+    # The change is queued: a cache outage from here on must not tell the caller it was not saved. The
+    # entry then keeps its old value until the drain refreshes it from the database.
+    yield Guarded(
+        _update_entry_plan(cache, config, entry, marker, current_row, observed, row, values, stream_id),
+        "save_behind_cache",
+        None,
+    )
+    return stream_id, int(backlog), keys
+
+
+def _update_entry_plan(
+    cache: Any,
+    config: ModelCacheConfig,
+    entry: bytes,
+    marker: bytes,
+    current_row: Any,
+    observed: bytes | None,
+    row: models.Model,
+    values: dict[str, Any],
+    stream_id: str,
+) -> Any:
+    """Compare-and-set the cached row with the queued values merged in, and raise the row's marker."""
     stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row)])
     expiry_ms = cache._expiry_ms(config.timeout)
     expiry = "" if expiry_ms is None else expiry_ms
@@ -282,7 +304,6 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
         observed, cached_row = yield from current_row()  # another writer got there first: merge onto theirs
         if cached_row is not None:
             row = cached_row
-    return stream_id, int(backlog), keys
 
 
 def save_behind(instance: models.Model, update_fields: Iterable[str] | None = None) -> str:

@@ -47,7 +47,15 @@ class ModelCacheConfig:
     def cache(self) -> Any:
         from django.core.cache import caches
 
-        return caches[self.cache_alias]
+        from ..cache import RedisClusterCache
+
+        cache = caches[self.cache_alias]
+        if not isinstance(cache, RedisClusterCache):
+            raise ImproperlyConfigured(
+                f"{self.label} is cached in CACHES[{self.cache_alias!r}], which is not a "
+                "django_distcache.cache.RedisClusterCache"
+            )
+        return cache
 
     # -- tags -----------------------------------------------------------------------------------------
     def model_tag(self) -> str:
