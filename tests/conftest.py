@@ -163,9 +163,11 @@ def broker():
     server = StandaloneServer(
         settings.CLUSTER_BASE_PORT + 8, ROOT / ".devcluster" / f"broker-{settings.CLUSTER_BASE_PORT}"
     )
+    already_running = server.pid() is not None
     server.up()
     yield server
-    server.down()
+    if not already_running and not os.environ.get("DISTCACHE_KEEP_CLUSTER"):
+        server.down()
 
 
 @pytest.fixture

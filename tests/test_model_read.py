@@ -367,3 +367,24 @@ def test_get_cached_survives_a_cache_outage_by_reading_the_database():
             django_distcache.get_cached(Product, slug="none")
     finally:
         config.cache_alias = original
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_rows_round_trip_through_the_non_pickle_serializers(serializer):
+    from tests.conftest import make_cache
+
+    config = config_for(Product)
+    product = make_product()
+    caches[f"distcache_{serializer}"] = make_cache(OPTIONS={"SERIALIZER": serializer})
+    original, config.cache_alias = config.cache_alias, f"distcache_{serializer}"
+    try:
+        django_distcache.get_cached(Product, pk=product.pk)
+        found, count = queries(django_distcache.get_cached, Product, slug="red-shoe")
+        assert count == 0
+        assert (found.price, found.updated_at, found.name) == (
+            Decimal("9.50"),
+            product.updated_at,
+            "Red shoe",
+        )
+    finally:
+        config.cache_alias = original

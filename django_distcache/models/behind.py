@@ -232,25 +232,24 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
         {"model": config.label, "pk": pk, "fields": values, "fingerprint": model_fingerprint(config.model)},
         "save_behind",
     )
-    stream_id, backlog = _check(
-        (
-            yield [
-                Call(keys.stream, ("XADD", keys.stream, "*", "c", payload), idempotent=False),
-                Call(keys.stream, ("XLEN", keys.stream)),
-            ]
-        )
-    )
-    stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    calls = [
+        Call(keys.stream, ("XADD", keys.stream, "*", "c", payload), idempotent=False),
+        Call(keys.stream, ("XLEN", keys.stream)),
+    ]
     wait_replicas = int(options["BEHIND_WAIT_REPLICAS"])
     if wait_replicas:
-        acknowledged = yield Call(
-            keys.stream, ("WAIT", wait_replicas, max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000)))
+        # In the same per-node batch, so on the same connection as the XADD: WAIT counts that connection's
+        # writes only.
+        wait_ms = max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000))
+        calls.append(Call(keys.stream, ("WAIT", wait_replicas, wait_ms)))
+    replies = _check((yield calls))
+    stream_id, backlog = replies[0], replies[1]
+    stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    if wait_replicas and int(replies[2]) < wait_replicas:
+        cache._failures.count("behind_unreplicated")
+        logger.warning(
+            "write-behind change %s reached %s of %s replicas", stream_id, replies[2], wait_replicas
         )
-        if int(acknowledged) < wait_replicas:
-            cache._failures.count("behind_unreplicated")
-            logger.warning(
-                "write-behind change %s reached %s of %s replicas", stream_id, acknowledged, wait_replicas
-            )
     # The change is queued: a cache outage from here on must not tell the caller it was not saved. The
     # entry then keeps its old value until the drain refreshes it from the database.
     yield Guarded(
@@ -279,7 +278,7 @@ def _update_entry_plan(
     for attempt in range(CAS_ATTEMPTS):
         for name, value in values.items():
             setattr(row, name, value)
-        data = cache._encode(config.row_payload(row), "save_behind", stamps)
+        data = cache._encode(config.row_payload(row, cache), "save_behind", stamps)
         fingerprint = hashlib.sha1(observed).hexdigest() if observed is not None else "-"
         last = "1" if attempt == CAS_ATTEMPTS - 1 else "0"
         stored = yield Call(
@@ -738,7 +737,7 @@ def _refresh_plan(cache: Any, config: ModelCacheConfig, rows: list[_RowChange], 
         data = b""
         if instance is not None:
             stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(instance)])
-            data = cache._encode(config.row_payload(instance), "flush_behind", stamps)
+            data = cache._encode(config.row_payload(instance, cache), "flush_behind", stamps)
         last_id = row.ids[-1].decode() if isinstance(row.ids[-1], bytes) else str(row.ids[-1])
         calls.append(
             Call(entry, ("EVAL", _REFRESH_SCRIPT, 2, entry, marker, last_id, data, expiry), idempotent=False)

@@ -18,6 +18,7 @@ row without filling, and a model this transaction wrote is read from the databas
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from ..topology import Call
 from .registry import MISSING_ROW, ModelCacheConfig, config_for
+
+logger = logging.getLogger("django_distcache.models")
 
 EPOCH_KEY_PREFIX = "~distcache:epoch:"
 
@@ -110,7 +113,7 @@ def fill_plan(
     else:
         tags = config.row_tags(found)
         keys = config.keys_of(found)
-        payload = config.row_payload(found)
+        payload = config.row_payload(found, cache)
         payloads = dict.fromkeys(keys, payload)
         timeout = config.timeout
     if not keys or (found is MISSING_ROW and not timeout):
@@ -138,7 +141,13 @@ def fill_plan(
         marker = prefix + cache._made_key(config.pending_key(found.pk), None).encode()
     calls = []
     for name, target in physical.items():
-        data = cache._encode(payloads[name], keys[name], stamps)
+        try:
+            data = cache._encode(payloads[name], keys[name], stamps)
+        except (TypeError, ValueError) as error:
+            # The configured serializer cannot hold this row (JSON and a Decimal, say): serve it uncached.
+            cache._failures.count("model_unencodable")
+            logger.warning("%s rows cannot be cached with this cache's serializer: %s", config.label, error)
+            return False
         script_keys = (target, marker) if marker is not None else (target,)
         calls.append(
             Call(

@@ -113,20 +113,41 @@ class ModelCacheConfig:
         return keys
 
     # -- stored form ----------------------------------------------------------------------------------
-    def row_payload(self, instance: models.Model) -> tuple:
-        return ("row", tuple(getattr(instance, name) for name in self.field_names))
+    def row_payload(self, instance: models.Model, cache: Any) -> tuple:
+        """The stored form of a row. Pickle keeps every value as it is; for a text serializer (JSON,
+        msgpack) each value is written as its field writes it to text, losing nothing (read back with
+        the field's to_python)."""
+        if getattr(cache._codec.serializer, "name", "pickle") == "pickle":
+            return ("row", tuple(getattr(instance, name) for name in self.field_names))
+        values = []
+        for model_field in self.model._meta.concrete_fields:
+            value = getattr(instance, model_field.attname)
+            if value is not None and not isinstance(model_field, models.JSONField):
+                value = model_field.value_to_string(instance)
+            values.append(value)
+        return ("row", tuple(values))
 
     def missing_payload(self, lookup: str, value: Any) -> tuple:
         return ("missing", lookup, value)
 
     def instance_from(self, payload: Any, lookup: str, value: Any, using: str) -> Any:
         """The instance (or DoesNotExist marker) a stored payload holds, if it answers `lookup=value`."""
+        if isinstance(payload, list):  # JSON and msgpack give sequences back as lists
+            payload = tuple(payload)
         if not isinstance(payload, tuple) or not payload:
             return None
         if payload[0] == "missing" and len(payload) == 3:
             return MISSING_ROW if payload[1] == lookup and payload[2] == value else None
         if payload[0] != "row" or len(payload) != 2 or len(payload[1]) != len(self.field_names):
             return None
+        if not isinstance(payload[1], tuple):
+            # Through JSON or msgpack: Decimals, dates and UUIDs come back as text; the fields read them.
+            fields = self.model._meta.concrete_fields
+            values = tuple(
+                None if value is None else model_field.to_python(value)
+                for model_field, value in zip(fields, payload[1], strict=True)
+            )
+            payload = (payload[0], values)
         instance = self.model.from_db(using, self.field_names, payload[1])
         if self.normalize(lookup, self.lookup_value(instance, lookup)) != value:
             return None  # a digest collision or a payload from another shape: treat as a miss
