@@ -887,7 +887,7 @@ class StandaloneServer:
 
     def __init__(self, port: int, data_dir: str | os.PathLike[str], host: str = "127.0.0.1") -> None:
         self.port, self.host = port, host
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()  # the server runs in it: relative paths would not resolve
 
     @property
     def url(self) -> str:

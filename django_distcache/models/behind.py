@@ -700,11 +700,12 @@ def _write_rows(config: ModelCacheConfig, rows: list[_RowChange], db: str) -> No
             )
             continue
         names = tuple(sorted(row.fields))
-        for name in names:
-            meta.get_field(name)  # FieldDoesNotExist if a migration removed it: the row fails, not the batch
         instance = model(**{meta.pk.attname: row.pk})
         for name, value in row.fields.items():
-            setattr(instance, name, value)
+            # The field as it is now: a field a migration removed (FieldDoesNotExist) or retyped so that the
+            # queued value no longer fits (ValidationError) fails this row, not the batch.
+            model_field = meta.get_field(name)
+            setattr(instance, name, None if value is None else model_field.to_python(value))
         groups.setdefault(names, []).append(instance)
     for names, instances in groups.items():
         fields = [meta.get_field(name).name for name in names]
