@@ -19,6 +19,10 @@ _MODEL_API = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "cached":
+        from .memoize import cached
+
+        return cached
     if name in _MODEL_API:
         from . import models
 

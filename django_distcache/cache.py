@@ -25,8 +25,9 @@ from typing import Any
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from redis.exceptions import ResponseError
 
+from . import stampede
 from .backplane import Backplane
-from .codec import SignatureError, UndecodableValueError
+from .codec import EXPIRED, SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, parse_settings
 from .forksafe import renew_locks_after_fork
 from .tags import TagVersions, stamps_are_current, validate_tags
@@ -90,6 +91,58 @@ class Compute:
 
     function: Callable[..., Any]
     args: tuple = ()
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Wait inside a plan (time.sleep for the sync driver, asyncio.sleep for the async one)."""
+
+    seconds: float
+
+
+@dataclass(slots=True)
+class Spawn:
+    """Run `plan_factory()`'s plan in the background (a thread, or a task on the running loop), under
+    its own failure policy; the plan that spawned it goes on at once."""
+
+    plan_factory: Callable[[], Any]
+    operation: str
+
+
+_background_pool: Any = None
+_background_tasks: set = set()
+
+
+def _spawn_thread(cache: RedisClusterCache, request: Spawn) -> None:
+    global _background_pool
+    if _background_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _background_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="distcache-refresh")
+    _background_pool.submit(_run_logged, cache, request)
+
+
+def _run_logged(cache: RedisClusterCache, request: Spawn) -> None:
+    try:
+        cache._run(request.plan_factory(), request.operation, None)
+    except Exception:  # noqa: BLE001 - a background refresh has no caller to raise to: it logs
+        logger.exception("background %s failed", request.operation)
+    finally:
+        from django.db import close_old_connections
+
+        close_old_connections()
+
+
+def _spawn_task(cache: RedisClusterCache, request: Spawn) -> None:
+    async def run() -> None:
+        try:
+            await cache._arun(request.plan_factory(), request.operation, None)
+        except Exception:  # noqa: BLE001 - as _run_logged
+            logger.exception("background %s failed", request.operation)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
 
 
 @dataclass
@@ -226,7 +279,15 @@ class RedisClusterCache(BaseCache):
                     elif kind is Guarded:
                         reply = self._run(request.plan, request.operation, request.fallback)
                     elif kind is Compute:
-                        reply = request.function(*request.args)
+                        try:
+                            reply = request.function(*request.args)
+                        except Exception as error:  # user code: the plan may clean up (release a lease)
+                            request = plan.throw(error)
+                            continue
+                    elif kind is Sleep:
+                        reply = time.sleep(request.seconds)
+                    elif kind is Spawn:
+                        reply = _spawn_thread(self, request)
                     else:
                         reply = topology.execute_batch(request)
                 except ResponseError as error:
@@ -251,7 +312,15 @@ class RedisClusterCache(BaseCache):
                     elif kind is Guarded:
                         reply = await self._arun(request.plan, request.operation, request.fallback)
                     elif kind is Compute:
-                        reply = await _maybe_await(request.function(*request.args))
+                        try:
+                            reply = await _maybe_await(request.function(*request.args))
+                        except Exception as error:  # user code: the plan may clean up (release a lease)
+                            request = plan.throw(error)
+                            continue
+                    elif kind is Sleep:
+                        reply = await asyncio.sleep(request.seconds)
+                    elif kind is Spawn:
+                        reply = _spawn_task(self, request)
                     else:
                         reply = await topology.execute_batch(request)
                 except ResponseError as error:
@@ -310,7 +379,10 @@ class RedisClusterCache(BaseCache):
     def _decode(self, data: bytes) -> tuple[Any, dict[str, int] | None]:
         """(value, tag stamps). A value that fails verification or decoding is a miss (counted, logged)."""
         try:
-            return self._codec.decode_stamped(data)
+            value, tags = self._codec.decode_stamped(data)
+            if value is EXPIRED:
+                return _MISSING, None
+            return value, tags
         except (SignatureError, UndecodableValueError) as error:
             self._failures.count("undecodable")
             logger.warning(
@@ -593,9 +665,23 @@ class RedisClusterCache(BaseCache):
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
         tags: Iterable[str] | None = None,
+        *,
+        stale: float | None = None,
+        beta: float | None = None,
     ) -> Any:
-        """Django's get_or_set; with tags, their versions are read before `default()` runs (race-safe)."""
-        return self._run(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
+        """Django's get_or_set; with tags, their versions are read before `default()` runs (race-safe).
+        A callable `default` is computed once in the fleet however many callers miss together, and
+        recomputed early (XFetch) or served `stale` seconds past its timeout while one caller refreshes it
+        (docs/stampede.md)."""
+        if not callable(default):
+            return self._run(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
+        policy = stampede.policy_for(self, stale, beta)
+        return stampede.single_flight.do(
+            stampede.flight_key(self, key, version),
+            lambda: self._run(
+                stampede.fetch_plan(self, key, version, default, timeout, tags, policy), "get_or_set", _STRICT
+            ),
+        )
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         return self._run(self._delete_plan(key, version), "delete", False)
@@ -733,8 +819,19 @@ class RedisClusterCache(BaseCache):
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
         tags: Iterable[str] | None = None,
+        *,
+        stale: float | None = None,
+        beta: float | None = None,
     ) -> Any:
-        return await self._arun(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
+        if not callable(default):
+            return await self._arun(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
+        policy = stampede.policy_for(self, stale, beta)
+        return await stampede.async_single_flight.do(
+            stampede.flight_key(self, key, version),
+            lambda: self._arun(
+                stampede.fetch_plan(self, key, version, default, timeout, tags, policy), "get_or_set", _STRICT
+            ),
+        )
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
         return await self._arun(self._delete_plan(key, version), "delete", False)

@@ -36,6 +36,14 @@ MAC_SIZE = 16
 _PLAIN_PAYLOAD_AT = _HEADER.size + MAC_SIZE
 _UNVERIFIED = object()
 
+
+class _Expired:
+    def __repr__(self) -> str:
+        return "<expired>"
+
+
+EXPIRED = _Expired()  # decode_stamped's value for an entry past its logical timeout
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
 
@@ -287,6 +295,9 @@ class Codec:
                 if value is not _UNVERIFIED:
                     return value, tags
         envelope = self.decode_envelope(data)
+        if envelope.soft_expiry is not None and envelope.soft_expiry <= time.time():
+            # Past its timeout, kept only for stale-while-revalidate readers (stampede.py): a miss here.
+            return EXPIRED, None
         return envelope.value, envelope.tags or None
 
     def _open_signed(self, data: bytes, head_end: int) -> Any:

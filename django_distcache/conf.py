@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "TAG_VERSION_TTL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
     "SIGNING_KEY": None,
+    # Stampede protection (docs/stampede.md)
+    "STAMPEDE_LEASE_TIMEOUT": 10.0,
+    "XFETCH_BETA": 1.0,
     # Write-behind (docs/write-behind.md)
     "BEHIND_SHARDS": 8,
     "BEHIND_BATCH_SIZE": 500,
@@ -151,6 +154,9 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     ):
         _positive_number(name, opts[name])
     _positive_number("MAX_VALUE_SIZE", opts["MAX_VALUE_SIZE"], allow_none=True)
+    _positive_number("XFETCH_BETA", opts["XFETCH_BETA"])
+    if _positive_number("STAMPEDE_LEASE_TIMEOUT", opts["STAMPEDE_LEASE_TIMEOUT"]) <= 0:
+        raise _fail("OPTIONS['STAMPEDE_LEASE_TIMEOUT'] must be more than 0 seconds")
     for name in (
         "BEHIND_IDLE_TIMEOUT",
         "BEHIND_WAIT_TIMEOUT",

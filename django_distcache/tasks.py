@@ -31,3 +31,12 @@ def beat_schedule(every: float = 1.0, using: str = "default") -> dict[str, dict[
             "options": {"expires": max(every, 1.0)},
         }
     }
+
+
+@shared_task(name="django_distcache.refresh", ignore_result=True)
+def refresh_task(name: str, args: list[Any], kwargs: dict[str, Any], token: str | None = None) -> None:
+    """Recompute one `@cached(refresh="celery")` entry that a reader found stale or due (XFetch), and
+    release the lease the reader took for it (see docs/stampede.md)."""
+    from .memoize import refresh_by_name
+
+    refresh_by_name(name, args, kwargs, token)
