@@ -676,12 +676,7 @@ class RedisClusterCache(BaseCache):
         if not callable(default):
             return self._run(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
         policy = stampede.policy_for(self, stale, beta)
-        return stampede.single_flight.do(
-            stampede.flight_key(self, key, version),
-            lambda: self._run(
-                stampede.fetch_plan(self, key, version, default, timeout, tags, policy), "get_or_set", _STRICT
-            ),
-        )
+        return stampede.get_or_compute(self, key, version, default, timeout, tags, policy, "get_or_set")
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         return self._run(self._delete_plan(key, version), "delete", False)
@@ -826,11 +821,8 @@ class RedisClusterCache(BaseCache):
         if not callable(default):
             return await self._arun(self._get_or_set_plan(key, default, timeout, version, tags), "get_or_set")
         policy = stampede.policy_for(self, stale, beta)
-        return await stampede.async_single_flight.do(
-            stampede.flight_key(self, key, version),
-            lambda: self._arun(
-                stampede.fetch_plan(self, key, version, default, timeout, tags, policy), "get_or_set", _STRICT
-            ),
+        return await stampede.aget_or_compute(
+            self, key, version, default, timeout, tags, policy, "get_or_set"
         )
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:

@@ -99,35 +99,27 @@ class CachedFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_async:
             return self._acall(args, kwargs)
-        cache = self.cache
-        key = self.key_for(*args, **kwargs)
-        plan = stampede.fetch_plan(
-            cache,
-            key,
+        return stampede.get_or_compute(
+            self.cache,
+            self.key_for(*args, **kwargs),
             self.version,
             lambda: self.function(*args, **kwargs),
             self.timeout,
             self.tags_for(*args, **kwargs),
             self._policy(args, kwargs),
-        )
-        return stampede.single_flight.do(
-            stampede.flight_key(cache, key, self.version), lambda: cache._run(plan, "cached", None)
+            "cached",
         )
 
     async def _acall(self, args: tuple, kwargs: dict) -> Any:
-        cache = self.cache
-        key = self.key_for(*args, **kwargs)
-        plan = stampede.fetch_plan(
-            cache,
-            key,
+        return await stampede.aget_or_compute(
+            self.cache,
+            self.key_for(*args, **kwargs),
             self.version,
             lambda: self.function(*args, **kwargs),
             self.timeout,
             self.tags_for(*args, **kwargs),
             self._policy(args, kwargs),
-        )
-        return await stampede.async_single_flight.do(
-            stampede.flight_key(cache, key, self.version), lambda: cache._arun(plan, "cached", None)
+            "cached",
         )
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:

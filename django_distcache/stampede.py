@@ -188,8 +188,11 @@ def fetch_plan(
     timeout: Any,
     tags: Any,
     policy: Policy,
+    on_miss: str = "compute",
 ) -> Any:
-    """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale."""
+    """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale. With
+    `on_miss="return"`, a miss returns MISSING instead (the caller then joins the process's single-flight
+    for the computation: hits never wait behind it)."""
     from .cache import Compute, Guarded, Sleep, Spawn
 
     tags = validate_tags(tags)
@@ -221,6 +224,8 @@ def fetch_plan(
                 yield Compute(policy.refresh, (key, version, token))
         return found.value
     # A miss (or stale while the caller allows no staleness): one caller computes, the others wait for it.
+    if on_miss == "return":
+        return MISSING
     while True:
         token = new_token()
         acquired = yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", None)
@@ -352,3 +357,54 @@ async_single_flight = AsyncSingleFlight()
 
 def flight_key(cache: Any, key: Any, version: int | None) -> tuple:
     return (id(cache._shared), cache._made_key(key, version))
+
+
+def get_or_compute(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: Any,
+    policy: Policy,
+    operation: str,
+) -> Any:
+    """Sync: a read (hits, early and stale refreshes) and, on a miss, one computation per process."""
+    from .cache import _STRICT
+
+    value = cache._run(
+        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    )
+    if value is not MISSING:
+        return value
+    return single_flight.do(
+        flight_key(cache, key, version),
+        lambda: cache._run(
+            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
+        ),
+    )
+
+
+async def aget_or_compute(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: Any,
+    policy: Policy,
+    operation: str,
+) -> Any:
+    from .cache import _STRICT
+
+    value = await cache._arun(
+        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    )
+    if value is not MISSING:
+        return value
+    return await async_single_flight.do(
+        flight_key(cache, key, version),
+        lambda: cache._arun(
+            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
+        ),
+    )

@@ -1,7 +1,7 @@
 """Another process using the same cache: the tests drive it over stdin/stdout, one JSON line per request.
 
     python -m tests.peer <KEY_PREFIX> <option JSON>
-A request is ["get", key] or ["stats"]; each answer is one JSON line.
+A request is ["get", key], ["stampede", ...] (see _stampede) or ["stats"]; each answer is one JSON line.
 """
 
 from __future__ import annotations
@@ -36,12 +36,39 @@ def main() -> None:
         request = json.loads(line)
         if request[0] == "get":
             answer = cache.get(request[1], "<miss>")
+        elif request[0] == "stampede":
+            answer = _stampede(cache, *request[1:])
         elif request[0] == "stats":
             backplane = cache._shared.backplane
             answer = {"connected": backplane.connected, "held_tags": cache._tags.held_count()}
         else:
             answer = f"unknown request {request!r}"
         print(json.dumps(answer), flush=True)
+
+
+def _stampede(cache, key, counter_key, threads, start_at, loader_seconds):
+    """`threads` threads call get_or_set(key) at wall-clock `start_at`; the loader counts its calls in
+    `counter_key` (shared by every process) and takes `loader_seconds`."""
+    import threading
+    import time
+
+    def loader():
+        cache.incr(counter_key)
+        time.sleep(loader_seconds)
+        return "computed"
+
+    results = []
+
+    def call():
+        time.sleep(max(0.0, start_at - time.time()))
+        results.append(cache.get_or_set(key, loader, timeout=60))
+
+    workers = [threading.Thread(target=call) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
 
 
 if __name__ == "__main__":

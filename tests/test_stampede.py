@@ -1,0 +1,233 @@
+"""Stampede protection (stampede.py) through get_or_set and @cached, with real threads and processes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import django_distcache
+from django_distcache import stampede
+from tests.conftest import Peer, make_cache
+
+
+def test_xfetch_test_is_the_papers_formula():
+    # now - delta * beta * ln(draw) >= expiry
+    assert stampede.xfetch_due(soft_expiry=100.0, recompute_time=1.0, beta=1.0, now=99.0, draw=0.3)
+    assert not stampede.xfetch_due(soft_expiry=100.0, recompute_time=1.0, beta=1.0, now=90.0, draw=0.3)
+    assert not stampede.xfetch_due(soft_expiry=100.0, recompute_time=1.0, beta=0.0, now=99.99, draw=0.01)
+    assert not stampede.xfetch_due(soft_expiry=100.0, recompute_time=0.0, beta=1.0, now=99.99, draw=0.01)
+
+
+def _concurrently(count, function):
+    barrier = threading.Barrier(count)
+    results, errors = [], []
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(function())
+        except Exception as error:  # noqa: BLE001 - reported by the caller's assertions
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
+
+
+def test_fifty_threads_missing_one_key_run_the_loader_once(cache):
+    calls = []
+
+    def loader():
+        calls.append(1)
+        time.sleep(0.1)
+        return "value"
+
+    results, errors = _concurrently(50, lambda: cache.get_or_set("hot", loader, timeout=60))
+    assert (len(calls), errors, set(results), len(results)) == (1, [], {"value"}, 50)
+
+
+def test_fifty_misses_across_two_processes_run_the_loader_once(cache):
+    cache.set("loader-calls", 0)
+    with Peer(cache.key_prefix) as one, Peer(cache.key_prefix) as two:
+        start_at = time.time() + 1.0
+        # Both processes are asked at once: each answers when its 25 threads are done.
+        for peer in (one, two):
+            peer.process.stdin.write(
+                peer._json.dumps(["stampede", "shared", "loader-calls", 25, start_at, 0.2]) + "\n"
+            )
+            peer.process.stdin.flush()
+        answers = [one._read(), two._read()]
+    assert [len(answer) for answer in answers] == [25, 25]
+    assert {value for answer in answers for value in answer} == {"computed"}
+    assert cache.get("loader-calls") == 1
+
+
+def test_a_crashed_lease_holder_blocks_nobody_past_the_lease_timeout():
+    cache = make_cache(OPTIONS={"STAMPEDE_LEASE_TIMEOUT": 0.5})
+    made = cache.make_and_validate_key("orphan")
+    # A process took the lease and died without releasing it.
+    cache._run(stampede.acquire_plan(stampede.lease_key(made), "dead-process", 0.5), "test")
+    started = time.monotonic()
+    assert cache.get_or_set("orphan", lambda: "recomputed", timeout=60) == "recomputed"
+    assert 0.3 <= time.monotonic() - started < 3.0
+
+
+def test_a_failing_loader_releases_the_lease_at_once(cache):
+    def failing():
+        raise RuntimeError("database down")
+
+    with pytest.raises(RuntimeError, match="database down"):
+        cache.get_or_set("fragile", failing, timeout=60)
+    started = time.monotonic()
+    assert cache.get_or_set("fragile", lambda: "ok", timeout=60) == "ok"
+    assert time.monotonic() - started < 1.0  # nobody waited for the failed holder's lease to expire
+
+
+def test_loader_errors_reach_every_waiting_thread(cache):
+    def failing():
+        time.sleep(0.1)
+        raise ValueError("bad")
+
+    results, errors = _concurrently(10, lambda: cache.get_or_set("bad", failing, timeout=60))
+    assert results == [] and len(errors) == 10 and all(isinstance(e, ValueError) for e in errors)
+
+
+def test_stale_while_revalidate_serves_the_old_value_and_refreshes_in_the_background(cache):
+    versions = iter(["v1", "v2"])
+
+    def loader():
+        time.sleep(0.2)
+        return next(versions)
+
+    assert cache.get_or_set("swr", loader, timeout=0.3, stale=30) == "v1"
+    time.sleep(0.4)
+    assert cache.get("swr") is None  # past its timeout: a plain read misses
+    started = time.monotonic()
+    assert cache.get_or_set("swr", loader, timeout=0.3, stale=30) == "v1"  # stale, at once
+    assert time.monotonic() - started < 0.15
+    deadline = time.monotonic() + 5
+    while cache.get("swr") != "v2":
+        assert time.monotonic() < deadline, "the background refresh did not store v2"
+        time.sleep(0.02)
+
+
+def test_an_invalidated_entry_is_never_served_stale(cache):
+    values = iter(["old", "new"])
+    assert cache.get_or_set("tagged", lambda: next(values), timeout=60, tags=["t"], stale=60) == "old"
+    cache.invalidate_tags("t")
+    assert cache.get_or_set("tagged", lambda: next(values), timeout=60, tags=["t"], stale=60) == "new"
+
+
+def _steady_load(cache, beta, seconds=2.5, threads=8, timeout=0.5, loader_seconds=0.05):
+    """Readers loop on one key. Returns (loader calls, waits): a wait is a read that took longer than
+    half a load although its own thread did not run the loader, i.e. it waited for someone else's."""
+    calls, waits = [], []
+    stop = time.monotonic() + seconds
+
+    def loader():
+        calls.append(threading.get_ident())
+        time.sleep(loader_seconds)
+        return "page"
+
+    def reader():
+        me = threading.get_ident()
+        while time.monotonic() < stop:
+            before, started = len(calls), time.monotonic()
+            cache.get_or_set("steady", loader, timeout=timeout, beta=beta)
+            if time.monotonic() - started > loader_seconds / 2 and me not in calls[before:]:
+                waits.append(started)
+            time.sleep(0.002)
+
+    workers = [threading.Thread(target=reader) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return len(calls), len(waits)
+
+
+def test_xfetch_removes_the_burst_of_misses_at_expiry():
+    off_calls, off_waits = _steady_load(make_cache(), beta=0.0)
+    on_calls, on_waits = _steady_load(make_cache(), beta=1.0)
+    # Without XFetch every expiry makes the other readers wait for the one recomputation; with it, one
+    # reader recomputes shortly before expiry while the others keep reading the live entry.
+    figures = {"off": (off_calls, off_waits), "on": (on_calls, on_waits)}
+    assert off_calls >= 4 and off_waits >= 3 * off_calls, figures
+    assert on_waits * 4 <= off_waits, figures
+
+
+def test_get_or_set_keeps_integers_incrementable(cache):
+    assert cache.get_or_set("count", lambda: 5, timeout=60) == 5
+    assert cache.incr("count") == 6
+
+
+async def test_async_callers_of_one_key_share_one_computation(cache):
+    calls = []
+
+    async def loader():
+        calls.append(1)
+        await asyncio.sleep(0.1)
+        return "async-value"
+
+    results = await asyncio.gather(*(cache.aget_or_set("async-hot", loader, timeout=60) for _ in range(20)))
+    assert set(results) == {"async-value"} and len(calls) == 1
+
+
+# -- @cached --------------------------------------------------------------------------------------------
+def test_cached_memoizes_with_tags_and_invalidate(settings):
+    calls = []
+
+    @django_distcache.cached(timeout=60, tags=lambda slug, page=1: [f"product:{slug}"])
+    def summary(slug, page=1):
+        calls.append((slug, page))
+        return f"{slug}/{page}/{len(calls)}"
+
+    assert summary("shoe") == "shoe/1/1"
+    assert summary("shoe", page=1) == "shoe/1/1"  # defaults bound: one entry
+    assert summary(slug="shoe") == "shoe/1/1"
+    assert summary("shoe", 2) == "shoe/2/2"
+    summary.invalidate("shoe")
+    assert summary("shoe") == "shoe/1/3"
+    django_distcache.invalidate_tags("product:shoe")
+    assert summary("shoe", 2) == "shoe/2/4"
+    summary.invalidate("shoe")
+    summary.invalidate("shoe", 2)
+
+
+def test_cached_key_template_and_bad_arguments():
+    @django_distcache.cached(timeout=60, key="greeting:{name}")
+    def greet(name):
+        return f"hello {name}"
+
+    assert greet.key_for("ann") == "greeting:ann"
+    assert greet("ann") == "hello ann"
+    with pytest.raises(ValueError, match="refresh"):
+        django_distcache.cached(refresh="later")
+    with pytest.raises(TypeError, match="tags must be a list"):
+        django_distcache.cached(tags="one")
+    with pytest.raises(ValueError, match="stale"):
+        django_distcache.cached(stale=-1)
+    greet.invalidate("ann")
+
+
+async def test_cached_async_function():
+    calls = []
+
+    @django_distcache.cached(timeout=60)
+    async def fetch(number):
+        calls.append(number)
+        await asyncio.sleep(0.05)
+        return number * 2
+
+    results = await asyncio.gather(*(fetch(21) for _ in range(10)))
+    assert set(results) == {42} and calls == [21]
+    assert await fetch(21) == 42 and calls == [21]
+    await fetch.ainvalidate(21)
+    assert await fetch(21) == 42 and calls == [21, 21]
+    await fetch.ainvalidate(21)
