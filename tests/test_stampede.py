@@ -231,3 +231,26 @@ async def test_cached_async_function():
     await fetch.ainvalidate(21)
     assert await fetch(21) == 42 and calls == [21, 21]
     await fetch.ainvalidate(21)
+
+
+def test_refresh_ahead_through_celery_recomputes_in_the_worker(start_worker):
+    import os
+
+    from tests.stampede_functions import computed_where
+
+    start_worker("refresher")
+    computed_where.invalidate("x")
+    assert computed_where("x") == f"x@{os.getpid()}"  # a miss: computed by the caller
+    time.sleep(0.7)  # past the timeout, inside the stale window
+    started = time.monotonic()
+    assert computed_where("x") == f"x@{os.getpid()}"  # served stale at once...
+    assert time.monotonic() - started < 0.2
+    deadline = time.monotonic() + 20
+    while True:  # ...while the worker recomputes it
+        value = make_cache(KEY_PREFIX="tests").get(computed_where.key_for("x"))
+        if value is not None and value != f"x@{os.getpid()}":
+            break
+        assert time.monotonic() < deadline, "the Celery refresh did not store a new value"
+        time.sleep(0.05)
+    assert value.startswith("x@") and value != f"x@{os.getpid()}"
+    computed_where.invalidate("x")
