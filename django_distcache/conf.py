@@ -25,8 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "COMPRESS_MIN_SIZE": 1024,
     "COMPRESS_LEVEL": None,
     "MAX_VALUE_SIZE": 16 * 1024 * 1024,
-    "SOCKET_TIMEOUT": 0.5,
-    "SOCKET_CONNECT_TIMEOUT": 0.25,
+    "SOCKET_TIMEOUT": 0.25,
+    "SOCKET_CONNECT_TIMEOUT": 0.2,
     "RETRIES": 1,
     "READ_FROM_REPLICAS": False,
     "USERNAME": None,
@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "NAMESPACE_CHECK_INTERVAL": 1.0,
     "TAG_VERSION_TTL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
+    "BREAKER_THRESHOLD": 3,
+    "BREAKER_COOLDOWN": 1.0,
     "SIGNING_KEY": None,
     # Stampede protection (docs/stampede.md)
     "STAMPEDE_LEASE_TIMEOUT": 10.0,
@@ -69,11 +71,13 @@ class ConnectionSettings:
     password: str | None = None
     ssl: bool = False
     ssl_options: dict[str, Any] = field(default_factory=dict)
-    socket_timeout: float | None = 0.5
-    socket_connect_timeout: float | None = 0.25
+    socket_timeout: float | None = 0.25
+    socket_connect_timeout: float | None = 0.2
     retries: int = 1
     read_from_replicas: bool = False
     topology_refresh_interval: float = 0.25
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         "BEHIND_TRIGGER_BACKLOG",
     ):
         _positive_number(name, opts[name])
-    for name in ("BEHIND_SHARDS", "BEHIND_BATCH_SIZE", "BEHIND_MAX_ATTEMPTS"):
+    _positive_number("BREAKER_COOLDOWN", opts["BREAKER_COOLDOWN"])
+    for name in ("BEHIND_SHARDS", "BEHIND_BATCH_SIZE", "BEHIND_MAX_ATTEMPTS", "BREAKER_THRESHOLD"):
         value = opts[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(f"OPTIONS[{name!r}] must be a whole number of at least 1, got {value!r}")
@@ -182,6 +187,8 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         retries=int(opts["RETRIES"]),
         read_from_replicas=bool(opts["READ_FROM_REPLICAS"]),
         topology_refresh_interval=float(opts["TOPOLOGY_REFRESH_INTERVAL"]),
+        breaker_threshold=int(opts["BREAKER_THRESHOLD"]),
+        breaker_cooldown=float(opts["BREAKER_COOLDOWN"]),
     )
     return CacheSettings(
         connection=connection,

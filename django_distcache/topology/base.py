@@ -29,6 +29,7 @@ from redis.exceptions import (
 
 from ..conf import ConnectionSettings, NodeAddress
 from ..forksafe import renew_locks_after_fork
+from .breaker import Breakers
 
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
@@ -48,6 +49,14 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 REDIRECT_ERRORS = (AskError, MovedError)  # MovedError subclasses AskError
+# The errors that say a node itself is unreachable or hung (not that it answered "no"): they count
+# towards its circuit breaker (breaker.py).
+BREAKER_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 def is_outage(error: BaseException) -> bool:
@@ -134,10 +143,18 @@ class TopologyState:
     slot_map: SlotMap | None = None
     last_refresh: float = 0.0
     refresh_wanted: bool = False
+    refreshing: bool = False  # a background refresh is running
     lock: threading.Lock = field(default_factory=threading.Lock)
+    breakers: Breakers = field(init=False)
 
     def __post_init__(self) -> None:
         renew_locks_after_fork(self, "lock")
+        self.breakers = Breakers(self.settings.breaker_threshold, self.settings.breaker_cooldown)
+
+    def nodes_to_ask(self) -> list[NodeAddress]:
+        """Nodes to ask for the slot map: those whose breaker is closed first."""
+        nodes = self.known_nodes()
+        return sorted(nodes, key=lambda node: self.breakers(node).state != "closed")
 
     def known_nodes(self) -> list[NodeAddress]:
         nodes = list(self.settings.startup_nodes)

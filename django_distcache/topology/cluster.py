@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from redis.retry import Retry
 
 from ..conf import ConnectionSettings, NodeAddress
 from .base import (
+    BREAKER_ERRORS,
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
     REDIRECT_ERRORS,
@@ -233,7 +235,11 @@ class ClusterTopology(_TopologyCommon):
             if not force and state.slot_map is not None and not state.refresh_due():
                 return
             errors = []
-            for node in state.known_nodes():
+            for node in state.nodes_to_ask():
+                breaker = state.breakers(node)
+                if not breaker.allow():
+                    errors.append(f"{node}: circuit open")
+                    continue
                 pool = self._pool(node)
                 connection = pool.get()
                 try:
@@ -246,8 +252,10 @@ class ClusterTopology(_TopologyCommon):
                     continue
                 except OUTAGE_ERRORS as error:
                     connection.disconnect()
+                    breaker.failure(error)
                     errors.append(f"{node}: {error}")
                     continue
+                breaker.success()
                 pool.put(connection)
                 slot_map = SlotMap.from_cluster_slots(reply, node)
                 if slot_map.covered == 0:
@@ -259,8 +267,32 @@ class ClusterTopology(_TopologyCommon):
             raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     def ensure_map(self) -> None:
-        if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
-            self.refresh(force=self.state.slot_map is None)
+        state = self.state
+        if state.slot_map is None:
+            self.refresh(force=True)
+        elif state.refresh_wanted and state.refresh_due():
+            self._refresh_in_background()
+
+    def _refresh_in_background(self) -> None:
+        """Reload the slot map in a thread of its own: a request never waits for CLUSTER SLOTS (which a
+        hung node would make it do), and one refresher runs at a time, rate-limited."""
+        state = self.state
+        if state.refreshing or not state.refresh_due():
+            return
+        with state.lock:
+            if state.refreshing:
+                return
+            state.refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except OUTAGE_ERRORS as error:
+                logger.debug("background slot map refresh failed: %s", error)
+            finally:
+                state.refreshing = False
+
+        threading.Thread(target=run, name="distcache-topology-refresh", daemon=True).start()
 
     # -- commands ---------------------------------------------------------------------------------------
     def execute(self, call: Call) -> Any:
@@ -271,6 +303,11 @@ class ClusterTopology(_TopologyCommon):
             node = self._route(call)
             if node is None:
                 raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
+            breaker = self.state.breakers(node)
+            if not breaker.allow():
+                self.state.refresh_wanted = True
+                self._refresh_in_background()  # a promoted replica may already serve the slot
+                raise breaker.unavailable()
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -284,32 +321,30 @@ class ClusterTopology(_TopologyCommon):
                 result = connection.read_response()
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
+                breaker.success()
                 call = self.state.redirect(error, call)
                 continue
             except ResponseError as error:
                 pool.put(connection)
+                breaker.success()  # the node answered
                 if not is_outage(error):
                     raise
                 # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
                 self.state.refresh_wanted = True
                 raise
-            except OUTAGE_ERRORS:
+            except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self.state.refresh_wanted = True
-                if retries <= 0 or not call.idempotent:
+                opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
+                self._refresh_in_background()
+                if retries <= 0 or not call.idempotent or opened or breaker.state != "closed":
                     raise
                 retries -= 1
-                self._try_refresh()
                 continue
             pool.put(connection)
+            breaker.success()
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
-
-    def _try_refresh(self) -> None:
-        try:
-            self.refresh()
-        except OUTAGE_ERRORS:
-            pass  # the caller's own retry reports the outage
 
     def execute_batch(self, calls: list[Call]) -> list[Any]:
         """Run many calls, one pipelined write per node, all writes before any read."""
@@ -326,7 +361,7 @@ class ClusterTopology(_TopologyCommon):
             for index, error in redo:
                 calls[index] = self.state.redirect(error, calls[index])
             if self.state.refresh_wanted:
-                self._try_refresh()
+                self._refresh_in_background()
         for index in pending:
             results[index] = NoNodeReachableError("too many redirects")
         return results
@@ -338,6 +373,14 @@ class ClusterTopology(_TopologyCommon):
             if node is None:
                 for i in indexes:
                     results[positions[i]] = NoNodeReachableError("slot not served")
+                continue
+            breaker = self.state.breakers(node)
+            if not breaker.allow():
+                self.state.refresh_wanted = True
+                self._refresh_in_background()
+                error = breaker.unavailable()
+                for i in indexes:
+                    results[positions[i]] = error
                 continue
             pool = self._pool(node)
             connection = pool.get()
@@ -351,12 +394,14 @@ class ClusterTopology(_TopologyCommon):
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self.state.refresh_wanted = True
+                if isinstance(error, BREAKER_ERRORS):
+                    breaker.failure(error)
                 for i in indexes:
                     results[positions[i]] = error
                 continue
-            sent.append((pool, connection, indexes))
+            sent.append((pool, connection, indexes, breaker))
         redirects = []
-        for pool, connection, indexes in sent:
+        for pool, connection, indexes, breaker in sent:
             try:
                 asking = sum(1 for i in indexes if calls[i].asking is not None)
                 replies = iter(_read_replies(connection, len(indexes) + asking))
@@ -371,11 +416,16 @@ class ClusterTopology(_TopologyCommon):
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self.state.refresh_wanted = True
+                if isinstance(error, BREAKER_ERRORS):
+                    breaker.failure(error)
                 for i in indexes:
                     if results[positions[i]] is None:
                         results[positions[i]] = error
                 continue
             pool.put(connection)
+            breaker.success()
+        if self.state.refresh_wanted:
+            self._refresh_in_background()
         return redirects
 
     # -- node-wide work (purges, checks) -----------------------------------------------------------------
@@ -452,6 +502,10 @@ class AsyncClusterTopology(_TopologyCommon):
 
     connection_module = redis.asyncio
 
+    def __init__(self, state: TopologyState) -> None:
+        super().__init__(state)
+        self._refresh_task: asyncio.Task | None = None
+
     def _pool(self, node: NodeAddress) -> _AsyncNodePool:
         readonly = self.settings.read_from_replicas and self._is_replica(node)
         pool = self._pools.get((node, readonly))
@@ -464,7 +518,11 @@ class AsyncClusterTopology(_TopologyCommon):
         if not force and state.slot_map is not None and not state.refresh_due():
             return
         errors = []
-        for node in state.known_nodes():
+        for node in state.nodes_to_ask():
+            breaker = state.breakers(node)
+            if not breaker.allow():
+                errors.append(f"{node}: circuit open")
+                continue
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -477,8 +535,10 @@ class AsyncClusterTopology(_TopologyCommon):
                 continue
             except OUTAGE_ERRORS as error:
                 await connection.disconnect()
+                breaker.failure(error)
                 errors.append(f"{node}: {error}")
                 continue
+            breaker.success()
             pool.put(connection)
             slot_map = SlotMap.from_cluster_slots(reply, node)
             if slot_map.covered == 0:
@@ -490,14 +550,26 @@ class AsyncClusterTopology(_TopologyCommon):
         raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     async def ensure_map(self) -> None:
-        if self.state.slot_map is None or (self.state.refresh_wanted and self.state.refresh_due()):
-            await self.refresh(force=self.state.slot_map is None)
+        state = self.state
+        if state.slot_map is None:
+            await self.refresh(force=True)
+        elif state.refresh_wanted and state.refresh_due():
+            self._refresh_in_background()
 
-    async def _try_refresh(self) -> None:
-        try:
-            await self.refresh()
-        except OUTAGE_ERRORS:
-            pass
+    def _refresh_in_background(self) -> None:
+        """As the sync topology's: one task on this loop reloads the slot map; callers do not wait."""
+        if self._refresh_task is not None and not self._refresh_task.done():
+            return
+        if not self.state.refresh_due():
+            return
+
+        async def run() -> None:
+            try:
+                await self.refresh()
+            except OUTAGE_ERRORS as error:
+                logger.debug("background slot map refresh failed: %s", error)
+
+        self._refresh_task = asyncio.get_running_loop().create_task(run())
 
     async def execute(self, call: Call) -> Any:
         await self.ensure_map()
@@ -506,6 +578,11 @@ class AsyncClusterTopology(_TopologyCommon):
             node = self._route(call)
             if node is None:
                 raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
+            breaker = self.state.breakers(node)
+            if not breaker.allow():
+                self.state.refresh_wanted = True
+                self._refresh_in_background()
+                raise breaker.unavailable()
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -521,28 +598,32 @@ class AsyncClusterTopology(_TopologyCommon):
                 result = await connection.read_response()
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
+                breaker.success()
                 call = self.state.redirect(error, call)
                 continue
             except ResponseError as error:
                 pool.put(connection)
+                breaker.success()
                 if not is_outage(error):
                     raise
                 # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
                 self.state.refresh_wanted = True
                 raise
-            except OUTAGE_ERRORS:
+            except OUTAGE_ERRORS as error:
                 await connection.disconnect()
                 self.state.refresh_wanted = True
-                if retries <= 0 or not call.idempotent:
+                opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
+                self._refresh_in_background()
+                if retries <= 0 or not call.idempotent or opened or breaker.state != "closed":
                     raise
                 retries -= 1
-                await self._try_refresh()
                 continue
             except BaseException:
                 # Cancelled mid-command: the reply may still arrive, so this connection is unusable.
                 await connection.disconnect()
                 raise
             pool.put(connection)
+            breaker.success()
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
@@ -560,7 +641,7 @@ class AsyncClusterTopology(_TopologyCommon):
             for index, error in redo:
                 calls[index] = self.state.redirect(error, calls[index])
             if self.state.refresh_wanted:
-                await self._try_refresh()
+                self._refresh_in_background()
         for index in pending:
             results[index] = NoNodeReachableError("too many redirects")
         return results
@@ -574,6 +655,14 @@ class AsyncClusterTopology(_TopologyCommon):
                     for i in indexes:
                         results[positions[i]] = NoNodeReachableError("slot not served")
                     continue
+                breaker = self.state.breakers(node)
+                if not breaker.allow():
+                    self.state.refresh_wanted = True
+                    self._refresh_in_background()
+                    error = breaker.unavailable()
+                    for i in indexes:
+                        results[positions[i]] = error
+                    continue
                 pool = self._pool(node)
                 connection = pool.get()
                 commands = []
@@ -586,13 +675,15 @@ class AsyncClusterTopology(_TopologyCommon):
                 except OUTAGE_ERRORS as error:
                     await connection.disconnect()
                     self.state.refresh_wanted = True
+                    if isinstance(error, BREAKER_ERRORS):
+                        breaker.failure(error)
                     for i in indexes:
                         results[positions[i]] = error
                     continue
-                sent.append((pool, connection, indexes))
+                sent.append((pool, connection, indexes, breaker))
             redirects = []
             while sent:
-                pool, connection, indexes = sent[0]
+                pool, connection, indexes, breaker = sent[0]
                 try:
                     for i in indexes:
                         if calls[i].asking is not None:
@@ -609,6 +700,8 @@ class AsyncClusterTopology(_TopologyCommon):
                 except OUTAGE_ERRORS as error:
                     await connection.disconnect()
                     self.state.refresh_wanted = True
+                    if isinstance(error, BREAKER_ERRORS):
+                        breaker.failure(error)
                     for i in indexes:
                         if results[positions[i]] is None:
                             results[positions[i]] = error
@@ -616,9 +709,12 @@ class AsyncClusterTopology(_TopologyCommon):
                     continue
                 sent.pop(0)
                 pool.put(connection)
+                breaker.success()
+            if self.state.refresh_wanted:
+                self._refresh_in_background()
             return redirects
         except BaseException:
-            for _, connection, _ in sent:
+            for _, connection, _, _ in sent:
                 await connection.disconnect()
             raise
 
