@@ -16,6 +16,8 @@ _MODEL_API = {
     "flush_behind",
     "behind_metrics",
 }
+# Warming imports the ORM too (QuerySet warmers), so its names are loaded the same way.
+_WARMING_API = {"warmer", "run_warmer", "warm_queryset"}
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from . import models
 
         return getattr(models, name)
+    if name in _WARMING_API:
+        from . import warming
+
+        return getattr(warming, name)
     raise AttributeError(f"module 'django_distcache' has no attribute {name!r}")
 
 
