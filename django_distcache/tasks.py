@@ -1,5 +1,6 @@
 """Celery tasks, named under the `django_distcache.` prefix. Found by `app.autodiscover_tasks()` because
-`django_distcache` is an installed app; `beat_schedule()` gives the entries Celery beat needs."""
+`django_distcache` is an installed app; `beat_schedule()` gives the entries Celery beat needs for the
+write-behind drain, `warmer_beat_schedule()` those of the warmers that have a schedule."""
 
 from __future__ import annotations
 
@@ -40,3 +41,50 @@ def refresh_task(name: str, args: list[Any], kwargs: dict[str, Any], token: str 
     from .memoize import refresh_by_name
 
     refresh_by_name(name, args, kwargs, token)
+
+
+@shared_task(name="django_distcache.warm", ignore_result=True)
+def warm_task(
+    name: str,
+    chunk_index: int = 0,
+    chunk_count: int = 1,
+    chunk_size: int = 1000,
+    pks: list[Any] | None = None,
+    run_id: str | None = None,
+    using: str | None = None,
+) -> dict[str, Any]:
+    """Run the warmer `name`, or one chunk of it (see docs/warming.md): `manage.py warmcache --async`
+    sends one group of these per warmer and follows `run_id`'s progress; beat sends whole runs."""
+    from dataclasses import asdict
+
+    from .warming import run_task
+
+    return asdict(run_task(name, chunk_index, chunk_count, chunk_size, pks, run_id, using))
+
+
+def warmer_beat_schedule() -> dict[str, dict[str, Any]]:
+    """Entries for `app.conf.beat_schedule`: every warmer registered with a `schedule`, run whole by one
+    `django_distcache.warm` task each time. Warmers are discovered, so Django must be set up first (see
+    docs/warming.md for where to call it). A run expires after one interval, so a stopped worker does not
+    come back to a pile of identical runs."""
+    from datetime import timedelta
+
+    from .warming import registered_warmers
+
+    entries = {}
+    for entry in registered_warmers():
+        if entry.schedule is None:
+            continue
+        options = {}
+        if isinstance(entry.schedule, int | float | timedelta):
+            seconds = (
+                entry.schedule.total_seconds() if isinstance(entry.schedule, timedelta) else entry.schedule
+            )
+            options["expires"] = max(float(seconds), 1.0)
+        entries[f"django_distcache.warm[{entry.name}]"] = {
+            "task": "django_distcache.warm",
+            "schedule": entry.schedule,
+            "kwargs": {"name": entry.name},
+            "options": options,
+        }
+    return entries
