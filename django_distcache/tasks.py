@@ -64,9 +64,10 @@ def warm_task(
 
 def warmer_beat_schedule() -> dict[str, dict[str, Any]]:
     """Entries for `app.conf.beat_schedule`: every warmer registered with a `schedule`, run whole by one
-    `django_distcache.warm` task each time. Warmers are discovered, so Django must be set up first (see
-    docs/warming.md for where to call it). A run expires after one interval, so a stopped worker does not
-    come back to a pile of identical runs."""
+    `django_distcache.warm` task each time. A run expires after one interval, so a stopped worker does
+    not come back to a pile of identical runs. Warmers are discovered, so Django must be set up: in the
+    usual Celery module, where it is not yet, call this from a `celery.signals.import_modules` receiver
+    (docs/warming.md shows how)."""
     from datetime import timedelta
 
     from .warming import registered_warmers

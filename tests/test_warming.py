@@ -535,8 +535,8 @@ def test_warmer_beat_schedule_lists_scheduled_warmers_and_beat_schedule_is_uncha
 
 
 class BeatWorker(Worker):
-    """A worker with an embedded beat, on tests/warming_beat_app.py (the test app plus the warmers'
-    beat schedule)."""
+    """A worker with an embedded beat, on tests/warming_beat_app.py: a Celery app wired as the docs say,
+    the scheduled warmers added to beat from the `import_modules` signal."""
 
     def __init__(self) -> None:
         from django.db import connection as db

@@ -1,9 +1,23 @@
-"""The test Celery app with the warmers' beat schedule added: for the worker of the beat test in
-tests/test_warming.py (tests/celery_app.py keeps its own schedule, the write-behind drain only)."""
+"""A Celery app laid out as docs/warming.md tells a project to: Django is not set up when this module is
+imported (Celery's Django fixup does it), so the scheduled warmers are added to the beat schedule from the
+`import_modules` signal, which fires after that and before beat reads its schedule. Used by the beat test
+of tests/test_warming.py."""
+
+import os
+
+from celery import Celery
+from celery.signals import import_modules
 
 from django_distcache.tasks import warmer_beat_schedule
-from tests.celery_app import app
 
-app.conf.beat_schedule = warmer_beat_schedule()  # django.setup() ran in tests.celery_app
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
-__all__ = ["app"]
+app = Celery("distcache_warm_beat")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+app.conf.beat_schedule = {}
+
+
+@import_modules.connect(sender=app)
+def add_scheduled_warmers(sender, **kwargs):
+    sender.conf.beat_schedule.update(warmer_beat_schedule())
