@@ -25,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from .memoize import cached
 
         return cached
+    if name == "cached_view":
+        from .views import cached_view
+
+        return cached_view
     if name in _MODEL_API:
         from . import models
 

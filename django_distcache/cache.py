@@ -68,6 +68,11 @@ return 1
 """
 
 
+# Failures a caller never notices: the operation went on with an in-process copy (the namespace
+# generation while its node is down). Counted, but they do not make the caller's call a degraded one.
+SERVED_FROM_COPY = frozenset({"namespace"})
+
+
 class CacheUnavailable(Exception):
     """Raised instead of degrading when OPTIONS['FAILURE_POLICY'] is 'raise'."""
 
@@ -204,10 +209,17 @@ class FailurePolicy:
         self.policy = policy
         self.counts = counts  # shared by every instance on the same cluster
         self._last_logged: dict[str, float] = {}
+        self._thread = threading.local()
 
     def count(self, what: str) -> None:
         with _counts_lock:
             self.counts[what] = self.counts.get(what, 0) + 1
+        if what not in SERVED_FROM_COPY:
+            self._thread.count = getattr(self._thread, "count", 0) + 1
+
+    def counted_in_this_thread(self) -> int:
+        """How many failures this thread has seen: a caller can tell whether its own call degraded."""
+        return getattr(self._thread, "count", 0)
 
     def handle(self, operation: str, error: BaseException, fallback: Any) -> Any:
         self.count(operation)

@@ -58,6 +58,9 @@ def model_key(model: Any, *parts: Any) -> str:
     return f"{meta.app_label}.{meta.model_name}:{model_fingerprint(model)}:{suffix}"
 
 
+_UNREADABLE = object()
+
+
 def new_generation() -> str:
     """A random 64-bit generation, as 11 characters that are safe in a SCAN MATCH pattern."""
     return base64.urlsafe_b64encode(os.urandom(8)).rstrip(b"=").decode()
@@ -89,7 +92,18 @@ class Namespace:
         self.backplane.ensure_started()
         proposed = new_generation()
         epoch, fetched_at = self.backplane.epoch, time.monotonic()
-        existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
+        if self.prefix is None:
+            existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
+        else:
+            from .cache import Guarded  # (cache.py imports this module)
+
+            existing = yield Guarded(self._read_plan(proposed), "namespace", _UNREADABLE)
+            if existing is _UNREADABLE:
+                # The node holding the generation is down or hung: keep the generation we hold rather
+                # than make every key of every node miss. A clear() cannot complete while that node is
+                # unreachable (it writes there first), so the held generation is the current one unless a
+                # bump landed just before the node failed and its push was lost (docs/keys-and-clear.md).
+                return self.prefix
         generation = existing.decode() if existing else proposed
         if self.prefix is None:
             self.purger.resume(self.purge_list)
@@ -97,6 +111,9 @@ class Namespace:
         if epoch == self.backplane.epoch:  # no message crossed the fetch: safe to hold
             self.prefix, self.checked_at = prefix, fetched_at
         return prefix
+
+    def _read_plan(self, proposed: str) -> Generator[Call, Any, Any]:
+        return (yield Call(self.key, ("SET", self.key, proposed, "NX", "GET")))
 
     def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
         if kind == "ns" and key_prefix == self.key_prefix:

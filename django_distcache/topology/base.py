@@ -49,6 +49,7 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 REDIRECT_ERRORS = (AskError, MovedError)  # MovedError subclasses AskError
+TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (RedisTimeoutError, TimeoutError)
 # The errors that say a node itself is unreachable or hung (not that it answered "no"): they count
 # towards its circuit breaker (breaker.py).
 BREAKER_ERRORS: tuple[type[BaseException], ...] = (

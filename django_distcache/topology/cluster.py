@@ -31,6 +31,7 @@ from .base import (
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
     REDIRECT_ERRORS,
+    TIMEOUT_ERRORS,
     Call,
     NoNodeReachableError,
     NotAClusterError,
@@ -337,7 +338,15 @@ class ClusterTopology(_TopologyCommon):
                 self.state.refresh_wanted = True
                 opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
                 self._refresh_in_background()
-                if retries <= 0 or not call.idempotent or opened or breaker.state != "closed":
+                # Sent again only after a dropped connection (an idle socket the server closed), never
+                # after a timeout: a hung node would make the caller wait twice.
+                if (
+                    retries <= 0
+                    or not call.idempotent
+                    or opened
+                    or breaker.state != "closed"
+                    or isinstance(error, TIMEOUT_ERRORS)
+                ):
                     raise
                 retries -= 1
                 continue
@@ -614,7 +623,15 @@ class AsyncClusterTopology(_TopologyCommon):
                 self.state.refresh_wanted = True
                 opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
                 self._refresh_in_background()
-                if retries <= 0 or not call.idempotent or opened or breaker.state != "closed":
+                # Sent again only after a dropped connection (an idle socket the server closed), never
+                # after a timeout: a hung node would make the caller wait twice.
+                if (
+                    retries <= 0
+                    or not call.idempotent
+                    or opened
+                    or breaker.state != "closed"
+                    or isinstance(error, TIMEOUT_ERRORS)
+                ):
                     raise
                 retries -= 1
                 continue
