@@ -534,28 +534,45 @@ def test_warmer_beat_schedule_lists_scheduled_warmers_and_beat_schedule_is_uncha
     assert list(beat_schedule()) == ["django_distcache.flush_behind[default]"]
 
 
-class BeatWorker(Worker):
-    """A worker with an embedded beat, on tests/warming_beat_app.py: a Celery app wired as the docs say,
-    the scheduled warmers added to beat from the `import_modules` signal."""
+class CustomWorker(Worker):
+    """A worker on another Celery app module or with other options than the `start_worker` fixture's."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, app: str, *options: str) -> None:
         from django.db import connection as db
 
-        self.log_path = ROOT / ".devcluster" / f"worker-{settings.CLUSTER_BASE_PORT}-warm-beat.log"
+        self.log_path = ROOT / ".devcluster" / f"worker-{settings.CLUSTER_BASE_PORT}-{name}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ)
         env["DISTCACHE_TEST_DB_NAME"] = str(db.settings_dict["NAME"])
         env["DISTCACHE_TEST_CLUSTER_PORT"] = str(settings.CLUSTER_BASE_PORT)
-        beat_file = ROOT / ".devcluster" / f"warm-beat-{settings.CLUSTER_BASE_PORT}"
-        command = [sys.executable, "-m", "celery", "-A", "tests.warming_beat_app", "worker", "-P", "solo",
-                   "-n", "warm-beat@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                   "-l", "info", "-B", "-s", str(beat_file)]  # fmt: skip
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "solo", "-n", f"{name}@%h",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info", *options]  # fmt: skip
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+
+def test_async_tasks_go_to_the_queue_given(cache, broker):
+    """Only a worker of the named queue runs: the tasks went there, not to the default queue."""
+    import tests.celery_app  # noqa: F401  (the app the tasks are sent through)
+
+    redis.Redis.from_url(broker.url).flushdb()
+    worker = CustomWorker("warm-queue", "tests.celery_app", "-Q", "warming-only")
+    try:
+        worker.wait_ready()
+        stdout, stderr, error = run_command(
+            "model-app-squares", "--async", "--queue", "warming-only", "--timeout", "60"
+        )
+        assert error is None, (stdout, stderr)
+        assert summary_rows(stdout)["model-app-squares"][0] == "1,000"
+    finally:
+        worker.stop()
 
 
 def test_a_scheduled_warmer_runs_on_celery_beat(cache, broker):
     redis.Redis.from_url(broker.url).flushdb()
-    worker = BeatWorker()
+    beat_file = ROOT / ".devcluster" / f"warm-beat-{settings.CLUSTER_BASE_PORT}"
+    # tests/warming_beat_app.py: a Celery app wired as the docs say (scheduled warmers added to beat
+    # from the import_modules signal), with an embedded beat.
+    worker = CustomWorker("warm-beat", "tests.warming_beat_app", "-B", "-s", str(beat_file))
     try:
         worker.wait_ready()
         deadline = time.monotonic() + 30

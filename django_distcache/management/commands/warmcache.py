@@ -10,6 +10,8 @@ from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 from django_distcache import warming
 from django_distcache.warming import WarmResult
 
+POLL_INTERVAL = 0.1  # seconds between two readings of the --async tasks' progress
+
 
 def _size(count: int) -> str:
     value, unit = float(count), "B"
@@ -159,6 +161,9 @@ class Command(BaseCommand):
             help="write to this cache alias instead of the warmers' own",
         )
         parser.add_argument(
+            "--queue", default=None, metavar="NAME", help="with --async: send the tasks to this Celery queue"
+        )
+        parser.add_argument(
             "--timeout",
             type=float,
             default=3600.0,
@@ -254,7 +259,8 @@ class Command(BaseCommand):
                     entry, chunk_size=options["chunk_size"], tasks=options["tasks"], run_id=run_id,
                     using=options["using"],
                 )  # fmt: skip
-                group(warm_task.si(**kwargs) for kwargs in arguments).apply_async()
+                sending = {"queue": options["queue"]} if options["queue"] else {}
+                group(warm_task.si(**kwargs) for kwargs in arguments).apply_async(**sending)
             except Exception as error:  # noqa: BLE001 - this warmer could not be sent; the others still are
                 result = results[entry.name]
                 result.errors, result.error = 1, f"{type(error).__name__}: {error}"
@@ -303,5 +309,5 @@ class Command(BaseCommand):
                 f"{_bar(tasks_done, total_tasks)}{tasks_done}/{total_tasks} tasks, {entries:,} entries, "
                 f"{len(following)} warmer(s) running"
             )
-            time.sleep(0.2)
+            time.sleep(POLL_INTERVAL)
         return [results[entry.name] for entry in selected]
