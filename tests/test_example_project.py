@@ -2,8 +2,8 @@
 
 The shop has settings of its own, so it runs in subprocesses, the way a developer runs it: `manage.py
 migrate` and `seed_catalogue` on a temporary SQLite file, then `manage.py shell -c` scripts that visit
-pages and edit products in the admin, reporting each page's footer badge (cache hit, miss or partial) and
-the SQL it ran as JSON. The run's key prefix is its own, so it shares the cluster with nothing else.
+pages as an anonymous shopper and edit products in the admin as a signed-in member of staff, reporting each
+page's footer badge (cache hit, miss, partial, or bypass for a signed-in user) and the SQL it ran as JSON. The run's key prefix is its own, so it shares the cluster with nothing else.
 
 Product a (category x) is edited, then moved to category z; product s, also in x, and product b, in
 category y, are untouched. The view-count tests each take a product no other test has viewed.
@@ -38,13 +38,14 @@ from django.test.utils import CaptureQueriesContext, setup_test_environment
 from catalogue.models import Category, Product
 
 setup_test_environment()  # lets the test client's host through ALLOWED_HOSTS
-client = Client()
+client = Client()  # a shopper: anonymous, so served cached pages
+staff = Client()  # signs in to the admin: pages are built for them, never served from or stored in the cache
 seen = {}
 
 
-def visit(label, url):
+def visit(label, url, who=client):
     with CaptureQueriesContext(connection) as queries:
-        response = client.get(url)
+        response = who.get(url)
     body = response.content.decode()
     badge = re.search(r'class="badge (\w+)"', body)
     what = re.search(r'<span class="muted">\((.*?)\)</span>', body)
@@ -64,7 +65,7 @@ def visit_all(when):
 
 def admin_save(product, **changes):
     data = {**model_to_dict(product), **changes, "_save": "Save"}
-    response = client.post(f"/admin/catalogue/product/{product.pk}/change/", data)
+    response = staff.post(f"/admin/catalogue/product/{product.pk}/change/", data)
     errors = response.context and str(response.context["adminform"].form.errors)
     return {"code": response.status_code, "location": response.get("Location"), "errors": errors}
 
@@ -84,7 +85,7 @@ seen["names"] = {
 visit_all("first")
 visit_all("second")
 
-login = client.post("/admin/login/", {"username": "admin", "password": "admin", "next": "/admin/"})
+login = staff.post("/admin/login/", {"username": "admin", "password": "admin", "next": "/admin/"})
 seen["login"] = {"code": login.status_code, "location": login.get("Location")}
 seen["edit"] = admin_save(a, price=seen["names"]["new price"])
 visit_all("after edit")
@@ -93,6 +94,13 @@ visit_all("after edit, again")
 a.refresh_from_db()
 seen["move"] = admin_save(a, category=z.pk)
 visit_all("after move")
+
+visit("list as staff", "/", staff)
+visit("a as staff", pages["a"], staff)
+listed = client.get("/")
+seen["list etag"] = listed.get("ETag")
+seen["list revalidated"] = client.get("/", HTTP_IF_NONE_MATCH=listed.get("ETag", "")).status_code
+seen["a etag"] = client.get(pages["a"]).get("ETag")
 
 print(json.dumps(seen))
 """
@@ -205,6 +213,20 @@ def test_an_edited_product_page_is_rebuilt_from_the_row_the_write_through_cached
 def test_editing_a_product_leaves_the_pages_of_the_other_products_of_its_category_cached(seen):
     for when in ("after edit", "after move"):
         assert seen[f"s {when}"]["status"] == "hit", when
+
+
+def test_a_signed_in_user_gets_pages_built_for_them(seen):
+    assert seen["list as staff"]["status"] == "bypass"
+    assert seen["a as staff"]["status"] == "bypass"
+    assert f"${seen['names']['new price']}" in seen["a as staff"]["body"]
+
+
+def test_the_list_page_answers_if_none_match_with_304(seen):
+    # Weak: the badge in the footer is filled in per request, the rest of the page is the cached one.
+    assert seen["list etag"].startswith('W/"')
+    assert seen["list revalidated"] == 304
+    # A product page shows a view count that changes on every request: it has no validator.
+    assert seen["a etag"] is None
 
 
 # Views a product nobody has viewed three times, then reads its count back from the cache and the database,

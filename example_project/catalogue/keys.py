@@ -1,11 +1,14 @@
 """Cache keys and tags in one place, so the views that fill entries and the code that invalidates them agree.
 
-Every page entry carries the tag `catalogue` (seed_catalogue invalidates it to drop the whole catalogue)
+Every cached page carries the tag `catalogue` (seed_catalogue invalidates it to drop the whole catalogue)
 and the tags of what it shows:
 
     list page                  catalogue, catalogue:list
     product page (by slug)     catalogue, catalogue.product:<pk>, catalogue.category:<category pk>
     category summary           catalogue, catalogue.category:<pk>, category:<pk>
+
+The list and product pages are whole responses cached by `cached_view`, under keys it makes from the URL;
+the category summaries are entries of their own (`category_key`).
 
 `catalogue.product:<pk>` and `catalogue.category:<pk>` are the row tags of django_distcache's model
 caching: the write-through invalidates them itself when a product or category is saved or deleted. The
@@ -20,13 +23,7 @@ page; an edit of a category rebuilds its summary, the list and the pages of its 
 ALL_TAG = "catalogue"
 LIST_TAG = "catalogue:list"
 
-LIST_KEY = "catalogue:list"
-PRODUCT_PREFIX = "catalogue:product:"
 CATEGORY_PREFIX = "catalogue:category:"
-
-
-def product_key(slug: str) -> str:
-    return f"{PRODUCT_PREFIX}{slug}"
 
 
 def category_key(pk: int) -> str:

@@ -1,13 +1,17 @@
-"""Catalogue pages, each read through the cache and footed with whether it was a hit or a miss.
+"""Catalogue pages, each footed with how it was served: from the cache (a hit), built and cached (a miss), or
+built without caching.
 
-Every page entry is stored with tags (see keys.py) through get_or_set, which reads the tags' versions
-before it builds the page: an invalidation that lands while a page is being built makes that entry miss at
-once, instead of hiding it until its timeout. The product page is built from rows of django_distcache's
-model cache (`get_cached`) and counts its views with `save_behind`.
+The product list and each product's page are whole responses cached by django_distcache's `cached_view`,
+tagged (see keys.py): the tags' versions are read before the page renders, so an invalidation that lands
+while a page is being built makes that entry miss at once instead of hiding it until its timeout. What
+changes on every request stays out of the cached page: thin outer views fill in the footer's badge, and
+on a product's page its view count, which `save_behind` writes behind. The categories page caches its
+parts with get_or_set instead, one entry per category.
 """
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -16,19 +20,12 @@ from django.core.cache import cache
 from django.db.models import Count, Prefetch, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.html import format_html
 
-from django_distcache import get_cached, invalidate_tags, save_behind
+from django_distcache import cached_view, get_cached, invalidate_tags, save_behind
 from django_distcache.cache import CacheUnavailable
 
-from .keys import (
-    LIST_KEY,
-    category_key,
-    category_tags,
-    list_tags,
-    product_key,
-    product_row_tag,
-    product_tags,
-)
+from .keys import category_key, category_tags, list_tags, product_row_tag, product_tags
 from .models import Category, Product, ProductViews
 
 logger = logging.getLogger(__name__)
@@ -52,6 +49,45 @@ def cached(key: str, build: Callable[[], Any], timeout: int, tags: list[str]) ->
 
 def footer(status: str, start: float, what: str) -> dict[str, Any]:
     return {"status": status, "ms": (perf_counter() - start) * 1000, "what": what}
+
+
+# The cached pages hold these markers where a request's own part goes (see the templates).
+BADGE_SLOT = b"<!--cache-badge-->"
+VIEWS_SLOT = b"<!--views-->"
+SERVED = {
+    "hit": "served from the cache",
+    "miss": "built from the database and cached",
+    "pass": "built from the database, not cacheable",
+    "bypass": "built for you (signed-in users get pages of their own)",
+}
+
+
+def fill(response: HttpResponse, slot: bytes, text: str) -> None:
+    response.content = response.content.replace(slot, text.encode(), 1)
+
+
+def with_badge(response: HttpResponse, start: float) -> HttpResponse:
+    """Fill in how `response` was served: cached_view says it in `response.cache_status`.
+
+    The page now differs from the cached one in its footer only, so its ETag (a hash of the cached
+    content) becomes a weak one: "the same page", not "the same bytes". A 304 has no body to fill."""
+    status = getattr(response, "cache_status", "miss")
+    if response.status_code == 200 and not response.streaming:
+        ms = (perf_counter() - start) * 1000
+        badge = format_html(
+            '<span class="badge {}">cache {}</span> {} in {} ms', status, status, SERVED[status], f"{ms:.2f}"
+        )
+        fill(response, BADGE_SLOT, badge)
+    etag = response.get("ETag")
+    if etag and not etag.startswith("W/"):
+        response["ETag"] = "W/" + etag
+    return response
+
+
+def page_info(start: float, what: str) -> dict[str, Any]:
+    """The footer's note, cached with the page: when and how fast it was built, and its cache entry."""
+    built_at = datetime.now(UTC).strftime("%H:%M:%S UTC")
+    return {"ms": (perf_counter() - start) * 1000, "built_at": built_at, "what": what}
 
 
 def build_catalogue() -> list[dict[str, Any]]:
@@ -134,35 +170,63 @@ def summarise_category(pk: int) -> dict[str, Any] | None:
     )
 
 
+@cached_view(timeout=LIST_TIMEOUT, tags=list_tags(), query_params=())
+def product_list_page(request: HttpRequest) -> HttpResponse:
+    """The front page. No query parameter changes it, so `query_params=()` keeps every variant of its URL
+    (`/?utm_source=...`) on one cache entry."""
+    start = perf_counter()
+    categories = build_catalogue()
+    what = f"whole page, TTL {LIST_TIMEOUT} s, tags {', '.join(list_tags())}"
+    return render(
+        request,
+        "catalogue/product_list.html",
+        {"categories": categories, "page_info": page_info(start, what)},
+    )
+
+
 def product_list(request: HttpRequest) -> HttpResponse:
     start = perf_counter()
-    categories, built = cached(LIST_KEY, build_catalogue, LIST_TIMEOUT, list_tags())
-    what = f"{LIST_KEY}, TTL {LIST_TIMEOUT} s, tags {', '.join(list_tags())}"
-    context = {"categories": categories, "cache_info": footer("miss" if built else "hit", start, what)}
-    return render(request, "catalogue/product_list.html", context)
+    return with_badge(product_list_page(request), start)
+
+
+def product_page_tags(request: HttpRequest, slug: str, product: Product) -> list[str]:
+    return product_tags(product.pk, product.category_id)
+
+
+@cached_view(timeout=PRODUCT_TIMEOUT, tags=product_page_tags, query_params=())
+def product_page(request: HttpRequest, slug: str, product: Product) -> HttpResponse:
+    """A product's page without its view count. `product` is the row product_detail read to name the page's
+    tags (their primary keys are not in the URL); the page itself is built from rows read afresh, after
+    cached_view read the tags' versions, from the model cache: after an admin edit the write-through has
+    already stored the new row, so the rebuild reads no SQL for it."""
+    start = perf_counter()
+    page = build_product_page(slug)
+    if (page["id"], page["category"]["id"]) != (product.pk, product.category_id):
+        # The row moved (or its slug passed to another product) since product_detail read it: this page is
+        # about to be stored under the wrong tags. Invalidating the product's row tag, whose version was
+        # read before this render, makes the entry born stale; this response still shows the new row.
+        invalidate_tags(product_row_tag(product.pk))
+    tags = product_tags(product.pk, product.category_id)
+    what = f"whole page, TTL {PRODUCT_TIMEOUT} s, tags {', '.join(tags)}"
+    return render(
+        request, "catalogue/product_detail.html", {"product": page, "page_info": page_info(start, what)}
+    )
 
 
 def product_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    """A hit costs one cache read, plus the view count. The tags name the product's and its category's
-    primary keys, which the URL does not carry, so a miss first reads the product by slug from the model
-    cache, then builds the page."""
-    key = product_key(slug)
+    """The cached page with this request's view count filled in. A hit costs one read of the product row
+    (for the tags and the counter) and one of the page, plus the count.
+
+    The count changes on every view, so the page has no validator: no ETag, and no 304."""
+    product = find_product(slug)
+    request.META.pop("HTTP_IF_NONE_MATCH", None)
     start = perf_counter()
-    product, built, what = cache.get(key), False, f"{key}, TTL {PRODUCT_TIMEOUT} s"
-    if product is None:
-        found = find_product(slug)
-        pk, category_pk = found.pk, found.category_id
-        tags = product_tags(pk, category_pk)
-        product, built = cached(key, lambda: build_product_page(slug), PRODUCT_TIMEOUT, tags)
-        if (product["id"], product["category"]["id"]) != (pk, category_pk):
-            # The row moved (or its slug passed to another product) between the lookup and the build: the
-            # entry just stored carries the wrong tags. Invalidating the product's row tag, whose version
-            # the entry was stamped with before the build, kills it; this response still shows the new row.
-            invalidate_tags(product_row_tag(pk))
-        what += f", tags {', '.join(tags)}"
-    cache_info = footer("miss" if built else "hit", start, what)  # the page's read, not the count's
-    context = {"product": product, "views": count_view(product["id"]), "cache_info": cache_info}
-    return render(request, "catalogue/product_detail.html", context)
+    response = with_badge(product_page(request, slug, product), start)
+    del response["ETag"]
+    if response.status_code == 200:
+        views = count_view(product.pk)
+        fill(response, VIEWS_SLOT, "–" if views is None else str(views))
+    return response
 
 
 def category_list(request: HttpRequest) -> HttpResponse:
