@@ -51,6 +51,7 @@ demo: cluster-up
 	$(PY) -m django_distcache.devcluster broker-up $(DEMO_BROKER_ARGS)
 	cd example_project && $(DEMO_ENV) ../$(PY) manage.py migrate --noinput
 	cd example_project && $(DEMO_ENV) DISTCACHE_DEMO_SUPERUSER=1 ../$(PY) manage.py seed_catalogue
+	cd example_project && $(DEMO_ENV) ../$(PY) manage.py warmcache --all
 	@pid=$$(cat $(DEMO_WORKER_PID) 2>/dev/null); \
 	if [ -n "$$pid" ] && ps -o args= -p $$pid 2>/dev/null | grep -q celery; then \
 	  echo "The demo's Celery worker is already running (pid $$pid)"; \
