@@ -288,10 +288,10 @@ def run_warmer(
         if isinstance(source, QuerySet):
             from .models.registry import config_for
 
-            rows = queryset_pks(source) if pks is None else pks
+            row_pks = queryset_pks(source) if pks is None else pks
             config = config_for(source.model)
             _warm_rows(
-                config, source.db, rows, alias, entry.timeout, entry.tags, chunk.size, dry_run, progress
+                config, source.db, row_pks, alias, entry.timeout, entry.tags, chunk.size, dry_run, progress
             )
         elif pks is not None:
             raise WarmingError(f"warmer {entry.name!r} no longer returns a QuerySet; it was split by pk")
@@ -659,9 +659,18 @@ def run_task(
     using: str | None = None,
 ) -> WarmResult:
     """The body of the `django_distcache.warm` Celery task: run one chunk, reporting its progress to the
-    run's hash after every batch (when `run_id` is given); raise WarmingError if the chunk failed."""
-    entry = get_warmer(name)
-    cache = _cache_for(using or entry.using)
+    run's hash after every batch (when `run_id` is given); raise WarmingError if the chunk failed. The
+    command passes `using`, so a worker that does not know the warmer can still say so in the hash."""
+    cache = _cache_for(using) if using else None
+    try:
+        entry = get_warmer(name)
+    except LookupError as error:
+        message = f"{error}, in the worker"
+        if run_id and cache is not None:
+            key = progress_key(cache, run_id, name)
+            cache._run(_record_plan(key, {"errors": 1}, f"LookupError: {message}", True), "warm_progress")
+        raise WarmingError(message) from None
+    cache = cache or _cache_for(entry.using)
     key = progress_key(cache, run_id, name) if run_id else None
 
     def report(delta: dict[str, int]) -> None:

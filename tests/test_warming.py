@@ -503,6 +503,18 @@ def test_async_reports_a_failing_warmer_and_exits_non_zero(cache, start_worker):
     assert rows["model-app-broken"][-1] == "1" and rows["model-app-label-names"][0] == "1"
     assert cache.get(f"label-name:{Label.objects.get().pk}") == "violet"
 
+    # A warmer the worker does not have (it runs older code): the task says so, the command does not wait.
+    @warmer("only-here")
+    def only_here():
+        yield "only-here", 1
+
+    started = time.monotonic()
+    _, _, error = run_command("only-here", "--async", "--timeout", "60")
+    assert (
+        error is not None and "no warmer is named 'only-here'" in str(error) and "in the worker" in str(error)
+    )
+    assert time.monotonic() - started < 30
+
 
 def test_async_gives_up_when_no_worker_runs(cache, broker):
     import tests.celery_app  # noqa: F401  (the app the tasks are sent through)

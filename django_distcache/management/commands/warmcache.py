@@ -254,11 +254,15 @@ class Command(BaseCommand):
         for entry in selected:
             started = time.perf_counter()
             try:
-                cache = warming._cache_for(options["using"] or entry.using)
+                alias = options["using"] or entry.using
+                cache = warming._cache_for(alias)
                 arguments = warming.task_arguments(
-                    entry, chunk_size=options["chunk_size"], tasks=options["tasks"], run_id=run_id,
-                    using=options["using"],
-                )  # fmt: skip
+                    entry,
+                    chunk_size=options["chunk_size"],
+                    tasks=options["tasks"],
+                    run_id=run_id,
+                    using=alias,
+                )
                 sending = {"queue": options["queue"]} if options["queue"] else {}
                 group(warm_task.si(**kwargs) for kwargs in arguments).apply_async(**sending)
             except Exception as error:  # noqa: BLE001 - this warmer could not be sent; the others still are
