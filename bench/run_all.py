@@ -17,7 +17,7 @@ from typing import Any
 
 from . import harness
 
-SCRIPTS = ["bench.bench_backend", "bench.bench_tags", "bench.bench_warming"]
+SCRIPTS = ["bench.bench_backend", "bench.bench_tags", "bench.bench_models", "bench.bench_warming"]
 
 
 def main(argv: list[str] | None = None) -> int:
