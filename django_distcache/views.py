@@ -56,6 +56,12 @@ PASS_SECONDS = 30.0  # how long an uncacheable page is remembered as such (at mo
 _UNKEPT_DIRECTIVES = frozenset({"private", "no-store", "no-cache"})
 _PERSONAL_HEADERS = frozenset({"cookie", "authorization"})  # a response varying on these is one visitor's
 _CSRF_FLAG = "CSRF_COOKIE_NEEDS_UPDATE"  # set by django.middleware.csrf.get_token()
+_CONDITIONAL_HEADERS = (
+    "HTTP_IF_NONE_MATCH",
+    "HTTP_IF_MATCH",
+    "HTTP_IF_MODIFIED_SINCE",
+    "HTTP_IF_UNMODIFIED_SINCE",
+)
 
 
 # -- what the serving plan asks its driver for ---------------------------------------------------------
@@ -104,14 +110,13 @@ class _Visit:
     """One request through one cached view: the key it maps to, the query its view sees, its tags, and
     (when this request rendered the entry) the response with whether it may be shared."""
 
-    __slots__ = ("request", "args", "kwargs", "tags", "query", "query_string", "base_key", "rendered")
+    __slots__ = ("request", "args", "kwargs", "tags", "query_string", "base_key", "rendered")
 
     def __init__(self, view: _CachedView, request: HttpRequest, args: tuple, kwargs: dict, user: Any) -> None:
         options = view.options
         self.request, self.args, self.kwargs = request, args, kwargs
         self.tags = view.tags_for(request, args, kwargs)
         self.query_string = normalized_query(request.GET, options.query_params)
-        self.query = QueryDict(self.query_string, encoding="utf-8")
         self.rendered: tuple[HttpResponseBase, bool] | None = None
         parts = [
             view.name,
@@ -209,7 +214,8 @@ class _Watch:
     def __enter__(self) -> _Watch:
         request = self.request
         self.saved_get, self.saved_query = request.GET, request.META.get("QUERY_STRING")
-        request.GET, request.META["QUERY_STRING"] = self.visit.query, self.visit.query_string
+        request.GET = QueryDict(self.visit.query_string, encoding="utf-8")
+        request.META["QUERY_STRING"] = self.visit.query_string
         self.saved_cookies = request.COOKIES
         self.cookies = request.COOKIES = _WatchedCookies(self.saved_cookies)
         self.session = getattr(request, "session", None)
@@ -346,6 +352,8 @@ class _CachedView:
 
     def answer(self, request: HttpRequest, response: HttpResponseBase, status: str) -> HttpResponseBase:
         """A shareable response, or 304 Not Modified (or 412) when the request's conditions say so."""
+        if not any(header in request.META for header in _CONDITIONAL_HEADERS):
+            return _labelled(response, status)
         last_modified = response.get("Last-Modified")
         conditional = get_conditional_response(
             request,
@@ -391,10 +399,10 @@ class _CachedView:
             timeout = self.cache.default_timeout
         return PASS_SECONDS if timeout is None else max(0.0, min(PASS_SECONDS, float(timeout)))
 
-    def policy(self) -> stampede.Policy:
+    def policy(self, cache: Any) -> stampede.Policy:
         # Refreshes run inline: a view needs its request, and a render after the response has gone
         # would run outside the request's thread, middleware and database connection.
-        return stampede.policy_for(self.cache, self.options.stale, self.options.beta, "inline")
+        return stampede.policy_for(cache, self.options.stale, self.options.beta, "inline")
 
     # -- the sync driver ----------------------------------------------------------------------------------
     def serve(self, request: HttpRequest, args: tuple, kwargs: dict) -> Any:
@@ -408,14 +416,15 @@ class _CachedView:
             if step is _USER:
                 reply = _user(request)
             elif type(step) is _Fetch:
+                cache = self.cache
                 reply = stampede.get_or_compute(
-                    self.cache,
+                    cache,
                     step.key,
                     None,
                     functools.partial(self.render, step.visit, step.vary_known),
                     self.options.timeout,
                     step.visit.tags,
-                    self.policy(),
+                    self.policy(cache),
                     "cached_view",
                 )
             elif type(step) is _Forget:
@@ -442,14 +451,15 @@ class _CachedView:
             if step is _USER:
                 reply = await _auser(request)
             elif type(step) is _Fetch:
+                cache = self.cache
                 reply = await stampede.aget_or_compute(
-                    self.cache,
+                    cache,
                     step.key,
                     None,
                     functools.partial(self.arender, step.visit, step.vary_known),
                     self.options.timeout,
                     step.visit.tags,
-                    self.policy(),
+                    self.policy(cache),
                     "cached_view",
                 )
             elif type(step) is _Forget:
