@@ -17,7 +17,13 @@ from typing import Any
 
 from . import harness
 
-SCRIPTS = ["bench.bench_backend", "bench.bench_tags", "bench.bench_models", "bench.bench_warming"]
+SCRIPTS = [
+    "bench.bench_backend",
+    "bench.bench_tags",
+    "bench.bench_models",
+    "bench.bench_warming",
+    "bench.bench_views",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
