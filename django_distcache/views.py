@@ -246,6 +246,8 @@ class _Watch:
 
 def _why_not_kept(response: HttpResponseBase, watch: _Watch) -> str | None:
     """Why this response must not be shared with other visitors, or None if it may be."""
+    if not isinstance(response, HttpResponseBase):
+        return f"not a response ({type(response).__name__})"  # Django will say so
     if response.streaming:
         return "a streaming response"
     if response.status_code != 200:
@@ -320,8 +322,8 @@ class _CachedView:
         return caches[self.options.using]
 
     def tags_for(self, request: HttpRequest, args: tuple, kwargs: dict) -> list[str]:
-        tags = self.options.tags
-        return validate_tags(tags(request, *args, **kwargs) if callable(tags) else tags)
+        tags = self.options.tags  # a list validated by cached_view(), or a callable
+        return validate_tags(tags(request, *args, **kwargs)) if callable(tags) else tags
 
     # -- the plan: every decision, shared by the sync and the async driver ---------------------------------
     def plan(self, request: HttpRequest, args: tuple, kwargs: dict) -> Generator[Any, Any, Any]:
@@ -337,7 +339,7 @@ class _CachedView:
             entry = yield _Fetch(visit, key, vary_known)
             if visit.rendered is not None:  # this request rendered the entry: a miss, or an inline refresh
                 response, shared = visit.rendered
-                return self.answer(request, response, "miss" if shared else "pass")
+                return self.answer(request, response, "miss") if shared else _labelled(response, "pass")
             kind = entry.get("kind") if isinstance(entry, dict) else None
             if kind == "page":
                 return self.answer(request, self.response_from(entry), "hit")
@@ -368,7 +370,7 @@ class _CachedView:
     ) -> dict[str, Any]:
         """What a render leaves under its key: the page, the Vary headers it needs, or a pass marker."""
         reason = _why_not_kept(response, watch)
-        unkeyed = vary_headers(response).difference(self.options.vary_headers)
+        unkeyed = set() if reason else vary_headers(response).difference(self.options.vary_headers)
         if reason is None and vary_known is not None and not unkeyed <= vary_known:
             reason = f"Vary: {response['Vary']} differs from the Vary of the first render"
         if reason is not None:
@@ -521,8 +523,8 @@ def cached_view(
     never served from or stored in the cache); `stale`: seconds an expired page may still be served while
     one request renders it again; `beta`: XFetch eagerness; `query_params`: the only query parameters kept
     (in the key and in the request the view sees), None for all of them."""
-    if tags is not None and not callable(tags):
-        validate_tags(tags)
+    if not callable(tags):
+        tags = validate_tags(tags)
     headers, by_user = [], False
     for name in _names(vary_on, "vary_on"):
         if name.lower() == "user":

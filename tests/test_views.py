@@ -664,3 +664,8 @@ def test_bare_decorator_and_the_package_level_name():
 
     assert [get(page).cache_status for _ in range(2)] == ["miss", "hit"]
     assert page.__name__ == "page"
+
+
+def test_a_view_that_returns_no_response_gets_djangos_own_error():
+    view = cached_view(timeout=60)(lambda request: None)
+    assert get(view) is None  # Django's handler then says the view returned None
