@@ -462,7 +462,14 @@ class Chaos:
             outcome = f"raised {type(error).__name__}"
             errors += 1
         served_during = sum(1 for value in cache.get_many(keys).values() if value == "old")
+        self.wait_failed(victim)
         self.wait_ok(60)
+        ok_at = time.monotonic()
+        while (
+            cache._tags.outbox is not None and not cache._tags.outbox.empty and time.monotonic() - ok_at < 15
+        ):
+            time.sleep(0.02)
+        landed_after_ok = time.monotonic() - ok_at
         if outcome != "invalidated":
             # What a caller told of the failure does: try again until the tag's slots are served again.
             deadline = time.monotonic() + 15
@@ -486,6 +493,8 @@ class Chaos:
                 "stale_served": served_during + served_after,
                 "stale_served_during": served_during,
                 "stale_served_after_recovery": served_after,
+                "outbox_landed_after_ok_seconds": landed_after_ok,
+                "outbox_pending_at_end": len(cache._tags.outbox.pending) if cache._tags.outbox else 0,
             }
         )
 

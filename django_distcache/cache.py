@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -30,6 +31,7 @@ from .backplane import Backplane
 from .codec import EXPIRED, SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, parse_settings
 from .forksafe import renew_locks_after_fork
+from .outbox import Outbox, default_outbox_dir, run_plan
 from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
 from .topology.base import TopologyState
@@ -275,8 +277,44 @@ class RedisClusterCache(BaseCache):
             self._namespace = shared.namespaces[namespace_id]
             tags_id = (self.key_prefix, float(self._settings.options["TAG_VERSION_TTL"]))
             if tags_id not in shared.tag_versions:
-                shared.tag_versions[tags_id] = TagVersions(self.key_prefix, tags_id[1], shared.backplane)
+                tag_versions = TagVersions(self.key_prefix, tags_id[1], shared.backplane)
+                tag_versions.outbox = self._make_outbox(tag_versions)
+                shared.tag_versions[tags_id] = tag_versions
             self._tags = shared.tag_versions[tags_id]
+
+    def _make_outbox(self, tag_versions: TagVersions) -> Outbox:
+        shared, options, namespace, prefix = (
+            self._shared,
+            self._settings.options,
+            self._namespace,
+            self.key_prefix,
+        )
+        directory = options["OUTBOX_DIR"]
+        if directory is None:
+            directory = default_outbox_dir()
+
+        def publish(landed: dict[str, int]) -> None:
+            shared.topology.execute_batch(
+                [
+                    shared.backplane.publish_call("tag", prefix, tag, version)
+                    for tag, version in landed.items()
+                ]
+            )
+
+        def count(what: str) -> None:
+            with _counts_lock:
+                shared.failure_counts[what] = shared.failure_counts.get(what, 0) + 1
+
+        return Outbox(
+            prefix,
+            shared.topology,
+            int(options["OUTBOX_SIZE"]),
+            Path(directory) if directory else None,
+            tag_versions.tag_key,
+            publish,
+            lambda: run_plan(shared.topology, namespace.bump()),
+            count,
+        )
 
     # -- drivers: the only place that does I/O and applies the failure policy ------------------------------
     def _run(self, plan: Plan, operation: str, fallback: Any = None) -> Any:

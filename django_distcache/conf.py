@@ -6,6 +6,7 @@ Every option is documented in one table in docs/configuration.md; keep the two i
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -36,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "NAMESPACE_CHECK_INTERVAL": 1.0,
     "TAG_VERSION_TTL": 1.0,
     "TOPOLOGY_REFRESH_INTERVAL": 0.25,
+    "OUTBOX_SIZE": 10000,
+    "OUTBOX_DIR": None,
     "BREAKER_THRESHOLD": 3,
     "BREAKER_COOLDOWN": 1.0,
     "SIGNING_KEY": None,
@@ -169,7 +172,17 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     ):
         _positive_number(name, opts[name])
     _positive_number("BREAKER_COOLDOWN", opts["BREAKER_COOLDOWN"])
-    for name in ("BEHIND_SHARDS", "BEHIND_BATCH_SIZE", "BEHIND_MAX_ATTEMPTS", "BREAKER_THRESHOLD"):
+    if opts["OUTBOX_DIR"] not in (None, False) and not isinstance(opts["OUTBOX_DIR"], str | os.PathLike):
+        raise _fail(
+            "OPTIONS['OUTBOX_DIR'] must be a directory path, None (the default place) or False (none)"
+        )
+    for name in (
+        "BEHIND_SHARDS",
+        "BEHIND_BATCH_SIZE",
+        "BEHIND_MAX_ATTEMPTS",
+        "BREAKER_THRESHOLD",
+        "OUTBOX_SIZE",
+    ):
         value = opts[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(f"OPTIONS[{name!r}] must be a whole number of at least 1, got {value!r}")

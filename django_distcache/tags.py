@@ -58,6 +58,7 @@ class TagVersions:
         self.local_ttl = local_ttl
         self.backplane = backplane
         self._local: dict[str, tuple[int, float]] = {}  # tag -> (version, fetched at)
+        self.outbox: Any = None  # set by the cache: invalidations waiting for their node (outbox.py)
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
         if local_ttl > 0:
@@ -92,6 +93,9 @@ class TagVersions:
 
     def held_verdict(self, stamps: dict[str, int]) -> bool | None:
         """From the in-process copies alone: True (all current), False (one is stale), None (ask Redis)."""
+        outbox = self.outbox
+        if outbox is not None and not outbox.empty and outbox.blocks(stamps):
+            return False  # an invalidation of one of these tags is waiting to land
         if self.local_ttl <= 0:
             return None
         backplane, local, now = self.backplane, self._local, time.monotonic()
@@ -124,7 +128,7 @@ class TagVersions:
             else:
                 versions[tag] = held
         if not missing:
-            return versions
+            return self._with_pending(versions, create)
         self.backplane.ensure_started()
         epoch, fetched_at = self.backplane.epoch, time.monotonic()
         proposals = {tag: new_version() for tag in missing} if create else {}
@@ -148,6 +152,14 @@ class TagVersions:
                 fetched[tag] = int(reply)
         versions.update(fetched)
         self._hold(fetched, epoch, fetched_at)
+        return self._with_pending(versions, create)
+
+    def _with_pending(self, versions: dict[str, Any], create: bool) -> dict[str, Any]:
+        outbox = self.outbox
+        if outbox is not None and not outbox.empty and not create:
+            for tag in versions:
+                if outbox.blocks((tag,)):
+                    versions[tag] = None  # an invalidation is pending: whatever carries it is a miss
         return versions
 
     def invalidate(self, tags: list[str]) -> Plan:
@@ -156,9 +168,19 @@ class TagVersions:
         replies = yield [
             Call(self.tag_key(tag), ("SET", self.tag_key(tag), version)) for tag, version in new.items()
         ]
-        for reply in replies:
+        queued = {}
+        for (tag, version), reply in zip(new.items(), replies, strict=True):
             if isinstance(reply, BaseException):
-                raise reply
+                if self.outbox is None or not is_outage(reply):
+                    raise reply
+                queued[tag] = version  # its node is unreachable: kept and retried, never dropped
+        if queued:
+            with self._lock:
+                for tag in queued:
+                    self._local.pop(tag, None)
+            self.outbox.add(queued)
+        count = len(new)
+        new = {tag: version for tag, version in new.items() if tag not in queued}
         with self._lock:
             self.backplane.epoch += 1  # a fetch in flight in another thread must not reinstall an old version
             now = time.monotonic()
@@ -170,7 +192,7 @@ class TagVersions:
         for reply in publishes:
             if isinstance(reply, BaseException) and not is_outage(reply):
                 raise reply
-        return len(new)
+        return count
 
 
 def stamps_are_current(stamps: dict[str, int], current: dict[str, int | None]) -> bool:
