@@ -23,7 +23,8 @@ NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
 	done)
 VENV_NEWEST := .venv-newest-django
 
-.PHONY: venv demo test test-main test-newest-django bench lint cluster-up cluster-down clean
+PHONY_CHAOS := chaos
+.PHONY: chaos venv demo test test-main test-newest-django bench lint cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +86,11 @@ test-newest-django:
 
 bench: venv
 	$(PY) -m bench.run_all
+
+# Node failures under load (kill -9, SIGSTOP, restart, reshard, invalidation during an outage); prints the
+# table of docs/failure.md. `make test` runs the short form (tests/test_chaos.py).
+chaos: venv
+	$(PY) -m bench.chaos
 
 lint: venv
 	$(PY) -m ruff check django_distcache tests bench example_project

@@ -53,6 +53,7 @@ logger = logging.getLogger("django_distcache.behind")
 GROUP = b"distcache"
 MARKER_TTL_MS = 24 * 3600 * 1000
 CAS_ATTEMPTS = 5
+PASS_FACTOR = 10  # a drain coalesces up to this many reads of BEHIND_BATCH_SIZE entries per transaction
 _SLOTS = 16384
 
 # save_behind's cache update: compare-and-set the entry (ARGV[1]: sha1 of what was read, '-' = absent),
@@ -490,24 +491,31 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
             if cursor in (b"0-0", "0-0"):
                 break
         while max_batches is None or report.batches < max_batches:
-            reply = _call(
-                cache,
-                Call(
-                    keys.stream,
-                    (
-                        "XREADGROUP",
-                        "GROUP",
-                        GROUP,
-                        consumer,
-                        "COUNT",
-                        batch_size,
-                        "STREAMS",
+            # Read until caught up (or PASS_FACTOR reads' worth), then coalesce everything read into one
+            # transaction: the fewer, larger batches, the more changes of a hot row become one write.
+            entries: list[tuple[bytes, bytes | None]] = []
+            for _ in range(PASS_FACTOR):
+                reply = _call(
+                    cache,
+                    Call(
                         keys.stream,
-                        ">",
+                        (
+                            "XREADGROUP",
+                            "GROUP",
+                            GROUP,
+                            consumer,
+                            "COUNT",
+                            batch_size,
+                            "STREAMS",
+                            keys.stream,
+                            ">",
+                        ),
                     ),
-                ),
-            )
-            entries = _entries(_stream_entries(reply))
+                )
+                read = _entries(_stream_entries(reply))
+                entries.extend(read)
+                if len(read) < batch_size:
+                    break
             if not entries:
                 break
             if not _still_ours(cache, keys, token, idle_ms):
