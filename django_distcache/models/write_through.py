@@ -23,20 +23,28 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
 
-from ..topology import Call
+from ..topology import Call, is_outage
 from .read import MISSING_ROW, Lease, bump_epoch_plan, fill_plan
 from .registry import ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
 
 SNAPSHOT_ATTRIBUTE = "_distcache_lookup_values"
+_NO_EPOCH = b""  # the epoch could not be written (its node is down)
 
 
 def _invalidate_plan(
     cache: Any, config: ModelCacheConfig, pks: list[Any], extra_keys: Iterable[str], whole_model: bool
 ) -> Any:
-    """Epoch first (voids every fill in flight), then the tags, then the keys we know."""
-    epoch = yield from bump_epoch_plan(cache, config)
+    """Epoch first (voids every fill in flight), then the tags, then the keys we know.
+
+    Only the tags are essential: every entry of a row carries its row tag, and a tag invalidation that
+    cannot reach its node waits in the outbox (outbox.py) with the entries missing meanwhile. If the
+    epoch's node is down, fills cannot read it either, so none completes; a key that cannot be deleted
+    is dead by its tag."""
+    from ..cache import Guarded
+
+    epoch = yield Guarded(bump_epoch_plan(cache, config), "write_through", None)
     if whole_model:
         tags = [config.model_tag(), config.missing_tag()]
     else:
@@ -50,9 +58,9 @@ def _invalidate_plan(
         physical = [prefix + cache._made_key(key, None).encode() for key in keys]
         replies = yield [Call(p, ("DEL", p)) for p in physical]
         for reply in replies:
-            if isinstance(reply, BaseException):
+            if isinstance(reply, BaseException) and not is_outage(reply):
                 raise reply
-    return epoch
+    return epoch if epoch is not None else _NO_EPOCH
 
 
 def _write_through(
@@ -68,8 +76,8 @@ def _write_through(
             pk,
         )
         return
-    if not refill:
-        return
+    if not refill or epoch is _NO_EPOCH:
+        return  # (without our epoch a refill could not be told apart from a stale fill: the next read fills)
     try:
         found = config.model._base_manager.using(using).get(pk=pk)
     except config.model.DoesNotExist:
