@@ -8,9 +8,14 @@ middleware (sessions, CSRF, authentication) go through the test client and this 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -32,18 +37,23 @@ from django_distcache import views
 from django_distcache.views import cached_view, content_etag
 
 rf = RequestFactory()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def caches_on(prefix: str) -> dict:
+    default = {
+        "BACKEND": "django_distcache.cache.RedisClusterCache",
+        "LOCATION": settings.CLUSTER_LOCATION,
+        "KEY_PREFIX": prefix,
+        "TIMEOUT": 300,
+    }
+    return {"default": default}
 
 
 @pytest.fixture(autouse=True)
 def view_cache():
     """The default cache, on a key prefix of this test's own (tags included)."""
-    default = {
-        "BACKEND": "django_distcache.cache.RedisClusterCache",
-        "LOCATION": settings.CLUSTER_LOCATION,
-        "KEY_PREFIX": f"views-{uuid.uuid4().hex[:12]}",
-        "TIMEOUT": 300,
-    }
-    with override_settings(CACHES={"default": default}):
+    with override_settings(CACHES=caches_on(f"views-{uuid.uuid4().hex[:12]}")):
         yield caches["default"]
 
 
@@ -601,6 +611,70 @@ def test_fifty_threads_on_a_missing_page_run_the_view_once():
     assert errors == [] and len(page.calls) == 1
     assert {(r.status_code, r.content) for r in responses} == {(200, b"expensive")}
     assert sorted(r.cache_status for r in responses).count("miss") == 1
+
+
+def shared_report(request):
+    caches["default"].incr("renders")
+    time.sleep(0.3)
+    return HttpResponse("shared report")
+
+
+SHARED_REPORT = cached_view(timeout=60)(shared_report)
+
+# A second process: 10 threads ask for the page at `start_at`; prints what they got, as JSON.
+PEER = r"""
+import json, sys, threading, time
+import django
+django.setup()
+from django.test import RequestFactory, override_settings
+from django.test.utils import setup_test_environment
+from tests import test_views
+
+setup_test_environment()  # lets RequestFactory's host through ALLOWED_HOSTS
+prefix, start_at = sys.argv[1], float(sys.argv[2])
+got = []
+with override_settings(CACHES=test_views.caches_on(prefix)):
+    def visit():
+        request = RequestFactory().get("/shared/")
+        time.sleep(max(0.0, start_at - time.time()))
+        response = test_views.SHARED_REPORT(request)
+        got.append([response.content.decode(), response.cache_status])
+    threads = [threading.Thread(target=visit) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+print(json.dumps(got))
+"""
+
+
+def test_misses_in_two_processes_render_the_page_once(view_cache):
+    view_cache.set("renders", 0)
+    start_at = time.time() + 2.0
+    peer = subprocess.Popen(
+        [sys.executable, "-c", PEER, view_cache.key_prefix, str(start_at)],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ours = []
+
+    def visit():
+        request = rf.get("/shared/")
+        time.sleep(max(0.0, start_at - time.time()))
+        ours.append(SHARED_REPORT(request).content)
+
+    threads = [threading.Thread(target=visit) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    output, _ = peer.communicate(timeout=30)
+    theirs = json.loads(output.strip().splitlines()[-1])
+    assert ours == [b"shared report"] * 10
+    assert [content for content, _ in theirs] == ["shared report"] * 10
+    assert view_cache.get("renders") == 1
 
 
 # -- async -------------------------------------------------------------------------------------------------
