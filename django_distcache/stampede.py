@@ -19,6 +19,7 @@ Invalidated entries (a stale tag) are never served as stale: only entries past t
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
@@ -32,6 +33,8 @@ from typing import Any
 from .codec import SignatureError, UndecodableValueError
 from .tags import stamps_are_current, validate_tags
 from .topology import Call
+
+logger = logging.getLogger("django_distcache.stampede")
 
 LEASE_PREFIX = "~distcache:lease:"
 _RELEASE_SCRIPT = (
@@ -221,7 +224,11 @@ def fetch_plan(
                     "refresh",
                 )
             else:
-                yield Compute(policy.refresh, (key, version, token))
+                try:
+                    yield Compute(policy.refresh, (key, version, token))
+                except Exception as error:  # noqa: BLE001 - the broker is not ours: serve the value anyway
+                    logger.warning("could not queue the refresh of %r: %s", key, error)
+                    yield Guarded(release_plan(lease, token), "lease", None)
         return found.value
     # A miss (or stale while the caller allows no staleness): one caller computes, the others wait for it.
     if on_miss == "return":

@@ -254,3 +254,24 @@ def test_refresh_ahead_through_celery_recomputes_in_the_worker(start_worker):
         time.sleep(0.05)
     assert value.startswith("x@") and value != f"x@{os.getpid()}"
     computed_where.invalidate("x")
+
+
+def test_a_refresh_that_cannot_be_queued_still_serves_the_stale_value(cache):
+    from django_distcache.stampede import policy_for
+
+    def broken_queue(key, version, token):
+        raise ConnectionError("broker down")
+
+    values = iter(["v1", "v2"])
+    policy = policy_for(cache, stale=30, refresh=broken_queue)
+    from django_distcache import stampede as module
+
+    def fetch():
+        return module.get_or_compute(cache, "queued", None, lambda: next(values), 0.2, None, policy, "test")
+
+    assert fetch() == "v1"
+    time.sleep(0.3)
+    assert fetch() == "v1"  # stale, served although the refresh could not be queued
+    started = time.monotonic()
+    assert fetch() == "v1"  # the lease was released: no wait behind it either
+    assert time.monotonic() - started < 0.5
