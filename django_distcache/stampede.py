@@ -214,7 +214,16 @@ def fetch_plan(
                 cache, key, version, physical, lease, token, compute, timeout, tags, policy
             )
             if policy.refresh == "inline":
-                return (yield from refresh)
+                try:
+                    return (yield from refresh)
+                except Exception as error:  # noqa: BLE001 - fail-safe: the value we hold is still good to serve
+                    logger.warning(
+                        "recomputing %r failed (%s: %s); served the value held",
+                        key,
+                        type(error).__name__,
+                        error,
+                    )
+                    return found.value
             refresh.close()
             if policy.refresh == "thread":
                 yield Spawn(
