@@ -31,6 +31,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import re
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, QueryDict
 from django.utils import timezone, translation
-from django.utils.cache import cc_delim_re, get_conditional_response
+from django.utils.cache import get_conditional_response
 from django.utils.http import parse_http_date_safe
 
 from . import stampede
@@ -62,6 +63,9 @@ _CONDITIONAL_HEADERS = (
     "HTTP_IF_MODIFIED_SINCE",
     "HTTP_IF_UNMODIFIED_SINCE",
 )
+
+# Commas (with any spaces) between the items of Cache-Control and Vary (Django 6.1 dropped its own).
+_HEADER_LIST = re.compile(r"\s*,\s*")
 
 
 # -- what the serving plan asks its driver for ---------------------------------------------------------
@@ -255,7 +259,7 @@ def _why_not_kept(response: HttpResponseBase, watch: _Watch) -> str | None:
     if response.cookies:
         return "it sets a cookie"
     directives = {
-        d.split("=", 1)[0].strip().lower() for d in cc_delim_re.split(response.get("Cache-Control", ""))
+        d.split("=", 1)[0].strip().lower() for d in _HEADER_LIST.split(response.get("Cache-Control", ""))
     }
     if directives & _UNKEPT_DIRECTIVES:
         return f"Cache-Control: {response['Cache-Control']}"
@@ -275,7 +279,7 @@ def vary_headers(response: HttpResponseBase) -> set[str]:
     """The lower-case header names of the response's Vary header."""
     if not response.has_header("Vary"):
         return set()
-    return {name.strip().lower() for name in cc_delim_re.split(response["Vary"]) if name.strip()}
+    return {name.strip().lower() for name in _HEADER_LIST.split(response["Vary"]) if name.strip()}
 
 
 def content_etag(content: bytes) -> str:

@@ -30,6 +30,8 @@ def chaos_results():
 def test_no_exception_reaches_a_caller(chaos_results):
     for result in chaos_results:
         assert result["errors_seen_by_callers"] == 0, result
+        if "view_calls" in result:
+            assert result["view_calls"] > 0, result  # the Django view was really requested
 
 
 def test_no_stale_value_is_served(chaos_results):
