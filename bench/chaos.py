@@ -221,7 +221,13 @@ class Chaos:
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def __enter__(self) -> Chaos:
+        import redis
+
         self.cluster.up()
+        for port in self.cluster.ports:
+            # Any replica may take over, however long its link was down in an earlier scenario (a
+            # SIGSTOP leaves the stopped node's replica link idle): each scenario needs its failover.
+            redis.Redis(port=port, socket_timeout=2).config_set("cluster-replica-validity-factor", 0)
         setup_django(self.cluster.startup_urls)
         return self
 
