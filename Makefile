@@ -23,7 +23,6 @@ NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
 	done)
 VENV_NEWEST := .venv-newest-django
 
-PHONY_CHAOS := chaos
 .PHONY: chaos venv demo test test-main test-newest-django bench lint cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml

@@ -7,6 +7,8 @@ Latencies and throughput ratios are printed by `make chaos` and recorded in docs
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.settings import _port_answers
@@ -48,7 +50,7 @@ def test_a_failed_node_costs_only_its_own_keys(chaos_results):
 def test_the_failed_shard_degrades_and_is_served_again(chaos_results):
     kill = next(result for result in chaos_results if result["scenario"] == "kill -9 primary")
     assert kill["degraded_calls_failed_shard"] > 0  # the outage was real and reached the load
-    assert kill["served_after_ok_seconds"] == kill["served_after_ok_seconds"]  # not NaN: served again
+    assert math.isfinite(kill["served_after_ok_seconds"])  # NaN would mean: never served again
 
 
 def test_invalidations_during_an_outage_land_after_it(chaos_results):
