@@ -397,6 +397,23 @@ def seconds_text(seconds: float) -> str:
 # --------------------------------------------------------------------------- the drainer process
 
 
+def _profiled(function: Any) -> tuple[Any, str]:
+    """Run `function()` under cProfile: its result, and the top of the profile by own and total time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = function()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(22)
+    stats.sort_stats("cumulative").print_stats(30)
+    return result, out.getvalue()
+
+
 def drainer_main() -> int:
     """Runs in its own process: drain every shard, over and over, until stdin closes; then print what it
     did as JSON. Per shard and pass it notes when the pass ended and the consumer group's last-delivered
@@ -676,10 +693,6 @@ class Bench:
     def profile(self, calls: int) -> None:
         """Where the time of a get_cached hit and of a save_behind goes (to stderr): the round trips and
         commands of one call, the median time per call without a profiler, then cProfile listings."""
-        import cProfile
-        import io
-        import pstats
-
         from django_distcache.models import flush_behind, get_cached, save_behind
 
         product, behind = self.models.product, self.models.behind
@@ -727,38 +740,24 @@ class Bench:
                 each(function, items, calls // 5)()
                 timings.append((time.perf_counter() - started) / (calls // 5))
                 cpu.append((time.thread_time() - cpu_started) / (calls // 5))
-            profiler = cProfile.Profile()
-            profiler.enable()
-            each(function, items, calls)()
-            profiler.disable()
-            out = io.StringIO()
-            stats = pstats.Stats(profiler, stream=out)
-            stats.sort_stats("tottime").print_stats(22)
-            stats.sort_stats("cumulative").print_stats(30)
+            out = _profiled(each(function, items, calls))[1]
             harness.log(
                 f"PROFILE {name}: {len(trips) / 200:.2f} round trips per call ({shape}); "
                 f"{sorted(timings)[2] * 1e6:.0f} µs per call, {sorted(cpu)[2] * 1e6:.0f} µs of it on this "
                 f"thread's CPU (medians of 5 × {calls // 5}, no profiler)"
             )
-            print(f"\n===== {name}: cProfile of {calls} calls =====\n{out.getvalue()}", file=sys.stderr)
+            print(f"\n===== {name}: cProfile of {calls} calls =====\n{out}", file=sys.stderr)
         flush_behind()
         # The drain: `calls` changes queued on 100 hot rows, then one flush_behind() under the profiler.
         hot = counters[:HOT_ROWS]
         each(write, hot, calls)()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        report = flush_behind()
-        profiler.disable()
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("tottime").print_stats(22)
-        stats.sort_stats("cumulative").print_stats(30)
+        report, out = _profiled(flush_behind)
         harness.log(
             f"PROFILE flush_behind: {report.changes_applied:,} changes on {len(hot)} rows, "
             f"{report.rows_written:,} rows written in {report.batches} batches, {report.seconds:.2f} s "
             "(under the profiler)"
         )
-        print(f"\n===== flush_behind of {calls} changes =====\n{out.getvalue()}", file=sys.stderr)
+        print(f"\n===== flush_behind of {calls} changes =====\n{out}", file=sys.stderr)
 
     # -- M2 ----------------------------------------------------------------------------------------------
     def bench_saves(self) -> None:

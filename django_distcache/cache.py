@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -219,6 +220,12 @@ class FailurePolicy:
         if what not in SERVED_FROM_COPY:
             self._thread.count = getattr(self._thread, "count", 0) + 1
 
+    def note(self, what: str, message: str, *args: Any) -> None:
+        """Count `what` and log `message` as a warning, at most once per LOG_EVERY seconds."""
+        self.count(what)
+        if self._log_due(what):
+            logger.warning(message + "; %d so far", *args, self.counts[what])
+
     def counted_in_this_thread(self) -> int:
         """How many failures this thread has seen: a caller can tell whether its own call degraded."""
         return getattr(self._thread, "count", 0)
@@ -227,9 +234,7 @@ class FailurePolicy:
         self.count(operation)
         if self.policy == "raise" or fallback is _STRICT:
             raise CacheUnavailable(f"cache {operation} failed: {error}") from error
-        now = time.monotonic()
-        if now - self._last_logged.get(operation, 0.0) >= self.LOG_EVERY:
-            self._last_logged[operation] = now
+        if self._log_due(operation):
             logger.warning(
                 "cache %s failed (%s: %s); degraded to %r; %d failures so far",
                 operation,
@@ -239,6 +244,14 @@ class FailurePolicy:
                 self.counts[operation],
             )
         return fallback
+
+    def _log_due(self, what: str) -> bool:
+        """True at most once per LOG_EVERY seconds for each `what`: warnings, not one per request."""
+        now = time.monotonic()
+        if now - self._last_logged.get(what, 0.0) < self.LOG_EVERY:
+            return False
+        self._last_logged[what] = now
+        return True
 
     def check_item(self, operation: str, result: Any) -> bool:
         """For one result of a batch: True if usable; a bug raises; an outage is counted and skipped."""
@@ -448,6 +461,11 @@ class RedisClusterCache(BaseCache):
             return default
         found = yield from self._valid_values({key: data})
         return found.get(key, default)
+
+    def _replicas_listed(self, key: bytes) -> int:
+        """How many replicas the slot map lists for `key`'s slot; as many as anyone asks before one is loaded."""
+        slot_map = self._shared.state.slot_map
+        return slot_map.replica_count(key) if slot_map is not None else sys.maxsize
 
     def _valid_values(self, stored: dict[Any, bytes]) -> Plan:
         """Decode stored bytes; drop what cannot be decoded and what carries a stale or missing tag."""

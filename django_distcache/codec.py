@@ -45,7 +45,7 @@ class _Expired:
 EXPIRED = _Expired()  # decode_stamped's value for an entry past its logical timeout
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_BARE_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+_BARE_INT = re.compile(rb"0|-?[1-9][0-9]{0,18}")  # no "-0", no leading zeros: as Redis reads integers
 
 
 class SignatureError(Exception):

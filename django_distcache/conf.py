@@ -78,6 +78,8 @@ class ConnectionSettings:
     socket_connect_timeout: float | None = 0.2
     retries: int = 1
     read_from_replicas: bool = False
+    # Reads of a primary whose circuit is open go to its replicas (READ_FROM_REPLICAS = "fallback").
+    replica_fallback: bool = False
     topology_refresh_interval: float = 0.25
     breaker_threshold: int = 3
     breaker_cooldown: float = 1.0
@@ -150,6 +152,11 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         raise _fail(
             f"OPTIONS['FAILURE_POLICY'] must be one of {FAILURE_POLICIES}, got {opts['FAILURE_POLICY']!r}"
         )
+    if opts["READ_FROM_REPLICAS"] not in (False, True, "fallback"):
+        raise _fail(
+            "OPTIONS['READ_FROM_REPLICAS'] must be False (primaries only), True (replicas in turn) or "
+            f"'fallback' (replicas while a primary is unreachable), got {opts['READ_FROM_REPLICAS']!r}"
+        )
     for name in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
         _positive_number(name, opts[name], allow_none=True)
     for name in (
@@ -198,7 +205,8 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         socket_timeout=opts["SOCKET_TIMEOUT"],
         socket_connect_timeout=opts["SOCKET_CONNECT_TIMEOUT"],
         retries=int(opts["RETRIES"]),
-        read_from_replicas=bool(opts["READ_FROM_REPLICAS"]),
+        read_from_replicas=opts["READ_FROM_REPLICAS"] is True,
+        replica_fallback=opts["READ_FROM_REPLICAS"] == "fallback",
         topology_refresh_interval=float(opts["TOPOLOGY_REFRESH_INTERVAL"]),
         breaker_threshold=int(opts["BREAKER_THRESHOLD"]),
         breaker_cooldown=float(opts["BREAKER_COOLDOWN"]),

@@ -39,6 +39,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .forksafe import process_alive
+
 __all__ = ["DevCluster", "DevClusterError", "find_server_binary", "format_status", "main"]
 
 log = logging.getLogger(__name__)
@@ -109,24 +111,9 @@ def _server_identity(binary: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- processes
 
 
-def _process_alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs (macOS): kill(pid, 0) is all we have
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 def _is_node_process(pid: int, port: int) -> bool:
     """True if `pid` is alive and looks like a server listening on `port` (guards against pid reuse)."""
-    if not _process_alive(pid):
+    if not process_alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -141,7 +128,7 @@ def _wait_exit(pids: Iterable[int], timeout: float) -> list[int]:
     alive = list(pids)
     deadline = time.monotonic() + timeout
     while alive:
-        alive = [pid for pid in alive if _process_alive(pid)]
+        alive = [pid for pid in alive if process_alive(pid)]
         if not alive or time.monotonic() >= deadline:
             break
         time.sleep(POLL)
@@ -899,7 +886,7 @@ class StandaloneServer:
 
     def pid(self) -> int | None:
         pid = _read_pidfile(self._pidfile)
-        return pid if pid is not None and _process_alive(pid) else None
+        return pid if pid is not None and process_alive(pid) else None
 
     def up(self, timeout: float = 30) -> str:
         if self.pid() is not None and _port_open(self.host, self.port):

@@ -1,4 +1,4 @@
-"""Locks that a forked child must not inherit.
+"""Processes: locks that a forked child must not inherit, and whether a process is still alive.
 
 A lock held by another thread at the moment of fork() stays held forever in the child (the thread that
 would release it does not exist there). Objects register the attributes holding their locks, and the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 _owners: list[tuple[weakref.ref, tuple[str, ...]]] = []  # weak: registering keeps nothing alive
@@ -29,3 +30,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (an exited child nobody has waited for)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): kill(pid, 0) is all we have
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .forksafe import renew_locks_after_fork
+from .forksafe import process_alive, renew_locks_after_fork
 from .topology import Call, is_outage
 
 logger = logging.getLogger("django_distcache.outbox")
@@ -38,16 +38,6 @@ RETRY_INTERVAL = 0.2  # seconds between two attempts to flush the outbox
 
 def default_outbox_dir() -> Path:
     return Path(tempfile.gettempdir()) / "django-distcache-outbox"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Outbox:
@@ -202,7 +192,7 @@ class Outbox:
                 pid = int(path.name[len(safe) + 1 : -len(".json")])
             except ValueError:
                 continue
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or process_alive(pid):
                 continue
             try:
                 data = json.loads(path.read_text())

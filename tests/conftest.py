@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,9 +27,70 @@ def cluster() -> DevCluster:
     )
     already_running = dev.is_healthy()
     dev.up()
+    _settle_outbox()
     yield dev
     if not already_running and not os.environ.get("DISTCACHE_KEEP_CLUSTER"):
         dev.down()
+
+
+def _settle_outbox() -> None:
+    """A test process that was killed (a peer, a worker, an interrupted run) with invalidations pending
+    leaves its outbox file; the next process with the same KEY_PREFIX bumps the namespace for it, in the
+    background, soon after its first use of the cache. Let that happen before the first test, not in the
+    middle of one (where it would empty the cache under the test's feet)."""
+    from django.core.cache import caches
+
+    outbox = caches["default"]._tags.outbox
+    deadline = time.monotonic() + 30
+    while outbox is not None and not outbox.empty:
+        assert time.monotonic() < deadline, "the outbox left by an earlier test process never landed"
+        time.sleep(0.05)
+
+
+def wait_replicas_listed(cluster: DevCluster, timeout: float = 20) -> None:
+    """Until CLUSTER SLOTS lists a replica for every slot range. Redis lists a replica only once its
+    primary has seen it acknowledge part of the replication stream, so on a fresh cluster each primary is
+    written to first."""
+    import redis
+    from redis.crc import key_slot
+
+    deadline = time.monotonic() + timeout
+    while True:
+        ranges = redis.Redis(port=cluster.ports[0]).execute_command("CLUSTER", "SLOTS")
+        if ranges and all(len(entry) > 3 for entry in ranges):
+            return
+        assert time.monotonic() < deadline, f"replicas still not listed by CLUSTER SLOTS: {ranges}"
+        for start, end, primary, *_ in ranges:
+            key = next(
+                f"replication-ping-{n}"
+                for n in range(100_000)
+                if start <= key_slot(f"replication-ping-{n}".encode()) <= end
+            )
+            redis.Redis(port=primary[1]).set(key, 1, ex=60)
+        time.sleep(0.1)
+
+
+@contextmanager
+def hung_primary(cluster: DevCluster, port: int):
+    """SIGSTOP the primary on `port` (a hung node) while every other node is told not to take over, so
+    that its slots stay its own, unreachable, for the whole block; SIGCONT and a healthy cluster after."""
+    import redis
+
+    others = [other for other in cluster.ports if other != port]
+    for other in others:
+        redis.Redis(port=other).config_set("cluster-replica-no-failover", "yes")
+    pid = cluster.pid(port)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for other in others:
+            redis.Redis(port=other).config_set("cluster-replica-no-failover", "no")
+        cluster.wait_healthy(60)
+        # Caches of the tests that follow opened their breaker on the node: past the default cooldown, their
+        # next call probes it and closes it.
+        time.sleep(1.1)
 
 
 def make_cache(**overrides):

@@ -65,6 +65,11 @@ def test_int64_is_stored_bare_so_incrby_works(number):
     assert codec().decode(data) == number
 
 
+@pytest.mark.parametrize("data", [b"-0", b"007", b"+1", b"1 ", b"99999999999999999999"])
+def test_bytes_redis_would_not_count_as_an_integer_stay_bytes(data):
+    assert codec().decode(data) == data
+
+
 @given(st.binary())
 def test_foreign_bytes_come_back_as_bytes_or_int(data):
     decoded = codec().decode(data) if not data.startswith(MAGIC) else None

@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from django_distcache.devcluster import find_server_binary
-from tests.conftest import make_cache
+from tests.conftest import make_cache, wait_replicas_listed
 
 
 def _free_port() -> int:
@@ -192,6 +192,7 @@ def test_acl_wrong_password_is_reported(acl_user, settings):
 
 
 def test_read_from_replicas_reads_are_served_by_replicas(cluster):
+    wait_replicas_listed(cluster)
     cache = make_cache(OPTIONS={"READ_FROM_REPLICAS": True})
     replica_ports = cluster.replica_ports
 

@@ -59,3 +59,23 @@ def test_bad_input_still_raises_during_an_outage(dead_location):
     cache = make_cache(LOCATION=dead_location)
     with pytest.raises(TypeError):
         cache.set(1, "v")
+
+
+def test_repeated_failures_are_all_counted_but_logged_once_per_interval(caplog):
+    from django_distcache.cache import FailurePolicy
+
+    policy = FailurePolicy("miss", {})
+    with caplog.at_level("WARNING", logger="django_distcache"):
+        for number in range(50):
+            policy.note("behind_unreplicated", "change %s reached 0 of 1 replicas", number)
+            policy.handle("get", ConnectionError("down"), None)
+    assert policy.counts == {"behind_unreplicated": 50, "get": 50}
+    assert [record.getMessage() for record in caplog.records] == [
+        "change 0 reached 0 of 1 replicas; 1 so far",
+        "cache get failed (ConnectionError: down); degraded to None; 1 failures so far",
+    ]
+    policy._last_logged["get"] -= policy.LOG_EVERY  # the interval has passed for `get` only
+    policy.handle("get", ConnectionError("down"), None)
+    policy.note("behind_unreplicated", "change %s reached 0 of 1 replicas", 50)
+    assert caplog.records[-1].getMessage().endswith("51 failures so far")
+    assert len(caplog.records) == 3

@@ -9,6 +9,7 @@ from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connection, connections, models
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 import django_distcache
@@ -16,6 +17,7 @@ from django_distcache.cache import CacheUnavailable
 from django_distcache.models import behind
 from django_distcache.models.registry import config_for
 from django_distcache.topology import Call
+from tests.conftest import hung_primary
 from tests.model_app.models import PageCounter, Product
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -145,6 +147,119 @@ def test_save_behind_raises_when_the_change_cannot_be_queued():
     finally:
         config.cache_alias = original
     assert stored_views(counter.pk) == 0
+
+
+def _wait_sent(node, action) -> list[str]:
+    """Run `action` while watching the commands `node` receives; the arguments of the WAIT it got."""
+    import redis
+
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=5).monitor() as monitor:
+        action()
+        while True:
+            command = monitor.next_command()["command"].split()
+            if command[0].upper() == "WAIT":
+                return command[1:]
+
+
+@pytest.mark.parametrize("asked", [1, 2])
+def test_save_behind_waits_the_whole_timeout_only_for_replicas_that_exist(cluster, asked):
+    """WAIT for as many replicas as the slot map lists gets BEHIND_WAIT_TIMEOUT; WAIT for more than it
+    lists (a promoted primary has none until one rejoins; here, 2 of the 1 there is) gets a millisecond,
+    and the shortfall is counted."""
+    from tests.conftest import make_cache, wait_replicas_listed
+
+    wait_replicas_listed(cluster)
+    counter = PageCounter.objects.create(name="replicated")
+    config = config_for(PageCounter)
+    alias = f"distcache_wait_{asked}"
+    caches[alias] = cache = make_cache(OPTIONS={"BEHIND_WAIT_REPLICAS": asked, "BEHIND_WAIT_TIMEOUT": 0.1})
+    original, config.cache_alias = config.cache_alias, alias
+    try:
+        cache.get("warm-up")  # the slot map, with its replicas
+        stream = behind.shard_keys(cache, behind.shard_of(cache, config.label, counter.pk)).stream
+        assert cache._replicas_listed(stream) == 1
+        unreplicated = cache.failure_counts.get("behind_unreplicated", 0)
+        counter.views = 5
+
+        def save():
+            django_distcache.save_behind(counter, update_fields=["views"])
+
+        arguments = _wait_sent(_node_of(cache, stream), save)
+        assert arguments == (["1", "100"] if asked == 1 else ["2", "1"])
+        assert cache.failure_counts.get("behind_unreplicated", 0) - unreplicated == asked - 1
+        assert django_distcache.flush_behind(using=alias).changes_applied == 1
+    finally:
+        config.cache_alias = original
+        del caches[alias]
+    assert stored_views(counter.pk) == 5
+
+
+def _node_of(cache, physical: bytes):
+    return cache._shared.state.slot_map.primaries[key_slot(physical)]
+
+
+def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster):
+    cache = caches["default"]
+    config = config_for(PageCounter)
+    rows = [PageCounter.objects.create(name=f"row {n}") for n in range(24)]
+    for row in rows:
+        row.views = 3
+        django_distcache.save_behind(row, update_fields=["views"])
+    streams = {
+        shard: behind.shard_keys(cache, shard).stream
+        for shard in range(cache._settings.options["BEHIND_SHARDS"])
+    }
+    victim = _node_of(cache, streams[0])
+    unreachable = {shard for shard, stream in streams.items() if _node_of(cache, stream) == victim}
+    behind_victim = {row.pk for row in rows if behind.shard_of(cache, config.label, row.pk) in unreachable}
+    assert behind_victim and len(behind_victim) < len(rows)  # both kinds of rows are in the test
+
+    with hung_primary(cluster, victim.port):
+        report = django_distcache.flush_behind()
+        assert set(report.shards_unreachable) == unreachable
+        assert report.changes_applied == len(rows) - len(behind_victim)
+        for row in rows:
+            assert stored_views(row.pk) == (0 if row.pk in behind_victim else 3)
+
+    # The node is back: once its breaker lets a call through (a cooldown at most), the next drains apply
+    # what waited in its streams.
+    applied = []
+    wait_until(
+        lambda: (
+            applied.append(django_distcache.flush_behind().changes_applied)
+            or sum(applied) == len(behind_victim)
+        ),
+        timeout=10,
+        message="the skipped streams to be drained",
+    )
+    assert all(stored_views(row.pk) == 3 for row in rows)
+
+
+def test_save_behind_queues_when_only_the_cached_rows_node_is_down(cluster):
+    cache = caches["default"]
+    config = config_for(PageCounter)
+    victim = _node_of(cache, behind.shard_keys(cache, 0).stream)
+    for n in range(500):  # a row whose cache entry is on the victim and whose stream is not
+        row = PageCounter.objects.create(name=f"row {n}")
+        entry = cache.physical_key(config.entry_key("pk", row.pk))
+        stream = behind.shard_keys(cache, behind.shard_of(cache, config.label, row.pk)).stream
+        if _node_of(cache, entry) == victim and _node_of(cache, stream) != victim:
+            break
+    else:
+        pytest.fail("no row with its entry on one node and its stream on another")
+    row.views = 1
+    django_distcache.save_behind(row, update_fields=["views"])
+    assert django_distcache.get_cached(PageCounter, pk=row.pk).views == 1  # the entry holds views=1
+
+    with hung_primary(cluster, victim.port):
+        row.views = 9
+        django_distcache.save_behind(row, update_fields=["views"])  # queued: the stream's node answers
+        django_distcache.flush_behind()
+        assert stored_views(row.pk) == 9
+
+    # The entry the hung node kept still says views=1; its row tag was invalidated, so it is not served.
+    wait_until(lambda: cache._tags.outbox is None or cache._tags.outbox.empty, message="the outbox to drain")
+    assert django_distcache.get_cached(PageCounter, pk=row.pk).views == 9
 
 
 def test_a_deleted_rows_changes_are_dropped_and_logged(caplog):

@@ -43,7 +43,7 @@ from django.db.models.expressions import Combinable
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from ..cache import Compute, Guarded
+from ..cache import CacheUnavailable, Compute, Guarded
 from ..topology import Call
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
@@ -224,7 +224,9 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
                 return observed, row
         return observed, None
 
-    observed, row = yield from current_row()
+    # The cached row saves a database read; if its node (or one of its tags') is unreachable, the change
+    # can still be queued when the stream's node answers.
+    observed, row = yield Guarded(current_row(), "save_behind_cache", (None, None))
     if row is None:
         row = yield Compute(_load_row, (config, pk))  # DoesNotExist here: nothing queued yet
     # Queue first: from here on the change reaches the database whatever happens to the cache.
@@ -242,22 +244,34 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
         # In the same per-node batch, so on the same connection as the XADD: WAIT counts that connection's
         # writes only.
         wait_ms = max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000))
+        if cache._replicas_listed(keys.stream) < wait_replicas:
+            # Fewer replicas than asked for exist (a promoted primary has none until one rejoins): waiting
+            # the whole timeout would not make the change safer, only every save slower. A replica that
+            # the slot map does not list yet may still acknowledge within the millisecond.
+            wait_ms = 1
         calls.append(Call(keys.stream, ("WAIT", wait_replicas, wait_ms)))
     replies = _check((yield calls))
     stream_id, backlog = replies[0], replies[1]
     stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
     if wait_replicas and int(replies[2]) < wait_replicas:
-        cache._failures.count("behind_unreplicated")
-        logger.warning(
-            "write-behind change %s reached %s of %s replicas", stream_id, replies[2], wait_replicas
+        cache._failures.note(
+            "behind_unreplicated",
+            "write-behind change %s reached %s of %s replicas",
+            stream_id,
+            replies[2],
+            wait_replicas,
         )
     # The change is queued: a cache outage from here on must not tell the caller it was not saved. The
     # entry then keeps its old value until the drain refreshes it from the database.
-    yield Guarded(
+    updated = yield Guarded(
         _update_entry_plan(cache, config, entry, marker, current_row, observed, row, values, stream_id),
         "save_behind_cache",
-        None,
+        False,
     )
+    if not updated:
+        # The entry may still hold the old row when its node is back: its row tag is invalidated (through
+        # the outbox if that node is unreachable too), so readers load the row instead.
+        yield Guarded(cache._tags.invalidate(config.row_tags(row)), "save_behind_cache", None)
     return stream_id, int(backlog), keys
 
 
@@ -300,10 +314,11 @@ def _update_entry_plan(
             idempotent=False,
         )
         if stored == 1:
-            break
+            return True
         observed, cached_row = yield from current_row()  # another writer got there first: merge onto theirs
         if cached_row is not None:
             row = cached_row
+    return True  # the last attempt removes the entry (readers load the row) rather than fail
 
 
 def save_behind(instance: models.Model, update_fields: Iterable[str] | None = None) -> str:
@@ -360,6 +375,7 @@ class DrainReport:
     database_errors: int = 0
     seconds: float = 0.0
     shards_busy: list[int] = field(default_factory=list)
+    shards_unreachable: list[int] = field(default_factory=list)
 
     def add(self, other: DrainReport) -> None:
         for name in (
@@ -375,6 +391,7 @@ class DrainReport:
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.shards_busy.extend(other.shards_busy)
+        self.shards_unreachable.extend(other.shards_unreachable)
 
 
 @dataclass
@@ -449,11 +466,22 @@ def flush_behind(
     count = cache._settings.options["BEHIND_SHARDS"]
     report = DrainReport()
     started = time.monotonic()
-    for shard in range(count) if shards is None else shards:
+    wanted = list(range(count) if shards is None else shards)
+    for shard in wanted:
         if not 0 <= int(shard) < count:
             raise ValueError(f"shard {shard} out of range 0..{count - 1}")
-        report.add(_drain_shard(cache, int(shard), max_batches))
+    failure = None
+    for shard in wanted:
+        try:
+            report.add(_drain_shard(cache, int(shard), max_batches))
+        except CacheUnavailable as error:
+            # One unreachable stream must not hold up the others: its changes wait there for the next drain.
+            failure = error
+            report.shards_unreachable.append(int(shard))
+            logger.warning("write-behind shard %s not drained, its node is unreachable: %s", shard, error)
     report.seconds = time.monotonic() - started
+    if failure is not None and len(report.shards_unreachable) == len(wanted):
+        raise failure
     return report
 
 
@@ -651,16 +679,20 @@ def _apply_batch(
     report.dropped_deleted += dropped
     elapsed = time.monotonic() - started
     stats = stats_key(cache)
-    _batch(
-        cache,
-        [
+
+    def count_stats() -> Any:
+        yield [
             Call(stats, ("HINCRBY", stats, "changes_applied", changes), idempotent=False),
             Call(stats, ("HINCRBY", stats, "rows_written", written), idempotent=False),
             Call(stats, ("HINCRBY", stats, "dropped_deleted", dropped), idempotent=False),
             Call(stats, ("HINCRBYFLOAT", stats, "apply_seconds", f"{elapsed:.6f}"), idempotent=False),
             Call(stats, ("HINCRBY", stats, "batches", 1), idempotent=False),
-        ],
-    )
+        ]
+
+    try:  # metrics only: the batch is applied and acknowledged, an unreachable stats node must not stop it
+        cache._run(count_stats(), "flush_behind_stats", None)
+    except CacheUnavailable:  # FAILURE_POLICY "raise"
+        pass
 
 
 def _apply_rows(

@@ -29,10 +29,15 @@ from redis.exceptions import (
 
 from ..conf import ConnectionSettings, NodeAddress
 from ..forksafe import renew_locks_after_fork
-from .breaker import Breakers
+from .breaker import CLOSED, Breakers
 
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
+# Writes a process may fail to make on one unreachable primary and still keep fallback reads of it.
+MAX_UNSYNCED_KEYS = 10_000
+# A slot map older than this is reloaded in the background even if nothing asked for it: replicas that came
+# online (a fresh replica is listed only once it has synced) or were added are then known.
+SLOT_MAP_MAX_AGE = 10.0
 
 # Errors that mean "the node could not do it right now": the failure policy may turn them into a miss or
 # a dropped write. That includes a full node (OOM under noeviction) and a write that reached a replica
@@ -128,6 +133,10 @@ class SlotMap:
                 return replicas[next(self._round_robin) % len(replicas)]
         return self.primaries[slot]
 
+    def replica_count(self, key: bytes) -> int:
+        """How many replicas this map lists for `key`'s slot."""
+        return len(self.replicas[key_slot(key)])
+
     def patch(self, slot: int, node: NodeAddress) -> None:
         """Apply a MOVED redirect to one slot at once; a full refresh follows in its own time."""
         self.primaries[slot] = node
@@ -144,13 +153,22 @@ class TopologyState:
     slot_map: SlotMap | None = None
     last_refresh: float = 0.0
     refresh_wanted: bool = False
-    refreshing: bool = False  # a background refresh is running
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the map is being reloaded
+    # Held by the one background reload thread while it runs. Taken without waiting: a request that finds
+    # it taken goes on (it used to wait for `lock`, so for a whole reload by another thread).
+    background_refresh: threading.Lock = field(default_factory=threading.Lock)
     breakers: Breakers = field(init=False)
+    # With replica fallback: per unreachable primary, the keys this process failed to write there. A
+    # replica holds their older value, so reads of them miss instead (`None`: too many to track, every
+    # fallback read of that primary's keys misses). Forgotten when the primary answers again or stops
+    # being a primary.
+    unsynced: dict[NodeAddress, set[bytes] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        renew_locks_after_fork(self, "lock")
-        self.breakers = Breakers(self.settings.breaker_threshold, self.settings.breaker_cooldown)
+        renew_locks_after_fork(self, "lock", "background_refresh")
+        self.breakers = Breakers(
+            self.settings.breaker_threshold, self.settings.breaker_cooldown, on_close=self.forget_unsynced
+        )
 
     def nodes_to_ask(self) -> list[NodeAddress]:
         """Nodes to ask for the slot map: those whose breaker is closed first."""
@@ -166,10 +184,53 @@ class TopologyState:
     def refresh_due(self) -> bool:
         return time.monotonic() - self.last_refresh >= self.settings.topology_refresh_interval
 
+    def wants_refresh(self) -> bool:
+        """Should a call start a background reload of the slot map now?"""
+        age = time.monotonic() - self.last_refresh
+        return age >= SLOT_MAP_MAX_AGE or (
+            self.refresh_wanted and age >= self.settings.topology_refresh_interval
+        )
+
     def install(self, slot_map: SlotMap) -> None:
         self.slot_map = slot_map
         self.last_refresh = time.monotonic()
         self.refresh_wanted = False
+        for node in list(self.unsynced):
+            if node not in slot_map.primary_nodes:
+                self.forget_unsynced(node)
+
+    # -- replica fallback ---------------------------------------------------------------------------------
+    def fallback_replica(self, call: Call, primary: NodeAddress) -> NodeAddress | None:
+        """A replica of `primary` that may serve `call` while the primary is unreachable, if any."""
+        if not self.settings.replica_fallback or not call.read or call.asking is not None:
+            return None
+        slot_map = self.slot_map
+        if (
+            slot_map is None
+            or primary in self.unsynced
+            and (self.unsynced[primary] is None or call.key in self.unsynced[primary])
+        ):
+            return None
+        for replica in slot_map.replicas[key_slot(call.key)]:
+            if self.breakers(replica).state == CLOSED:
+                return replica
+        return None
+
+    def note_unsynced(self, call: Call, node: NodeAddress) -> None:
+        """`call` could not reach `node`: if it was a write, keep fallback reads away from its key."""
+        if not self.settings.replica_fallback or call.read or call.asking is not None:
+            return
+        slot_map = self.slot_map
+        if slot_map is None or slot_map.primaries[key_slot(call.key)] != node:
+            return
+        keys = self.unsynced.setdefault(node, set())
+        if keys is not None:
+            keys.add(call.key)
+            if len(keys) > MAX_UNSYNCED_KEYS:
+                self.unsynced[node] = None
+
+    def forget_unsynced(self, node: object) -> None:
+        self.unsynced.pop(node, None)  # type: ignore[call-overload]
 
     def redirect(self, error: AskError, call: Call) -> Call:
         """The call to send after a MOVED/ASK reply."""

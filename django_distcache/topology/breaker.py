@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -38,11 +39,14 @@ class Breaker:
         "opened_at",
         "probing",
         "reason",
+        "on_close",
         "_lock",
         "__weakref__",
     )
 
-    def __init__(self, node: object, threshold: int, cooldown: float) -> None:
+    def __init__(
+        self, node: object, threshold: int, cooldown: float, on_close: Callable[[object], None] | None = None
+    ) -> None:
         self.node = node
         self.threshold = threshold
         self.cooldown = cooldown
@@ -51,6 +55,7 @@ class Breaker:
         self.opened_at = 0.0
         self.probing = False
         self.reason = ""
+        self.on_close = on_close
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
 
@@ -78,6 +83,8 @@ class Breaker:
             logger.warning(
                 "node %s is back: circuit closed after %.1fs", self.node, time.monotonic() - self.opened_at
             )
+            if self.on_close is not None:
+                self.on_close(self.node)
 
     def failure(self, error: BaseException) -> bool:
         """Record a connection error or timeout; True if this opened the breaker."""
@@ -108,9 +115,12 @@ class Breaker:
 class Breakers:
     """One breaker per node address, created on first use."""
 
-    def __init__(self, threshold: int, cooldown: float) -> None:
+    def __init__(
+        self, threshold: int, cooldown: float, on_close: Callable[[object], None] | None = None
+    ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
+        self.on_close = on_close
         self._by_node: dict[object, Breaker] = {}
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
@@ -119,7 +129,9 @@ class Breakers:
         breaker = self._by_node.get(node)
         if breaker is None:
             with self._lock:
-                breaker = self._by_node.setdefault(node, Breaker(node, self.threshold, self.cooldown))
+                breaker = self._by_node.setdefault(
+                    node, Breaker(node, self.threshold, self.cooldown, self.on_close)
+                )
         return breaker
 
     def open_nodes(self) -> list[object]:

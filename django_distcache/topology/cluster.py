@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import redis
@@ -41,6 +41,7 @@ from .base import (
     group_by_node,
     is_outage,
 )
+from .breaker import CLOSED, OPEN, Breaker, NodeUnavailableError
 
 try:  # hiredis packs a command in C; redis-py's own packer is the fallback
     from hiredis import pack_command as _pack_one
@@ -83,6 +84,9 @@ def _read_replies(connection: redis.Connection, count: int) -> list[Any]:
 
 
 MAX_IDLE_CONNECTIONS = 64
+# Connections one asyncio pool (one node, one event loop) opens at the same time; at least the breaker's
+# threshold, so that a burst of callers against a dead node waits for one round of connect timeouts at most.
+MAX_OPENING_CONNECTIONS = 8
 _all_sync_pools: weakref.WeakSet[_NodePool] = weakref.WeakSet()
 
 
@@ -141,15 +145,34 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 class _TopologyCommon:
-    """What the sync and async topologies share: settings, slot map, routing."""
+    """What the sync and async topologies share: settings, slot map, routing, and every decision taken
+    around a command (which node, breaker, fallback, retry, redirect). The subclasses only move bytes."""
 
     connection_module: Any = redis
+
+    def __init__(self, state: TopologyState) -> None:
+        self.state = state
+        self.settings: ConnectionSettings = state.settings
+        self._pools: dict[tuple[NodeAddress, bool], Any] = {}
+        self._clients: dict[NodeAddress, Any] = {}
+
+    def _refresh_in_background(self) -> None:  # pragma: no cover - both subclasses define it
+        raise NotImplementedError
 
     @staticmethod
     def _pack(connection: Any, commands: list[tuple]) -> Any:
         if _pack_one is not None:
             return [b"".join([_pack_one(command) for command in commands])]
         return connection.pack_commands(commands)
+
+    # -- routing ----------------------------------------------------------------------------------------
+    def _route(self, call: Call) -> NodeAddress | None:
+        if call.asking is not None:
+            return call.asking
+        slot_map = self.state.slot_map
+        if slot_map is None:
+            return None
+        return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
 
     def _group(self, calls: list[Call]) -> dict[NodeAddress | None, list[int]]:
         """Indexes of `calls` per target node; the common case (primaries, no ASK) in one tight loop."""
@@ -167,23 +190,200 @@ class _TopologyCommon:
                 group.append(index)
         return groups
 
-    def __init__(self, state: TopologyState) -> None:
-        self.state = state
-        self.settings: ConnectionSettings = state.settings
-        self._pools: dict[tuple[NodeAddress, bool], Any] = {}
-        self._clients: dict[NodeAddress, Any] = {}
-
-    def _route(self, call: Call) -> NodeAddress | None:
-        if call.asking is not None:
-            return call.asking
-        slot_map = self.state.slot_map
-        if slot_map is None:
-            return None
-        return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
-
     def _is_replica(self, node: NodeAddress) -> bool:
         slot_map = self.state.slot_map
         return slot_map is not None and node in slot_map.replica_nodes and node not in slot_map.primary_nodes
+
+    def _readonly(self, node: NodeAddress) -> bool:
+        """Connections to a replica send READONLY first, so that it serves reads of its slots."""
+        settings = self.settings
+        return (settings.read_from_replicas or settings.replica_fallback) and self._is_replica(node)
+
+    def _unavailable(self, breaker: Breaker) -> NodeUnavailableError:
+        """A call may not go to `breaker`'s node: a promoted replica may already serve its slots."""
+        self.state.refresh_wanted = True
+        self._refresh_in_background()
+        return breaker.unavailable()
+
+    def _substitute(self, call: Call, node: NodeAddress) -> NodeAddress | None:
+        """Another node that may serve the read `call` while `node` is unavailable, or None."""
+        if self.settings.read_from_replicas and call.read and call.asking is None:
+            slot = key_slot(call.key)
+            slot_map = self.state.slot_map
+            for other in (*slot_map.replicas[slot], slot_map.primaries[slot]):
+                if other is not None and other != node and self.state.breakers(other).state == CLOSED:
+                    return other
+            return None
+        return self.state.fallback_replica(call, node)
+
+    def _target(self, call: Call) -> tuple[NodeAddress, Breaker]:
+        """The node to send `call` to now, and its breaker. Raises when no node may take it."""
+        node = self._route(call)
+        if node is None:
+            raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
+        breaker = self.state.breakers(node)
+        if breaker.allow():
+            return node, breaker
+        error = self._unavailable(breaker)
+        other = self._substitute(call, node)
+        if other is not None:
+            other_breaker = self.state.breakers(other)
+            if other_breaker.allow():
+                return other, other_breaker
+        self.state.note_unsynced(call, node)
+        raise error
+
+    # -- what a reply or a failure means ----------------------------------------------------------------
+    def _after_reply_error(self, breaker: Breaker, error: ResponseError) -> None:
+        """The node answered with an error that is not a redirect: always the caller's."""
+        breaker.success()
+        if is_outage(error):
+            # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
+            self.state.refresh_wanted = True
+
+    def _after_outage(
+        self, call: Call, node: NodeAddress, breaker: Breaker, error: BaseException, retries: int
+    ) -> bool:
+        """The connection to `node` failed while running `call`: send it again (True) or raise."""
+        self.state.refresh_wanted = True
+        opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
+        self._refresh_in_background()
+        # Sent again only after a dropped connection (an idle socket the server closed), never after a
+        # timeout: a hung node would make the caller wait twice.
+        again = (
+            retries > 0
+            and call.idempotent
+            and not opened
+            and breaker.state == CLOSED
+            and not isinstance(error, TIMEOUT_ERRORS)
+        )
+        if not again:
+            self.state.note_unsynced(call, node)
+        return again
+
+    def _batch_plan(
+        self, calls: list[Call], positions: list[int], results: list[Any]
+    ) -> list[tuple[NodeAddress, Breaker, list[int]]]:
+        """Which node gets which of `calls` in this round; those no node may take get their error now."""
+        plan = []
+        substitutes: dict[NodeAddress, list[int]] = {}
+        for node, indexes in self._group(calls).items():
+            if node is None:
+                for i in indexes:
+                    results[positions[i]] = NoNodeReachableError("slot not served")
+                continue
+            breaker = self.state.breakers(node)
+            if breaker.allow():
+                plan.append((node, breaker, indexes))
+                continue
+            error = self._unavailable(breaker)
+            for i in indexes:
+                other = self._substitute(calls[i], node)
+                if other is None:
+                    self.state.note_unsynced(calls[i], node)
+                    results[positions[i]] = error
+                else:
+                    substitutes.setdefault(other, []).append(i)
+        for other, indexes in substitutes.items():
+            breaker = self.state.breakers(other)
+            if breaker.allow():
+                plan.append((other, breaker, indexes))
+            else:
+                for i in indexes:
+                    results[positions[i]] = breaker.unavailable()
+        return plan
+
+    @staticmethod
+    def _batch_commands(calls: list[Call], indexes: list[int]) -> list[tuple]:
+        commands = []
+        for i in indexes:
+            if calls[i].asking is not None:
+                commands.append(("ASKING",))
+            commands.append(calls[i].args)
+        return commands
+
+    @staticmethod
+    def _batch_reply_count(calls: list[Call], indexes: list[int]) -> int:
+        return len(indexes) + sum(1 for i in indexes if calls[i].asking is not None)
+
+    def _batch_failed(
+        self,
+        calls: list[Call],
+        indexes: list[int],
+        positions: list[int],
+        results: list[Any],
+        node: NodeAddress,
+        breaker: Breaker,
+        error: BaseException,
+    ) -> None:
+        """A node's connection failed mid-batch: its calls without a reply yet get the error."""
+        self.state.refresh_wanted = True
+        if isinstance(error, BREAKER_ERRORS):
+            breaker.failure(error)
+        for i in indexes:
+            if results[positions[i]] is None:
+                results[positions[i]] = error
+                self.state.note_unsynced(calls[i], node)
+
+    @staticmethod
+    def _batch_replies(
+        calls: list[Call],
+        indexes: list[int],
+        positions: list[int],
+        results: list[Any],
+        replies: list,
+        redo: list,
+    ) -> None:
+        """Place one node's replies; MOVED/ASK replies go to `redo` for the next round."""
+        replies_iter = iter(replies)
+        for i in indexes:
+            if calls[i].asking is not None:
+                next(replies_iter)  # ASKING's own +OK; the command's reply says what went wrong
+            reply = next(replies_iter)
+            if isinstance(reply, REDIRECT_ERRORS):
+                redo.append((positions[i], reply))
+            else:
+                results[positions[i]] = reply
+
+    def _next_round(self, calls: list[Call], redo: list) -> list[int]:
+        """After a round: the redirected calls, aimed at their new nodes."""
+        for index, error in redo:
+            calls[index] = self.state.redirect(error, calls[index])
+        if self.state.refresh_wanted:
+            self._refresh_in_background()
+        return [index for index, _ in redo]
+
+    # -- the slot map -----------------------------------------------------------------------------------
+    def _refresh_steps(self) -> Generator[NodeAddress, Any, None]:
+        """Ask nodes for CLUSTER SLOTS in turn (the driver sends to each node yielded, and sends back its
+        reply or throws its error) until one gives a map that serves slots."""
+        state = self.state
+        errors = []
+        for node in state.nodes_to_ask():
+            breaker = state.breakers(node)
+            if not breaker.allow():
+                errors.append(f"{node}: circuit open")
+                continue
+            try:
+                reply = yield node
+            except ResponseError as error:
+                breaker.success()
+                _check_cluster_reply(error, node)
+                errors.append(f"{node}: {error}")
+                continue
+            except OUTAGE_ERRORS as error:
+                breaker.failure(error)
+                errors.append(f"{node}: {error}")
+                continue
+            breaker.success()
+            slot_map = SlotMap.from_cluster_slots(reply, node)
+            if slot_map.covered == 0:
+                errors.append(f"{node}: no slots assigned")
+                continue
+            state.install(slot_map)
+            return
+        state.last_refresh = time.monotonic()
+        raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     def _pool_args(self, node: NodeAddress, readonly: bool) -> tuple[type, dict[str, Any]]:
         module = self.connection_module
@@ -195,10 +395,6 @@ class _TopologyCommon:
                 _async_readonly_on_connect if module is redis.asyncio else _readonly_on_connect
             )
         return connection_class, kwargs
-
-    @staticmethod
-    def _slots_call() -> tuple:
-        return ("CLUSTER", "SLOTS")
 
     def _client_for(self, key: bytes, client_class: type) -> Any:
         node = self.state.slot_map.node_for(key) if self.state.slot_map else None
@@ -220,7 +416,7 @@ class ClusterTopology(_TopologyCommon):
     """Synchronous I/O over the slot map. Thread-safe: connections are taken per call."""
 
     def _pool(self, node: NodeAddress) -> _NodePool:
-        readonly = self.settings.read_from_replicas and self._is_replica(node)
+        readonly = self._readonly(node)
         pool = self._pools.get((node, readonly))
         if pool is None:
             pool = self._pools[(node, readonly)] = _NodePool(*self._pool_args(node, readonly))
@@ -235,55 +431,31 @@ class ClusterTopology(_TopologyCommon):
         with state.lock:
             if not force and state.slot_map is not None and not state.refresh_due():
                 return
-            errors = []
-            for node in state.nodes_to_ask():
-                breaker = state.breakers(node)
-                if not breaker.allow():
-                    errors.append(f"{node}: circuit open")
-                    continue
-                pool = self._pool(node)
-                connection = pool.get()
+            steps, reply, error = self._refresh_steps(), None, None
+            while True:
                 try:
-                    connection.send_command(*self._slots_call())
-                    reply = connection.read_response()
-                except ResponseError as error:
-                    pool.put(connection)
-                    _check_cluster_reply(error, node)
-                    errors.append(f"{node}: {error}")
-                    continue
-                except OUTAGE_ERRORS as error:
-                    connection.disconnect()
-                    breaker.failure(error)
-                    errors.append(f"{node}: {error}")
-                    continue
-                breaker.success()
-                pool.put(connection)
-                slot_map = SlotMap.from_cluster_slots(reply, node)
-                if slot_map.covered == 0:
-                    errors.append(f"{node}: no slots assigned")
-                    continue
-                state.install(slot_map)
-                return
-            state.last_refresh = time.monotonic()
-            raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+                    node = steps.send(reply) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                reply = error = None
+                try:
+                    reply = self.node_execute(node, "CLUSTER", "SLOTS")
+                except (ResponseError, *OUTAGE_ERRORS) as caught:
+                    error = caught
 
     def ensure_map(self) -> None:
         state = self.state
         if state.slot_map is None:
             self.refresh(force=True)
-        elif state.refresh_wanted and state.refresh_due():
+        elif state.wants_refresh():
             self._refresh_in_background()
 
     def _refresh_in_background(self) -> None:
         """Reload the slot map in a thread of its own: a request never waits for CLUSTER SLOTS (which a
         hung node would make it do), and one refresher runs at a time, rate-limited."""
         state = self.state
-        if state.refreshing or not state.refresh_due():
+        if not state.refresh_due() or not state.background_refresh.acquire(blocking=False):
             return
-        with state.lock:
-            if state.refreshing:
-                return
-            state.refreshing = True
 
         def run() -> None:
             try:
@@ -291,9 +463,13 @@ class ClusterTopology(_TopologyCommon):
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
             finally:
-                state.refreshing = False
+                state.background_refresh.release()
 
-        threading.Thread(target=run, name="distcache-topology-refresh", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="distcache-topology-refresh", daemon=True).start()
+        except BaseException:
+            state.background_refresh.release()
+            raise
 
     # -- commands ---------------------------------------------------------------------------------------
     def execute(self, call: Call) -> Any:
@@ -301,14 +477,7 @@ class ClusterTopology(_TopologyCommon):
         self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
-            node = self._route(call)
-            if node is None:
-                raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
-            breaker = self.state.breakers(node)
-            if not breaker.allow():
-                self.state.refresh_wanted = True
-                self._refresh_in_background()  # a promoted replica may already serve the slot
-                raise breaker.unavailable()
+            node, breaker = self._target(call)
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -327,26 +496,11 @@ class ClusterTopology(_TopologyCommon):
                 continue
             except ResponseError as error:
                 pool.put(connection)
-                breaker.success()  # the node answered
-                if not is_outage(error):
-                    raise
-                # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
-                self.state.refresh_wanted = True
+                self._after_reply_error(breaker, error)
                 raise
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
-                self.state.refresh_wanted = True
-                opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
-                self._refresh_in_background()
-                # Sent again only after a dropped connection (an idle socket the server closed), never
-                # after a timeout: a hung node would make the caller wait twice.
-                if (
-                    retries <= 0
-                    or not call.idempotent
-                    or opened
-                    or breaker.state != "closed"
-                    or isinstance(error, TIMEOUT_ERRORS)
-                ):
+                if not self._after_outage(call, node, breaker, error, retries):
                     raise
                 retries -= 1
                 continue
@@ -366,76 +520,39 @@ class ClusterTopology(_TopologyCommon):
             redo = self._batch_round([calls[i] for i in pending], pending, results)
             if not redo:
                 return results
-            pending = [index for index, _ in redo]
-            for index, error in redo:
-                calls[index] = self.state.redirect(error, calls[index])
-            if self.state.refresh_wanted:
-                self._refresh_in_background()
+            pending = self._next_round(calls, redo)
         for index in pending:
             results[index] = NoNodeReachableError("too many redirects")
         return results
 
     def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        groups = self._group(calls)
         sent = []
-        for node, indexes in groups.items():
-            if node is None:
-                for i in indexes:
-                    results[positions[i]] = NoNodeReachableError("slot not served")
-                continue
-            breaker = self.state.breakers(node)
-            if not breaker.allow():
-                self.state.refresh_wanted = True
-                self._refresh_in_background()
-                error = breaker.unavailable()
-                for i in indexes:
-                    results[positions[i]] = error
-                continue
+        for node, breaker, indexes in self._batch_plan(calls, positions, results):
             pool = self._pool(node)
             connection = pool.get()
-            commands = []
-            for i in indexes:
-                if calls[i].asking is not None:
-                    commands.append(("ASKING",))
-                commands.append(calls[i].args)
             try:
-                connection.send_packed_command(self._pack(connection, commands), check_health=False)
+                connection.send_packed_command(
+                    self._pack(connection, self._batch_commands(calls, indexes)), check_health=False
+                )
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
-                self.state.refresh_wanted = True
-                if isinstance(error, BREAKER_ERRORS):
-                    breaker.failure(error)
-                for i in indexes:
-                    results[positions[i]] = error
+                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                 continue
-            sent.append((pool, connection, indexes, breaker))
-        redirects = []
-        for pool, connection, indexes, breaker in sent:
+            sent.append((node, breaker, indexes, pool, connection))
+        redo: list = []
+        for node, breaker, indexes, pool, connection in sent:
             try:
-                asking = sum(1 for i in indexes if calls[i].asking is not None)
-                replies = iter(_read_replies(connection, len(indexes) + asking))
-                for i in indexes:
-                    if calls[i].asking is not None:
-                        next(replies)  # ASKING's own +OK; the command's reply says what went wrong
-                    reply = next(replies)
-                    if isinstance(reply, REDIRECT_ERRORS):
-                        redirects.append((positions[i], reply))
-                    else:
-                        results[positions[i]] = reply
+                replies = _read_replies(connection, self._batch_reply_count(calls, indexes))
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
-                self.state.refresh_wanted = True
-                if isinstance(error, BREAKER_ERRORS):
-                    breaker.failure(error)
-                for i in indexes:
-                    if results[positions[i]] is None:
-                        results[positions[i]] = error
+                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                 continue
             pool.put(connection)
             breaker.success()
+            self._batch_replies(calls, indexes, positions, results, replies, redo)
         if self.state.refresh_wanted:
             self._refresh_in_background()
-        return redirects
+        return redo
 
     # -- node-wide work (purges, checks) -----------------------------------------------------------------
     def node_execute(self, node: NodeAddress, *args: Any) -> Any:
@@ -484,30 +601,93 @@ class ClusterTopology(_TopologyCommon):
 
 
 class _AsyncNodePool:
-    def __init__(self, connection_class: type, kwargs: dict[str, Any]) -> None:
+    """Idle connections to one node, for one event loop.
+
+    A burst of calls on an empty pool opens at most `opening_limit` connections at a time; the other callers
+    wait for one of those, or for a connection put back, and then use it. That wait is not charged to
+    SOCKET_CONNECT_TIMEOUT, which bounds only the open itself: 200 `aget`s started together on a busy loop
+    used to open 200 connections at once, and the loop served some of them later than the 0.2-s timeout,
+    so a healthy node's reads missed and its breaker opened. A caller that has waited and finds the node's
+    breaker open fails at once with `NodeUnavailableError`, as it would have before sending.
+    """
+
+    def __init__(self, connection_class: type, kwargs: dict[str, Any], opening_limit: int) -> None:
         self.connection_class = connection_class
         self.kwargs = kwargs
+        self.opening_limit = opening_limit
+        self.opening = 0
         self.idle: collections.deque = collections.deque()
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
 
-    def get(self) -> redis.asyncio.Connection:
+    async def get(self, breaker: Breaker) -> redis.asyncio.Connection:
+        """An idle connection, else a newly opened one (connected: open errors are raised here)."""
+        waited = False
+        while True:
+            if self.idle:
+                return self.idle.pop()
+            if waited and breaker.state == OPEN:
+                self._wake()  # pass the turn on: the next waiter fails at once too, or finds a connection
+                raise breaker.unavailable()
+            if self.opening < self.opening_limit:
+                return await self._open()
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    self._wake()  # woken, then cancelled before using the turn: pass it on
+                raise
+            waited = True
+
+    async def _open(self) -> redis.asyncio.Connection:
+        self.opening += 1
+        connection = self.connection_class(**self.kwargs)
         try:
-            return self.idle.pop()
-        except IndexError:
-            return self.connection_class(**self.kwargs)
+            await connection.connect()
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            self.opening -= 1
+            self._wake()
+        return connection
+
+    def _wake(self) -> None:
+        """Let the longest-waiting caller look again (an idle connection or a free opening turn)."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def put(self, connection: redis.asyncio.Connection) -> None:
         if len(self.idle) < MAX_IDLE_CONNECTIONS:
             self.idle.append(connection)
         else:
             asyncio.ensure_future(connection.disconnect())
+        self._wake()
 
     async def close(self) -> None:
         while self.idle:
             await self.idle.pop().disconnect()
 
 
+async def _async_read_replies(connection: redis.asyncio.Connection, count: int) -> list[Any]:
+    """As _read_replies, with the asyncio connection: error replies as exception objects."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as error:
+            replies.append(error)
+    return replies
+
+
 class AsyncClusterTopology(_TopologyCommon):
-    """The same routing with redis-py's asyncio connections; one instance per event loop."""
+    """The same routing and decisions with redis-py's asyncio connections; one instance per event loop."""
 
     connection_module = redis.asyncio
 
@@ -516,53 +696,51 @@ class AsyncClusterTopology(_TopologyCommon):
         self._refresh_task: asyncio.Task | None = None
 
     def _pool(self, node: NodeAddress) -> _AsyncNodePool:
-        readonly = self.settings.read_from_replicas and self._is_replica(node)
+        readonly = self._readonly(node)
         pool = self._pools.get((node, readonly))
         if pool is None:
-            pool = self._pools[(node, readonly)] = _AsyncNodePool(*self._pool_args(node, readonly))
+            opening_limit = max(MAX_OPENING_CONNECTIONS, self.settings.breaker_threshold)
+            pool = self._pools[(node, readonly)] = _AsyncNodePool(
+                *self._pool_args(node, readonly), opening_limit
+            )
         return pool
 
     async def refresh(self, force: bool = False) -> None:
         state = self.state
         if not force and state.slot_map is not None and not state.refresh_due():
             return
-        errors = []
-        for node in state.nodes_to_ask():
-            breaker = state.breakers(node)
-            if not breaker.allow():
-                errors.append(f"{node}: circuit open")
-                continue
-            pool = self._pool(node)
-            connection = pool.get()
+        steps, reply, error = self._refresh_steps(), None, None
+        while True:
             try:
-                await connection.send_command(*self._slots_call())
-                reply = await connection.read_response()
-            except ResponseError as error:
-                pool.put(connection)
-                _check_cluster_reply(error, node)
-                errors.append(f"{node}: {error}")
-                continue
-            except OUTAGE_ERRORS as error:
-                await connection.disconnect()
-                breaker.failure(error)
-                errors.append(f"{node}: {error}")
-                continue
-            breaker.success()
+                node = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration:
+                return
+            reply = error = None
+            try:
+                reply = await self._node_execute(node, "CLUSTER", "SLOTS")
+            except (ResponseError, *OUTAGE_ERRORS) as caught:
+                error = caught
+
+    async def _node_execute(self, node: NodeAddress, *args: Any) -> Any:
+        pool = self._pool(node)
+        connection = await pool.get(self.state.breakers(node))
+        try:
+            await connection.send_command(*args)
+            result = await connection.read_response()
+        except ResponseError:
             pool.put(connection)
-            slot_map = SlotMap.from_cluster_slots(reply, node)
-            if slot_map.covered == 0:
-                errors.append(f"{node}: no slots assigned")
-                continue
-            state.install(slot_map)
-            return
-        state.last_refresh = time.monotonic()
-        raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+            raise
+        except BaseException:
+            await connection.disconnect()
+            raise
+        pool.put(connection)
+        return result
 
     async def ensure_map(self) -> None:
         state = self.state
         if state.slot_map is None:
             await self.refresh(force=True)
-        elif state.refresh_wanted and state.refresh_due():
+        elif state.wants_refresh():
             self._refresh_in_background()
 
     def _refresh_in_background(self) -> None:
@@ -584,17 +762,11 @@ class AsyncClusterTopology(_TopologyCommon):
         await self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
-            node = self._route(call)
-            if node is None:
-                raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
-            breaker = self.state.breakers(node)
-            if not breaker.allow():
-                self.state.refresh_wanted = True
-                self._refresh_in_background()
-                raise breaker.unavailable()
+            node, breaker = self._target(call)
             pool = self._pool(node)
-            connection = pool.get()
+            connection = None
             try:
+                connection = await pool.get(breaker)
                 if call.asking is not None:
                     await connection.send_packed_command(
                         self._pack(connection, [("ASKING",), call.args]), check_health=False
@@ -612,32 +784,19 @@ class AsyncClusterTopology(_TopologyCommon):
                 continue
             except ResponseError as error:
                 pool.put(connection)
-                breaker.success()
-                if not is_outage(error):
-                    raise
-                # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
-                self.state.refresh_wanted = True
+                self._after_reply_error(breaker, error)
                 raise
             except OUTAGE_ERRORS as error:
-                await connection.disconnect()
-                self.state.refresh_wanted = True
-                opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
-                self._refresh_in_background()
-                # Sent again only after a dropped connection (an idle socket the server closed), never
-                # after a timeout: a hung node would make the caller wait twice.
-                if (
-                    retries <= 0
-                    or not call.idempotent
-                    or opened
-                    or breaker.state != "closed"
-                    or isinstance(error, TIMEOUT_ERRORS)
-                ):
+                if connection is not None:
+                    await connection.disconnect()
+                if not self._after_outage(call, node, breaker, error, retries):
                     raise
                 retries -= 1
                 continue
             except BaseException:
                 # Cancelled mid-command: the reply may still arrive, so this connection is unusable.
-                await connection.disconnect()
+                if connection is not None:
+                    await connection.disconnect()
                 raise
             pool.put(connection)
             breaker.success()
@@ -654,84 +813,52 @@ class AsyncClusterTopology(_TopologyCommon):
             redo = await self._batch_round([calls[i] for i in pending], pending, results)
             if not redo:
                 return results
-            pending = [index for index, _ in redo]
-            for index, error in redo:
-                calls[index] = self.state.redirect(error, calls[index])
-            if self.state.refresh_wanted:
-                self._refresh_in_background()
+            pending = self._next_round(calls, redo)
         for index in pending:
             results[index] = NoNodeReachableError("too many redirects")
         return results
 
     async def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        groups = self._group(calls)
         sent = []
         try:
-            for node, indexes in groups.items():
-                if node is None:
-                    for i in indexes:
-                        results[positions[i]] = NoNodeReachableError("slot not served")
-                    continue
-                breaker = self.state.breakers(node)
-                if not breaker.allow():
-                    self.state.refresh_wanted = True
-                    self._refresh_in_background()
-                    error = breaker.unavailable()
-                    for i in indexes:
-                        results[positions[i]] = error
-                    continue
+            for node, breaker, indexes in self._batch_plan(calls, positions, results):
                 pool = self._pool(node)
-                connection = pool.get()
-                commands = []
-                for i in indexes:
-                    if calls[i].asking is not None:
-                        commands.append(("ASKING",))
-                    commands.append(calls[i].args)
+                connection = None
                 try:
-                    await connection.send_packed_command(self._pack(connection, commands), check_health=False)
+                    connection = await pool.get(breaker)
+                    await connection.send_packed_command(
+                        self._pack(connection, self._batch_commands(calls, indexes)), check_health=False
+                    )
                 except OUTAGE_ERRORS as error:
-                    await connection.disconnect()
-                    self.state.refresh_wanted = True
-                    if isinstance(error, BREAKER_ERRORS):
-                        breaker.failure(error)
-                    for i in indexes:
-                        results[positions[i]] = error
+                    if connection is not None:
+                        await connection.disconnect()
+                    self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                     continue
-                sent.append((pool, connection, indexes, breaker))
-            redirects = []
+                except BaseException:
+                    if connection is not None:  # cancelled while sending: this connection is unusable
+                        await connection.disconnect()
+                    raise
+                sent.append((node, breaker, indexes, pool, connection))
+            redo: list = []
             while sent:
-                pool, connection, indexes, breaker = sent[0]
+                node, breaker, indexes, pool, connection = sent[0]
                 try:
-                    for i in indexes:
-                        if calls[i].asking is not None:
-                            try:
-                                await connection.read_response()
-                            except ResponseError:
-                                pass
-                        try:
-                            results[positions[i]] = await connection.read_response()
-                        except REDIRECT_ERRORS as error:
-                            redirects.append((positions[i], error))
-                        except ResponseError as error:
-                            results[positions[i]] = error
+                    replies = await _async_read_replies(connection, self._batch_reply_count(calls, indexes))
                 except OUTAGE_ERRORS as error:
-                    await connection.disconnect()
-                    self.state.refresh_wanted = True
-                    if isinstance(error, BREAKER_ERRORS):
-                        breaker.failure(error)
-                    for i in indexes:
-                        if results[positions[i]] is None:
-                            results[positions[i]] = error
                     sent.pop(0)
+                    await connection.disconnect()
+                    self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                     continue
                 sent.pop(0)
                 pool.put(connection)
                 breaker.success()
+                self._batch_replies(calls, indexes, positions, results, replies, redo)
             if self.state.refresh_wanted:
                 self._refresh_in_background()
-            return redirects
+            return redo
         except BaseException:
-            for _, connection, _, _ in sent:
+            # Cancelled mid-batch: replies may still arrive on the connections not read yet.
+            for _, _, _, _, connection in sent:
                 await connection.disconnect()
             raise
 

@@ -68,4 +68,5 @@ class Command(BaseCommand):
             f"{report.batches} batch(es), {report.seconds:.3f}s; dropped (row deleted) {report.dropped_deleted}; "
             f"dead-lettered {report.dead_lettered}; failing rows left for retry {report.failed_rows}"
             + (f"; shards busy with another drainer: {report.shards_busy}" if report.shards_busy else "")
+            + (f"; shards unreachable: {report.shards_unreachable}" if report.shards_unreachable else "")
         )
