@@ -517,16 +517,16 @@ class RedisClusterCache(BaseCache):
         physical = prefix + made.encode()
         if expiry_ms == 0 and only_new:
             # Django: add() with timeout 0 succeeds only if the key was absent, and keeps nothing.
-            added = yield Call(physical, ("SET", physical, data, "NX"))
+            added = yield Call(physical, ("SET", physical, data, "NX"), repairable=True)
             if added:
-                yield Call(physical, ("DEL", physical))
+                yield Call(physical, ("DEL", physical), repairable=True)
             return bool(added)
         if expiry_ms == 0:
-            yield Call(physical, ("DEL", physical))
+            yield Call(physical, ("DEL", physical), repairable=True)
             return True
         if not only_new:
-            return bool((yield Call(physical, self._set_args(physical, data, expiry_ms))))
-        if (yield Call(physical, self._set_args(physical, data, expiry_ms, "NX"))):
+            return bool((yield Call(physical, self._set_args(physical, data, expiry_ms), repairable=True)))
+        if (yield Call(physical, self._set_args(physical, data, expiry_ms, "NX"), repairable=True)):
             return True
         # Something is stored. If it is dead (a stale tag, undecodable), it must not block add(): replace
         # it, but only if it is still those exact bytes, so a live value written meanwhile is never lost.
@@ -536,7 +536,10 @@ class RedisClusterCache(BaseCache):
         fingerprint = hashlib.sha1(existing).hexdigest()
         expiry = "" if expiry_ms is None else expiry_ms
         replaced = yield Call(
-            physical, ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry), idempotent=False
+            physical,
+            ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry),
+            idempotent=False,
+            repairable=True,
         )
         return bool(replaced)
 
@@ -584,7 +587,7 @@ class RedisClusterCache(BaseCache):
 
     def _delete_plan(self, key: Any, version: int | None) -> Plan:
         physical = yield from self._physical_key(key, version)
-        return bool((yield Call(physical, ("DEL", physical))))
+        return bool((yield Call(physical, ("DEL", physical), repairable=True)))
 
     def _has_key_plan(self, key: Any, version: int | None) -> Plan:
         # A GET, not EXISTS: an entry whose tag was invalidated must not count as present.
@@ -618,7 +621,7 @@ class RedisClusterCache(BaseCache):
         for (m, _), value in zip(made, encoded, strict=True):
             physical = prefix + m.encode()
             args = ("DEL", physical) if expiry_ms == 0 else self._set_args(physical, value, expiry_ms)
-            calls.append(Call(physical, args))
+            calls.append(Call(physical, args, repairable=True))
         if not calls:
             return []
         replies = yield calls
@@ -637,7 +640,7 @@ class RedisClusterCache(BaseCache):
     def _delete_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
         physical = yield from self._physical_keys(keys, version)
         if physical:
-            replies = yield [Call(p, ("DEL", p)) for p in physical]
+            replies = yield [Call(p, ("DEL", p), repairable=True) for p in physical]
             for reply in replies:
                 self._failures.check_item("delete_many", reply)
 
@@ -650,7 +653,9 @@ class RedisClusterCache(BaseCache):
             raise OverflowError(f"incr/decr delta {delta} does not fit in a 64-bit integer")
         physical = yield from self._physical_key(key, version)
         try:
-            value = yield Call(physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta), idempotent=False)
+            value = yield Call(
+                physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta), idempotent=False, repairable=True
+            )
         except ResponseError as error:
             message = str(error)
             if "not an integer" in message:
@@ -666,11 +671,11 @@ class RedisClusterCache(BaseCache):
         physical = yield from self._physical_key(key, version)
         expiry_ms = self._expiry_ms(timeout)
         if expiry_ms is None:
-            reply = yield Call(physical, ("EVAL", _PERSIST_SCRIPT, 1, physical))
+            reply = yield Call(physical, ("EVAL", _PERSIST_SCRIPT, 1, physical), repairable=True)
         elif expiry_ms == 0:
-            reply = yield Call(physical, ("DEL", physical))
+            reply = yield Call(physical, ("DEL", physical), repairable=True)
         else:
-            reply = yield Call(physical, ("PEXPIRE", physical, expiry_ms))
+            reply = yield Call(physical, ("PEXPIRE", physical, expiry_ms), repairable=True)
         return bool(reply)
 
     def _ttl_plan(self, key: Any, version: int | None) -> Plan:
@@ -694,8 +699,8 @@ class RedisClusterCache(BaseCache):
             raise ValueError(f"Key '{key}' not found")
         expiry_ms = None if milliseconds < 0 else max(1, milliseconds)
         # The stored bytes move as they are: envelope, tags and remaining lifetime intact.
-        yield Call(new, self._set_args(new, data, expiry_ms))
-        yield Call(old, ("DEL", old))
+        yield Call(new, self._set_args(new, data, expiry_ms), repairable=True)
+        yield Call(old, ("DEL", old), repairable=True)
         return version + delta
 
     def _clear_plan(self) -> Plan:

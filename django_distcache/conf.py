@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "OUTBOX_DIR": None,
     "BREAKER_THRESHOLD": 3,
     "BREAKER_COOLDOWN": 1.0,
+    "FAILOVER_REPAIR_WINDOW": 1.0,
     "SIGNING_KEY": None,
     # Stampede protection (docs/stampede.md)
     "STAMPEDE_LEASE_TIMEOUT": 10.0,
@@ -83,6 +84,9 @@ class ConnectionSettings:
     topology_refresh_interval: float = 0.25
     breaker_threshold: int = 3
     breaker_cooldown: float = 1.0
+    # Seconds of acknowledged writes per primary a process keeps in mind: after that primary fails, the
+    # keys it wrote in that window may be older on the replica that takes over (docs/failure.md).
+    repair_window: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     ):
         _positive_number(name, opts[name])
     _positive_number("BREAKER_COOLDOWN", opts["BREAKER_COOLDOWN"])
+    _positive_number("FAILOVER_REPAIR_WINDOW", opts["FAILOVER_REPAIR_WINDOW"])
     if opts["OUTBOX_DIR"] not in (None, False) and not isinstance(opts["OUTBOX_DIR"], str | os.PathLike):
         raise _fail(
             "OPTIONS['OUTBOX_DIR'] must be a directory path, None (the default place) or False (none)"
@@ -210,6 +215,7 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
         topology_refresh_interval=float(opts["TOPOLOGY_REFRESH_INTERVAL"]),
         breaker_threshold=int(opts["BREAKER_THRESHOLD"]),
         breaker_cooldown=float(opts["BREAKER_COOLDOWN"]),
+        repair_window=float(opts["FAILOVER_REPAIR_WINDOW"]),
     )
     return CacheSettings(
         connection=connection,

@@ -136,7 +136,8 @@ class Outbox:
         if not batch:
             return True
         calls = [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version)) for tag, version in batch.items()
+            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version), repairable=True)
+            for tag, version in batch.items()
         ]
         replies = self.topology.execute_batch(calls)
         landed = {}

@@ -162,7 +162,7 @@ def store_plan(
     """SET with the logical expiry and the computation's duration in the envelope; kept `stale` longer."""
     expiry_ms = cache._expiry_ms(timeout)
     if expiry_ms == 0:
-        yield Call(physical, ("DEL", physical))
+        yield Call(physical, ("DEL", physical), repairable=True)
         return False
     now = time.time()
     soft_expiry = None if expiry_ms is None else now + expiry_ms / 1000
@@ -179,7 +179,7 @@ def store_plan(
         args: tuple = ("SET", physical, data)
     else:
         args = ("SET", physical, data, "PX", expiry_ms + int(stale * 1000))
-    return bool((yield Call(physical, args)))
+    return bool((yield Call(physical, args, repairable=True)))
 
 
 # -- the whole fetch ----------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class TagVersions:
         epoch, fetched_at = self.backplane.epoch, time.monotonic()
         proposals = {tag: new_version() for tag in missing} if create else {}
         calls = [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), proposals[tag], "NX", "GET"))
+            Call(self.tag_key(tag), ("SET", self.tag_key(tag), proposals[tag], "NX", "GET"), repairable=True)
             if create
             else Call(self.tag_key(tag), ("GET", self.tag_key(tag)))
             for tag in missing
@@ -166,7 +166,8 @@ class TagVersions:
         """Give each tag a new random version, then push it to every process."""
         new = {tag: new_version() for tag in tags}
         replies = yield [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version)) for tag, version in new.items()
+            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version), repairable=True)
+            for tag, version in new.items()
         ]
         queued = {}
         for (tag, version), reply in zip(new.items(), replies, strict=True):

@@ -556,7 +556,7 @@ def _fill_rows_plan(
     for (physical, data, marker), seen in zip(targets, observed, strict=True):
         script_keys = (physical, marker) if marker is not None else (physical,)
         args = ("EVAL", FILL_SCRIPT, len(script_keys), *script_keys, observed_fingerprint(seen), data, expiry)
-        calls.append(Call(physical, args, idempotent=False))
+        calls.append(Call(physical, args, idempotent=False, repairable=True))
     replies = yield calls
     counts = {"entries": 0, "bytes": 0, "batches": 1, "skipped": 0, "errors": 0}
     for (_, data, _), reply in zip(targets, replies, strict=True):

@@ -6,8 +6,10 @@ Nothing here does I/O, so the same decisions are made whichever client sends the
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +33,15 @@ from ..conf import ConnectionSettings, NodeAddress
 from ..forksafe import renew_locks_after_fork
 from .breaker import CLOSED, Breakers
 
+logger = logging.getLogger("django_distcache.topology")
+
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
-# Writes a process may fail to make on one unreachable primary and still keep fallback reads of it.
+# Writes a process may fail to make on one unreachable primary and still keep fallback reads of it and
+# repair them; also the most acknowledged writes per primary it keeps in mind for FAILOVER_REPAIR_WINDOW.
 MAX_UNSYNCED_KEYS = 10_000
+# Keys deleted per round trip by the background repair.
+REPAIR_CHUNK = 500
 # A slot map older than this is reloaded in the background even if nothing asked for it: replicas that came
 # online (a fresh replica is listed only once it has synced) or were added are then known.
 SLOT_MAP_MAX_AGE = 10.0
@@ -88,6 +95,11 @@ class Call:
     asking: NodeAddress | None = None
     # False for commands that must not run twice (INCRBY, RPUSH): never re-sent after a lost reply.
     idempotent: bool = True
+    # A write of a key that holds a cache entry or a tag version, whose deletion can only make reads miss:
+    # when this write is dropped, or acknowledged shortly before its node fails, the topology deletes the
+    # key rather than let an older copy be served (failover repair, docs/failure.md). Never set for
+    # streams, locks, namespace generations or lists: deleting those loses data.
+    repairable: bool = False
 
 
 class SlotMap:
@@ -158,16 +170,32 @@ class TopologyState:
     # it taken goes on (it used to wait for `lock`, so for a whole reload by another thread).
     background_refresh: threading.Lock = field(default_factory=threading.Lock)
     breakers: Breakers = field(init=False)
-    # With replica fallback: per unreachable primary, the keys this process failed to write there. A
-    # replica holds their older value, so reads of them miss instead (`None`: too many to track, every
-    # fallback read of that primary's keys misses). Forgotten when the primary answers again or stops
-    # being a primary.
+    # Per primary whose breaker is not closed: the keys whose copy on its replicas (or on itself) may be
+    # older than this process's last write of them: writes it could not make there, and writes acknowledged
+    # in the FAILOVER_REPAIR_WINDOW before the breaker opened (replication is asynchronous). Fallback reads
+    # of them miss. When the node answers again or stops being a primary, they move to `repair`. `None`:
+    # too many to track.
     unsynced: dict[NodeAddress, set[bytes] | None] = field(default_factory=dict)
+    # Per primary: (time, key) of its acknowledged repairable writes, the last FAILOVER_REPAIR_WINDOW
+    # seconds of them (counted back from the newest), MAX_UNSYNCED_KEYS at most.
+    recent: dict[NodeAddress, deque] = field(default_factory=dict)
+    recent_overflowed: set[NodeAddress] = field(default_factory=set)
+    # Keys to delete on their slot's primary before this process touches them again, and in the
+    # background (`repair_wanted`): their value there may be older than this process's last write.
+    repair: set[bytes] = field(default_factory=set)
+    repair_wanted: bool = False
+    repair_after: float = 0.0  # a failed background repair is tried again after this time
+    repair_running: threading.Lock = field(default_factory=threading.Lock)
+    repaired: int = 0  # keys deleted by the repair, for stats and tests
+    untracked_repairs: int = 0  # times keys to repair were too many to know (logged)
 
     def __post_init__(self) -> None:
-        renew_locks_after_fork(self, "lock", "background_refresh")
+        renew_locks_after_fork(self, "lock", "background_refresh", "repair_running")
         self.breakers = Breakers(
-            self.settings.breaker_threshold, self.settings.breaker_cooldown, on_close=self.forget_unsynced
+            self.settings.breaker_threshold,
+            self.settings.breaker_cooldown,
+            on_close=self.node_back,
+            on_open=self.node_failed,
         )
 
     def nodes_to_ask(self) -> list[NodeAddress]:
@@ -192,12 +220,16 @@ class TopologyState:
         )
 
     def install(self, slot_map: SlotMap) -> None:
+        # A node that no longer serves slots (a replica took over, or its slots moved): keys this process
+        # wrote there lately may be older, or missing, on their slots' new primaries. Queued for repair
+        # before the new map routes any call there.
+        primaries = set(slot_map.primary_nodes)
+        for node in dict.fromkeys([*self.unsynced, *self.recent]):
+            if node not in primaries:
+                self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=True)
         self.slot_map = slot_map
         self.last_refresh = time.monotonic()
         self.refresh_wanted = False
-        for node in list(self.unsynced):
-            if node not in slot_map.primary_nodes:
-                self.forget_unsynced(node)
 
     # -- replica fallback ---------------------------------------------------------------------------------
     def fallback_replica(self, call: Call, primary: NodeAddress) -> NodeAddress | None:
@@ -207,6 +239,7 @@ class TopologyState:
         slot_map = self.slot_map
         if (
             slot_map is None
+            or call.key in self.repair
             or primary in self.unsynced
             and (self.unsynced[primary] is None or call.key in self.unsynced[primary])
         ):
@@ -217,11 +250,19 @@ class TopologyState:
         return None
 
     def note_unsynced(self, call: Call, node: NodeAddress) -> None:
-        """`call` could not reach `node`: if it was a write, keep fallback reads away from its key."""
-        if not self.settings.replica_fallback or call.read or call.asking is not None:
+        """`call` could not reach `node` (or its reply was lost): if it wrote an entry, that entry may now
+        be older than the caller meant, there or on the replicas: delete it before it is read again."""
+        if not call.repairable or call.asking is not None:
             return
         slot_map = self.slot_map
-        if slot_map is None or slot_map.primaries[key_slot(call.key)] != node:
+        if (
+            slot_map is None
+            or slot_map.primaries[key_slot(call.key)] != node
+            or self.breakers(node).state == CLOSED
+        ):
+            # The node is up (a lost reply) or no longer the key's: repair at once where the slot is now.
+            self.repair.add(call.key)
+            self.repair_wanted = True
             return
         keys = self.unsynced.setdefault(node, set())
         if keys is not None:
@@ -229,13 +270,114 @@ class TopologyState:
             if len(keys) > MAX_UNSYNCED_KEYS:
                 self.unsynced[node] = None
 
-    def forget_unsynced(self, node: object) -> None:
-        self.unsynced.pop(node, None)  # type: ignore[call-overload]
+    def acked(self, node: NodeAddress, key: bytes) -> None:
+        """A repairable write of `key` was acknowledged by `node`; keep it in mind for the repair window."""
+        window = self.settings.repair_window
+        if window <= 0:
+            return
+        now = time.monotonic()
+        recent = self.recent.get(node)
+        if recent is None:
+            recent = self.recent.setdefault(node, deque())
+        recent.append((now, key))
+        cutoff = now - window
+        try:
+            while recent[0][0] < cutoff:
+                recent.popleft()
+            if len(recent) > MAX_UNSYNCED_KEYS:
+                recent.popleft()
+                self.recent_overflowed.add(node)
+        except IndexError:  # another thread emptied it meanwhile
+            pass
 
-    def redirect(self, error: AskError, call: Call) -> Call:
-        """The call to send after a MOVED/ASK reply."""
+    def _recent_keys(self, node: NodeAddress, since: float | None = None) -> set[bytes] | None:
+        """Keys acknowledged by `node` in the window (from `since` on, if given); None if too many."""
+        if node in self.recent_overflowed:
+            return None
+        recent = self.recent.get(node)
+        if not recent:
+            return set()
+        entries = list(recent)
+        cutoff = (since if since is not None else entries[-1][0]) - self.settings.repair_window
+        return {key for at, key in entries if at >= cutoff}
+
+    def node_failed(self, node: object) -> None:
+        """`node`'s breaker opened: its replicas may lack the writes it acknowledged just before."""
+        if not isinstance(node, NodeAddress) or self.settings.repair_window <= 0:
+            return
+        keys = self._recent_keys(node, since=time.monotonic())
+        held = self.unsynced.setdefault(node, set())
+        if keys is None or held is None:
+            self.unsynced[node] = None
+        else:
+            held |= keys
+
+    def node_back(self, node: object) -> None:
+        """`node`'s breaker closed: the keys it could not write (and those written just before it failed)
+        are repaired now. It may be a demoted primary that lost the writes: which one is not known here."""
+        if isinstance(node, NodeAddress) and node in self.unsynced:
+            self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=False)
+
+    def _queue_repair(self, node: NodeAddress, keys: set[bytes] | None, with_recent: bool) -> None:
+        if with_recent:
+            recent = self._recent_keys(node)
+            self.recent.pop(node, None)
+            self.recent_overflowed.discard(node)
+            keys = None if keys is None or recent is None else keys | recent
+        if keys is None:
+            self.untracked_repairs += 1
+            logger.warning(
+                "node %s: more than %d recent or dropped writes of this process; those it cannot name may "
+                "be served at an older value until they expire",
+                node,
+                MAX_UNSYNCED_KEYS,
+            )
+            return
+        if keys:
+            logger.info(
+                "node %s: deleting %d keys whose copy may be older than this process wrote", node, len(keys)
+            )
+            self.repair |= keys
+            self.repair_wanted = True
+
+    def _slot_left(self, node: NodeAddress, slot: int) -> None:
+        """`node` no longer serves `slot` (MOVED): a replica took over, or the slot was moved. Keys of that
+        slot this process wrote there lately may be older on the new owner (a failover this process saw
+        nothing of until now): queued for repair before the call goes there. Cheap when the process holds
+        nothing for `node`."""
+        held = self.unsynced.get(node)
+        recent = self.recent.get(node)
+        if not held and not recent:
+            return
+        keys = {key for key in held or () if key_slot(key) == slot}
+        keys.update(key for _, key in list(recent or ()) if key_slot(key) == slot)
+        if keys:
+            self.repair |= keys
+            self.repair_wanted = True
+
+    def repair_due(self, call: Call) -> bool:
+        """Must `call`'s key be deleted before `call` runs? (Not when `call` deletes it itself.)"""
+        return call.key in self.repair and call.args != ("DEL", call.key)
+
+    def acked_call(self, call: Call, node: NodeAddress) -> None:
+        """A repairable `call` was acknowledged by `node`."""
+        if self.repair and call.args == ("DEL", call.key):
+            self.done_repair(call.key)
+        self.acked(node, call.key)
+
+    def repair_due_now(self) -> bool:
+        return self.repair_wanted and time.monotonic() >= self.repair_after
+
+    def done_repair(self, key: bytes) -> None:
+        if key in self.repair:
+            self.repair.discard(key)
+            self.repaired += 1
+
+    def redirect(self, error: AskError, call: Call, node: NodeAddress) -> Call:
+        """The call to send after `node` answered MOVED/ASK."""
         target = NodeAddress(error.host, int(error.port))
         if isinstance(error, MovedError):
+            self._slot_left(node, error.slot_id)
             if self.slot_map is not None:
                 self.slot_map.patch(error.slot_id, target)
             self.refresh_wanted = True

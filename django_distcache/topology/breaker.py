@@ -39,13 +39,19 @@ class Breaker:
         "opened_at",
         "probing",
         "reason",
+        "on_open",
         "on_close",
         "_lock",
         "__weakref__",
     )
 
     def __init__(
-        self, node: object, threshold: int, cooldown: float, on_close: Callable[[object], None] | None = None
+        self,
+        node: object,
+        threshold: int,
+        cooldown: float,
+        on_close: Callable[[object], None] | None = None,
+        on_open: Callable[[object], None] | None = None,
     ) -> None:
         self.node = node
         self.threshold = threshold
@@ -56,6 +62,7 @@ class Breaker:
         self.probing = False
         self.reason = ""
         self.on_close = on_close
+        self.on_open = on_open
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
 
@@ -106,6 +113,8 @@ class Breaker:
                 self.reason,
                 self.cooldown,
             )
+            if self.on_open is not None:
+                self.on_open(self.node)
         return opened
 
     def unavailable(self) -> NodeUnavailableError:
@@ -116,11 +125,16 @@ class Breakers:
     """One breaker per node address, created on first use."""
 
     def __init__(
-        self, threshold: int, cooldown: float, on_close: Callable[[object], None] | None = None
+        self,
+        threshold: int,
+        cooldown: float,
+        on_close: Callable[[object], None] | None = None,
+        on_open: Callable[[object], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.on_close = on_close
+        self.on_open = on_open
         self._by_node: dict[object, Breaker] = {}
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
@@ -130,7 +144,7 @@ class Breakers:
         if breaker is None:
             with self._lock:
                 breaker = self._by_node.setdefault(
-                    node, Breaker(node, self.threshold, self.cooldown, self.on_close)
+                    node, Breaker(node, self.threshold, self.cooldown, self.on_close, self.on_open)
                 )
         return breaker
 

@@ -31,6 +31,7 @@ from .base import (
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
     REDIRECT_ERRORS,
+    REPAIR_CHUNK,
     TIMEOUT_ERRORS,
     Call,
     NoNodeReachableError,
@@ -165,6 +166,26 @@ class _TopologyCommon:
             return [b"".join([_pack_one(command) for command in commands])]
         return connection.pack_commands(commands)
 
+    def _commands(self, call: Call) -> tuple[list[tuple], bool]:
+        """What to send for `call`, and whether that starts with a repair: ASKING before a command for a
+        slot being imported; DEL of the key first when its value may be older than this process wrote."""
+        repairing = bool(self.state.repair) and self.state.repair_due(call)
+        if not repairing:
+            return ([("ASKING",), call.args] if call.asking is not None else [call.args]), False
+        if call.asking is not None:
+            return [("ASKING",), ("DEL", call.key), ("ASKING",), call.args], True
+        return [("DEL", call.key), call.args], True
+
+    def _last_reply(self, call: Call, node: NodeAddress, repairing: bool, replies: list) -> Any:
+        """The reply of `call` sent after other commands: the first error among them is raised."""
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if repairing:
+            self.state.done_repair(call.key)
+            self.state.acked(node, call.key)
+        return replies[-1]
+
     # -- routing ----------------------------------------------------------------------------------------
     def _route(self, call: Call) -> NodeAddress | None:
         if call.asking is not None:
@@ -172,6 +193,8 @@ class _TopologyCommon:
         slot_map = self.state.slot_map
         if slot_map is None:
             return None
+        if call.read and self.state.repair and call.key in self.state.repair:
+            return slot_map.primaries[key_slot(call.key)]  # a replica could not delete it first
         return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
 
     def _group(self, calls: list[Call]) -> dict[NodeAddress | None, list[int]]:
@@ -293,18 +316,18 @@ class _TopologyCommon:
                     results[positions[i]] = breaker.unavailable()
         return plan
 
-    @staticmethod
-    def _batch_commands(calls: list[Call], indexes: list[int]) -> list[tuple]:
-        commands = []
+    def _batch_commands(self, calls: list[Call], indexes: list[int]) -> tuple[list[tuple], list | None]:
+        """One node's commands; and, when any call sends more than its own command, how many each sends
+        and whether it repairs its key (None: one command per call, the common case)."""
+        if not self.state.repair and not any(calls[i].asking is not None for i in indexes):
+            return [calls[i].args for i in indexes], None
+        commands: list[tuple] = []
+        layout = []
         for i in indexes:
-            if calls[i].asking is not None:
-                commands.append(("ASKING",))
-            commands.append(calls[i].args)
-        return commands
-
-    @staticmethod
-    def _batch_reply_count(calls: list[Call], indexes: list[int]) -> int:
-        return len(indexes) + sum(1 for i in indexes if calls[i].asking is not None)
+            sent, repairing = self._commands(calls[i])
+            commands.extend(sent)
+            layout.append((len(sent), repairing))
+        return commands, layout
 
     def _batch_failed(
         self,
@@ -325,33 +348,53 @@ class _TopologyCommon:
                 results[positions[i]] = error
                 self.state.note_unsynced(calls[i], node)
 
-    @staticmethod
     def _batch_replies(
+        self,
         calls: list[Call],
         indexes: list[int],
+        layout: list | None,
+        node: NodeAddress,
         positions: list[int],
         results: list[Any],
         replies: list,
         redo: list,
     ) -> None:
         """Place one node's replies; MOVED/ASK replies go to `redo` for the next round."""
-        replies_iter = iter(replies)
-        for i in indexes:
-            if calls[i].asking is not None:
-                next(replies_iter)  # ASKING's own +OK; the command's reply says what went wrong
-            reply = next(replies_iter)
+        state = self.state
+        if layout is None:
+            for i, reply in zip(indexes, replies, strict=True):
+                if isinstance(reply, REDIRECT_ERRORS):
+                    redo.append((positions[i], reply, node))
+                else:
+                    results[positions[i]] = reply
+                    if calls[i].repairable and not isinstance(reply, Exception):
+                        state.acked_call(calls[i], node)
+            return
+        start = 0
+        for i, (count, repairing) in zip(indexes, layout, strict=True):
+            own = replies[start : start + count]
+            start += count
+            # ASKING's +OK and a repair DEL's count come first; the first error among them is the reply.
+            reply = next((r for r in own if isinstance(r, Exception)), own[-1])
             if isinstance(reply, REDIRECT_ERRORS):
-                redo.append((positions[i], reply))
-            else:
-                results[positions[i]] = reply
+                redo.append((positions[i], reply, node))
+                continue
+            results[positions[i]] = reply
+            if isinstance(reply, Exception):
+                continue
+            if repairing:
+                state.done_repair(calls[i].key)
+                state.acked(node, calls[i].key)
+            if calls[i].repairable:
+                state.acked_call(calls[i], node)
 
     def _next_round(self, calls: list[Call], redo: list) -> list[int]:
         """After a round: the redirected calls, aimed at their new nodes."""
-        for index, error in redo:
-            calls[index] = self.state.redirect(error, calls[index])
+        for index, error, node in redo:
+            calls[index] = self.state.redirect(error, calls[index], node)
         if self.state.refresh_wanted:
             self._refresh_in_background()
-        return [index for index, _ in redo]
+        return [index for index, _, _ in redo]
 
     # -- the slot map -----------------------------------------------------------------------------------
     def _refresh_steps(self) -> Generator[NodeAddress, Any, None]:
@@ -436,12 +479,14 @@ class ClusterTopology(_TopologyCommon):
                 try:
                     node = steps.send(reply) if error is None else steps.throw(error)
                 except StopIteration:
-                    return
+                    break
                 reply = error = None
                 try:
                     reply = self.node_execute(node, "CLUSTER", "SLOTS")
                 except (ResponseError, *OUTAGE_ERRORS) as caught:
                     error = caught
+        if state.repair_wanted:  # the new map names nodes that lost keys: repair now, not at the next call
+            self.repair_in_background()
 
     def ensure_map(self) -> None:
         state = self.state
@@ -449,6 +494,45 @@ class ClusterTopology(_TopologyCommon):
             self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
+        if state.repair_wanted and state.repair_due_now():
+            self.repair_in_background()
+
+    def repair_in_background(self) -> None:
+        """Delete the keys queued for repair in a thread of its own, one such thread at a time."""
+        state = self.state
+        if not state.repair_running.acquire(blocking=False):
+            return
+        state.repair_wanted = False
+
+        def run() -> None:
+            try:
+                self.repair_now()
+            except Exception as error:  # noqa: BLE001 - a background thread: tried again on a later call
+                logger.warning("failover repair failed, tried again later: %s", error)
+                state.repair_wanted = True
+                state.repair_after = time.monotonic() + self.settings.breaker_cooldown
+            finally:
+                state.repair_running.release()
+
+        try:
+            threading.Thread(target=run, name="distcache-failover-repair", daemon=True).start()
+        except BaseException:
+            state.repair_running.release()
+            raise
+
+    def repair_now(self) -> int:
+        """Delete the keys queued for repair on their slots' primaries; those that cannot be reached now
+        stay queued and are tried again a breaker cooldown later. Returns how many are left."""
+        state = self.state
+        keys = list(state.repair)
+        for start in range(0, len(keys), REPAIR_CHUNK):
+            chunk = keys[start : start + REPAIR_CHUNK]
+            self.execute_batch([Call(key, ("DEL", key), repairable=True) for key in chunk])
+        left = len(state.repair)
+        if left:
+            state.repair_wanted = True
+            state.repair_after = time.monotonic() + self.settings.breaker_cooldown
+        return left
 
     def _refresh_in_background(self) -> None:
         """Reload the slot map in a thread of its own: a request never waits for CLUSTER SLOTS (which a
@@ -478,21 +562,19 @@ class ClusterTopology(_TopologyCommon):
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node, breaker = self._target(call)
+            commands, repairing = self._commands(call)
             pool = self._pool(node)
             connection = pool.get()
             try:
-                if call.asking is not None:
-                    connection.send_packed_command(
-                        self._pack(connection, [("ASKING",), call.args]), check_health=False
-                    )
-                    connection.read_response()
+                connection.send_packed_command(self._pack(connection, commands), check_health=False)
+                if len(commands) == 1:
+                    result = connection.read_response()
                 else:
-                    connection.send_packed_command(self._pack(connection, [call.args]), check_health=False)
-                result = connection.read_response()
+                    result = self._last_reply(call, node, repairing, _read_replies(connection, len(commands)))
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
                 breaker.success()
-                call = self.state.redirect(error, call)
+                call = self.state.redirect(error, call, node)
                 continue
             except ResponseError as error:
                 pool.put(connection)
@@ -506,6 +588,8 @@ class ClusterTopology(_TopologyCommon):
                 continue
             pool.put(connection)
             breaker.success()
+            if call.repairable:
+                self.state.acked_call(call, node)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
@@ -528,28 +612,27 @@ class ClusterTopology(_TopologyCommon):
     def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
         sent = []
         for node, breaker, indexes in self._batch_plan(calls, positions, results):
+            commands, layout = self._batch_commands(calls, indexes)
             pool = self._pool(node)
             connection = pool.get()
             try:
-                connection.send_packed_command(
-                    self._pack(connection, self._batch_commands(calls, indexes)), check_health=False
-                )
+                connection.send_packed_command(self._pack(connection, commands), check_health=False)
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                 continue
-            sent.append((node, breaker, indexes, pool, connection))
+            sent.append((node, breaker, indexes, pool, connection, len(commands), layout))
         redo: list = []
-        for node, breaker, indexes, pool, connection in sent:
+        for node, breaker, indexes, pool, connection, count, layout in sent:
             try:
-                replies = _read_replies(connection, self._batch_reply_count(calls, indexes))
+                replies = _read_replies(connection, count)
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 self._batch_failed(calls, indexes, positions, results, node, breaker, error)
                 continue
             pool.put(connection)
             breaker.success()
-            self._batch_replies(calls, indexes, positions, results, replies, redo)
+            self._batch_replies(calls, indexes, layout, node, positions, results, replies, redo)
         if self.state.refresh_wanted:
             self._refresh_in_background()
         return redo
@@ -694,6 +777,7 @@ class AsyncClusterTopology(_TopologyCommon):
     def __init__(self, state: TopologyState) -> None:
         super().__init__(state)
         self._refresh_task: asyncio.Task | None = None
+        self._repairer: ClusterTopology | None = None
 
     def _pool(self, node: NodeAddress) -> _AsyncNodePool:
         readonly = self._readonly(node)
@@ -714,12 +798,14 @@ class AsyncClusterTopology(_TopologyCommon):
             try:
                 node = steps.send(reply) if error is None else steps.throw(error)
             except StopIteration:
-                return
+                break
             reply = error = None
             try:
                 reply = await self._node_execute(node, "CLUSTER", "SLOTS")
             except (ResponseError, *OUTAGE_ERRORS) as caught:
                 error = caught
+        if state.repair_wanted:
+            self._repair_in_background()
 
     async def _node_execute(self, node: NodeAddress, *args: Any) -> Any:
         pool = self._pool(node)
@@ -742,6 +828,14 @@ class AsyncClusterTopology(_TopologyCommon):
             await self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
+        if state.repair_wanted and state.repair_due_now():
+            self._repair_in_background()
+
+    def _repair_in_background(self) -> None:
+        # The repair runs in a thread with blocking connections of its own, whatever the loop.
+        if self._repairer is None:
+            self._repairer = ClusterTopology(self.state)
+        self._repairer.repair_in_background()
 
     def _refresh_in_background(self) -> None:
         """As the sync topology's: one task on this loop reloads the slot map; callers do not wait."""
@@ -763,24 +857,21 @@ class AsyncClusterTopology(_TopologyCommon):
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node, breaker = self._target(call)
+            commands, repairing = self._commands(call)
             pool = self._pool(node)
             connection = None
             try:
                 connection = await pool.get(breaker)
-                if call.asking is not None:
-                    await connection.send_packed_command(
-                        self._pack(connection, [("ASKING",), call.args]), check_health=False
-                    )
-                    await connection.read_response()
+                await connection.send_packed_command(self._pack(connection, commands), check_health=False)
+                if len(commands) == 1:
+                    result = await connection.read_response()
                 else:
-                    await connection.send_packed_command(
-                        self._pack(connection, [call.args]), check_health=False
-                    )
-                result = await connection.read_response()
+                    replies = await _async_read_replies(connection, len(commands))
+                    result = self._last_reply(call, node, repairing, replies)
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
                 breaker.success()
-                call = self.state.redirect(error, call)
+                call = self.state.redirect(error, call, node)
                 continue
             except ResponseError as error:
                 pool.put(connection)
@@ -800,6 +891,8 @@ class AsyncClusterTopology(_TopologyCommon):
                 raise
             pool.put(connection)
             breaker.success()
+            if call.repairable:
+                self.state.acked_call(call, node)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
@@ -822,13 +915,12 @@ class AsyncClusterTopology(_TopologyCommon):
         sent = []
         try:
             for node, breaker, indexes in self._batch_plan(calls, positions, results):
+                commands, layout = self._batch_commands(calls, indexes)
                 pool = self._pool(node)
                 connection = None
                 try:
                     connection = await pool.get(breaker)
-                    await connection.send_packed_command(
-                        self._pack(connection, self._batch_commands(calls, indexes)), check_health=False
-                    )
+                    await connection.send_packed_command(self._pack(connection, commands), check_health=False)
                 except OUTAGE_ERRORS as error:
                     if connection is not None:
                         await connection.disconnect()
@@ -838,12 +930,12 @@ class AsyncClusterTopology(_TopologyCommon):
                     if connection is not None:  # cancelled while sending: this connection is unusable
                         await connection.disconnect()
                     raise
-                sent.append((node, breaker, indexes, pool, connection))
+                sent.append((node, breaker, indexes, pool, connection, len(commands), layout))
             redo: list = []
             while sent:
-                node, breaker, indexes, pool, connection = sent[0]
+                node, breaker, indexes, pool, connection, count, layout = sent[0]
                 try:
-                    replies = await _async_read_replies(connection, self._batch_reply_count(calls, indexes))
+                    replies = await _async_read_replies(connection, count)
                 except OUTAGE_ERRORS as error:
                     sent.pop(0)
                     await connection.disconnect()
@@ -852,13 +944,13 @@ class AsyncClusterTopology(_TopologyCommon):
                 sent.pop(0)
                 pool.put(connection)
                 breaker.success()
-                self._batch_replies(calls, indexes, positions, results, replies, redo)
+                self._batch_replies(calls, indexes, layout, node, positions, results, replies, redo)
             if self.state.refresh_wanted:
                 self._refresh_in_background()
             return redo
         except BaseException:
             # Cancelled mid-batch: replies may still arrive on the connections not read yet.
-            for _, _, _, _, connection in sent:
+            for _, _, _, _, connection, _, _ in sent:
                 await connection.disconnect()
             raise
 
