@@ -179,7 +179,8 @@ class TopologyState:
     # Per primary: (time, key) of its acknowledged repairable writes, the last FAILOVER_REPAIR_WINDOW
     # seconds of them (counted back from the newest), MAX_UNSYNCED_KEYS at most.
     recent: dict[NodeAddress, deque] = field(default_factory=dict)
-    recent_overflowed: set[NodeAddress] = field(default_factory=set)
+    # Per primary: when the newest write dropped from `recent` for room was acknowledged.
+    recent_overflowed: dict[NodeAddress, float] = field(default_factory=dict)
     # Keys to delete on their slot's primary before this process touches them again, and in the
     # background (`repair_wanted`): their value there may be older than this process's last write.
     repair: set[bytes] = field(default_factory=set)
@@ -285,20 +286,19 @@ class TopologyState:
             while recent[0][0] < cutoff:
                 recent.popleft()
             if len(recent) > MAX_UNSYNCED_KEYS:
-                recent.popleft()
-                self.recent_overflowed.add(node)
+                self.recent_overflowed[node] = recent.popleft()[0]
         except IndexError:  # another thread emptied it meanwhile
             pass
 
     def _recent_keys(self, node: NodeAddress, since: float | None = None) -> set[bytes] | None:
         """Keys acknowledged by `node` in the window (from `since` on, if given); None if too many."""
-        if node in self.recent_overflowed:
-            return None
         recent = self.recent.get(node)
         if not recent:
             return set()
         entries = list(recent)
         cutoff = (since if since is not None else entries[-1][0]) - self.settings.repair_window
+        if self.recent_overflowed.get(node, cutoff - 1) >= cutoff:
+            return None  # some writes of the window were not kept
         return {key for at, key in entries if at >= cutoff}
 
     def node_failed(self, node: object) -> None:
@@ -322,7 +322,7 @@ class TopologyState:
         if with_recent:
             recent = self._recent_keys(node)
             self.recent.pop(node, None)
-            self.recent_overflowed.discard(node)
+            self.recent_overflowed.pop(node, None)
             keys = None if keys is None or recent is None else keys | recent
         if keys is None:
             self.untracked_repairs += 1
