@@ -98,15 +98,17 @@ def test_a_map_without_the_node_queues_its_recent_writes_even_if_this_process_sa
     assert state.repair == {on_a}
 
 
-def test_moved_queues_only_the_keys_of_the_slot_that_left(clock):
+def test_moved_to_a_replica_queues_only_the_keys_of_the_slot_that_left(clock):
     state = _state()
     first, second = _key_on(A, state, "first"), _key_on(A, state, "second")
     assert key_slot(first) != key_slot(second)
     state.acked(A, first)
     state.acked(A, second)
-    state._slot_left(A, key_slot(first))
+    state._slot_left(A, key_slot(second), B)  # to another primary: a reshard, the values moved along
+    assert not state.repair
+    state._slot_left(A, key_slot(first), C)  # to A's replica: a failover
     assert state.repair == {first}
-    state._slot_left(B, key_slot(second))  # B holds nothing: no work, nothing queued
+    state._slot_left(B, key_slot(second), C)  # B holds nothing: no work, nothing queued
     assert state.repair == {first}
 
 

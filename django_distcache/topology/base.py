@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +274,9 @@ class TopologyState:
 
     def acked(self, node: NodeAddress, key: bytes) -> None:
         """A repairable write of `key` was acknowledged by `node`; keep it in mind for the repair window."""
+        self.acked_keys(node, (key,))
+
+    def acked_keys(self, node: NodeAddress, keys: Iterable[bytes]) -> None:
         window = self.settings.repair_window
         if window <= 0:
             return
@@ -280,12 +284,12 @@ class TopologyState:
         recent = self.recent.get(node)
         if recent is None:
             recent = self.recent.setdefault(node, deque())
-        recent.append((now, key))
+        recent.extend((now, key) for key in keys)
         cutoff = now - window
         try:
             while recent[0][0] < cutoff:
                 recent.popleft()
-            if len(recent) > MAX_UNSYNCED_KEYS:
+            while len(recent) > MAX_UNSYNCED_KEYS:
                 self.recent_overflowed[node] = recent.popleft()[0]
         except IndexError:  # another thread emptied it meanwhile
             pass
@@ -340,14 +344,21 @@ class TopologyState:
             self.repair |= keys
             self.repair_wanted = True
 
-    def _slot_left(self, node: NodeAddress, slot: int) -> None:
-        """`node` no longer serves `slot` (MOVED): a replica took over, or the slot was moved. Keys of that
-        slot this process wrote there lately may be older on the new owner (a failover this process saw
-        nothing of until now): queued for repair before the call goes there. Cheap when the process holds
-        nothing for `node`."""
+    def _slot_left(self, node: NodeAddress, slot: int, target: NodeAddress) -> None:
+        """`node` no longer serves `slot` (MOVED to `target`). If a replica took over (a failover this
+        process saw nothing of until now), keys of that slot this process wrote there lately may be older
+        on `target`: queued for repair before the call goes there. Not when `target` is another primary
+        (a reshard: keys move with their values), so a reshard costs no scan of the recent writes."""
         held = self.unsynced.get(node)
         recent = self.recent.get(node)
         if not held and not recent:
+            return
+        slot_map = self.slot_map
+        if (
+            slot_map is not None
+            and target in slot_map.primary_nodes
+            and target not in slot_map.replicas[slot]
+        ):
             return
         keys = {key for key in held or () if key_slot(key) == slot}
         keys.update(key for _, key in list(recent or ()) if key_slot(key) == slot)
@@ -361,9 +372,14 @@ class TopologyState:
 
     def acked_call(self, call: Call, node: NodeAddress) -> None:
         """A repairable `call` was acknowledged by `node`."""
-        if self.repair and call.args == ("DEL", call.key):
-            self.done_repair(call.key)
-        self.acked(node, call.key)
+        self.acked_calls((call,), node)
+
+    def acked_calls(self, calls: Iterable[Call], node: NodeAddress) -> None:
+        if self.repair:
+            for call in calls:
+                if call.args == ("DEL", call.key):
+                    self.done_repair(call.key)
+        self.acked_keys(node, [call.key for call in calls])
 
     def repair_due_now(self) -> bool:
         return self.repair_wanted and time.monotonic() >= self.repair_after
@@ -377,7 +393,7 @@ class TopologyState:
         """The call to send after `node` answered MOVED/ASK."""
         target = NodeAddress(error.host, int(error.port))
         if isinstance(error, MovedError):
-            self._slot_left(node, error.slot_id)
+            self._slot_left(node, error.slot_id, target)
             if self.slot_map is not None:
                 self.slot_map.patch(error.slot_id, target)
             self.refresh_wanted = True

@@ -362,13 +362,16 @@ class _TopologyCommon:
         """Place one node's replies; MOVED/ASK replies go to `redo` for the next round."""
         state = self.state
         if layout is None:
+            acked = []
             for i, reply in zip(indexes, replies, strict=True):
                 if isinstance(reply, REDIRECT_ERRORS):
                     redo.append((positions[i], reply, node))
                 else:
                     results[positions[i]] = reply
                     if calls[i].repairable and not isinstance(reply, Exception):
-                        state.acked_call(calls[i], node)
+                        acked.append(calls[i])
+            if acked:
+                state.acked_calls(acked, node)
             return
         start = 0
         for i, (count, repairing) in zip(indexes, layout, strict=True):
