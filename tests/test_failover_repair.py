@@ -79,10 +79,22 @@ def test_the_node_coming_back_queues_its_held_keys_and_a_delete_of_the_key_repai
     state.breakers(A).success()  # closes: A answers again, still holding what it held
     assert A not in state.unsynced
     assert state.repair == {recent, dropped} and state.repair_wanted
-    assert state.repair_due(Call(dropped, ("GET", dropped), read=True))
-    assert not state.repair_due(Call(dropped, ("DEL", dropped), repairable=True))  # deletes it itself
+    assert state.repair_due(Call(dropped, ("GET", dropped), read=True), A)
+    assert not state.repair_due(Call(dropped, ("DEL", dropped), repairable=True), A)  # deletes it itself
     state.acked_call(Call(dropped, ("DEL", dropped), repairable=True), A)
     assert state.repair == {recent} and state.repaired == 1
+
+
+def test_the_call_that_probes_a_node_coming_back_deletes_a_held_key_before_reading_it(clock):
+    state = _state()
+    dropped = _key_on(A, state, "dropped")
+    state.breakers(A).failure(ConnectionError("refused"))
+    state.note_unsynced(_write(dropped), A)
+    read = Call(dropped, ("GET", dropped), read=True)
+    assert not state.repair and state.repair_due(read, A)
+    assert not state.repair_due(read, B)
+    state.done_repair(dropped, A)  # the probe's DEL went through: nothing left to hold
+    assert not state.repair_due(read, A)
 
 
 def test_a_map_without_the_node_queues_its_recent_writes_even_if_this_process_saw_no_failure(clock):

@@ -188,11 +188,13 @@ class TopologyState:
     repair_wanted: bool = False
     repair_after: float = 0.0  # a failed background repair is tried again after this time
     repair_running: threading.Lock = field(default_factory=threading.Lock)
+    # Guards `unsynced` against a map installed while a failed write is being held for its old node.
+    held_lock: threading.Lock = field(default_factory=threading.Lock)
     repaired: int = 0  # keys deleted by the repair, for stats and tests
     untracked_repairs: int = 0  # times keys to repair were too many to know (logged)
 
     def __post_init__(self) -> None:
-        renew_locks_after_fork(self, "lock", "background_refresh", "repair_running")
+        renew_locks_after_fork(self, "lock", "background_refresh", "repair_running", "held_lock")
         self.breakers = Breakers(
             self.settings.breaker_threshold,
             self.settings.breaker_cooldown,
@@ -226,10 +228,11 @@ class TopologyState:
         # wrote there lately may be older, or missing, on their slots' new primaries. Queued for repair
         # before the new map routes any call there.
         primaries = set(slot_map.primary_nodes)
-        for node in dict.fromkeys([*self.unsynced, *self.recent]):
-            if node not in primaries:
-                self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=True)
-        self.slot_map = slot_map
+        with self.held_lock:
+            for node in dict.fromkeys([*self.unsynced, *self.recent]):
+                if node not in primaries:
+                    self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=True)
+            self.slot_map = slot_map
         self.last_refresh = time.monotonic()
         self.refresh_wanted = False
 
@@ -256,21 +259,22 @@ class TopologyState:
         be older than the caller meant, there or on the replicas: delete it before it is read again."""
         if not call.repairable or call.asking is not None:
             return
-        slot_map = self.slot_map
-        if (
-            slot_map is None
-            or slot_map.primaries[key_slot(call.key)] != node
-            or self.breakers(node).state == CLOSED
-        ):
-            # The node is up (a lost reply) or no longer the key's: repair at once where the slot is now.
-            self.repair.add(call.key)
-            self.repair_wanted = True
-            return
-        keys = self.unsynced.setdefault(node, set())
-        if keys is not None:
-            keys.add(call.key)
-            if len(keys) > MAX_UNSYNCED_KEYS:
-                self.unsynced[node] = None
+        with self.held_lock:
+            slot_map = self.slot_map
+            if (
+                slot_map is None
+                or slot_map.primaries[key_slot(call.key)] != node
+                or self.breakers(node).state == CLOSED
+            ):
+                # The node is up (a lost reply) or no longer the key's: repair at once where the slot is.
+                self.repair.add(call.key)
+                self.repair_wanted = True
+                return
+            keys = self.unsynced.setdefault(node, set())
+            if keys is not None:
+                keys.add(call.key)
+                if len(keys) > MAX_UNSYNCED_KEYS:
+                    self.unsynced[node] = None
 
     def acked(self, node: NodeAddress, key: bytes) -> None:
         """A repairable write of `key` was acknowledged by `node`; keep it in mind for the repair window."""
@@ -310,17 +314,20 @@ class TopologyState:
         if not isinstance(node, NodeAddress) or self.settings.repair_window <= 0:
             return
         keys = self._recent_keys(node, since=time.monotonic())
-        held = self.unsynced.setdefault(node, set())
-        if keys is None or held is None:
-            self.unsynced[node] = None
-        else:
-            held |= keys
+        with self.held_lock:
+            held = self.unsynced.setdefault(node, set())
+            if keys is None or held is None:
+                self.unsynced[node] = None
+            else:
+                held |= keys
 
     def node_back(self, node: object) -> None:
         """`node`'s breaker closed: the keys it could not write (and those written just before it failed)
         are repaired now. It may be a demoted primary that lost the writes: which one is not known here."""
         if isinstance(node, NodeAddress) and node in self.unsynced:
-            self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=False)
+            with self.held_lock:
+                keys = self.unsynced.pop(node, set())
+            self._queue_repair(node, keys, with_recent=False)
 
     def _queue_repair(self, node: NodeAddress, keys: set[bytes] | None, with_recent: bool) -> None:
         if with_recent:
@@ -366,25 +373,36 @@ class TopologyState:
             self.repair |= keys
             self.repair_wanted = True
 
-    def repair_due(self, call: Call) -> bool:
-        """Must `call`'s key be deleted before `call` runs? (Not when `call` deletes it itself.)"""
-        return call.key in self.repair and call.args != ("DEL", call.key)
+    def repair_due(self, call: Call, node: NodeAddress) -> bool:
+        """Must `call`'s key be deleted on `node` before `call` runs? Yes if it is queued for repair, or held
+        for `node` (the call that probes a node coming back must not read what it holds). Not when `call`
+        deletes it itself."""
+        if call.args == ("DEL", call.key):
+            return False
+        if call.key in self.repair:
+            return True
+        held = self.unsynced.get(node)
+        return bool(held) and call.key in held
 
     def acked_call(self, call: Call, node: NodeAddress) -> None:
         """A repairable `call` was acknowledged by `node`."""
         self.acked_calls((call,), node)
 
     def acked_calls(self, calls: Iterable[Call], node: NodeAddress) -> None:
-        if self.repair:
+        if self.repair or self.unsynced:
             for call in calls:
                 if call.args == ("DEL", call.key):
-                    self.done_repair(call.key)
+                    self.done_repair(call.key, node)
         self.acked_keys(node, [call.key for call in calls])
 
     def repair_due_now(self) -> bool:
         return self.repair_wanted and time.monotonic() >= self.repair_after
 
-    def done_repair(self, key: bytes) -> None:
+    def done_repair(self, key: bytes, node: NodeAddress | None = None) -> None:
+        """`key` was deleted on `node`, the primary of its slot."""
+        held = self.unsynced.get(node) if node is not None else None
+        if held:
+            held.discard(key)
         if key in self.repair:
             self.repair.discard(key)
             self.repaired += 1

@@ -166,10 +166,12 @@ class _TopologyCommon:
             return [b"".join([_pack_one(command) for command in commands])]
         return connection.pack_commands(commands)
 
-    def _commands(self, call: Call) -> tuple[list[tuple], bool]:
-        """What to send for `call`, and whether that starts with a repair: ASKING before a command for a
-        slot being imported; DEL of the key first when its value may be older than this process wrote."""
-        repairing = bool(self.state.repair) and self.state.repair_due(call)
+    def _commands(self, call: Call, node: NodeAddress) -> tuple[list[tuple], bool]:
+        """What to send for `call` to `node`, and whether that starts with a repair: ASKING before a command
+        for a slot being imported; DEL of the key first when its value may be older than this process
+        wrote."""
+        state = self.state
+        repairing = bool(state.repair or state.unsynced) and state.repair_due(call, node)
         if not repairing:
             return ([("ASKING",), call.args] if call.asking is not None else [call.args]), False
         if call.asking is not None:
@@ -182,7 +184,7 @@ class _TopologyCommon:
             if isinstance(reply, Exception):
                 raise reply
         if repairing:
-            self.state.done_repair(call.key)
+            self.state.done_repair(call.key, node)
             self.state.acked(node, call.key)
         return replies[-1]
 
@@ -316,15 +318,18 @@ class _TopologyCommon:
                     results[positions[i]] = breaker.unavailable()
         return plan
 
-    def _batch_commands(self, calls: list[Call], indexes: list[int]) -> tuple[list[tuple], list | None]:
-        """One node's commands; and, when any call sends more than its own command, how many each sends
+    def _batch_commands(
+        self, calls: list[Call], indexes: list[int], node: NodeAddress
+    ) -> tuple[list[tuple], list | None]:
+        """`node`'s commands; and, when any call sends more than its own command, how many each sends
         and whether it repairs its key (None: one command per call, the common case)."""
-        if not self.state.repair and not any(calls[i].asking is not None for i in indexes):
+        state = self.state
+        if not state.repair and not state.unsynced and not any(calls[i].asking is not None for i in indexes):
             return [calls[i].args for i in indexes], None
         commands: list[tuple] = []
         layout = []
         for i in indexes:
-            sent, repairing = self._commands(calls[i])
+            sent, repairing = self._commands(calls[i], node)
             commands.extend(sent)
             layout.append((len(sent), repairing))
         return commands, layout
@@ -386,7 +391,7 @@ class _TopologyCommon:
             if isinstance(reply, Exception):
                 continue
             if repairing:
-                state.done_repair(calls[i].key)
+                state.done_repair(calls[i].key, node)
                 state.acked(node, calls[i].key)
             if calls[i].repairable:
                 state.acked_call(calls[i], node)
@@ -565,7 +570,7 @@ class ClusterTopology(_TopologyCommon):
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node, breaker = self._target(call)
-            commands, repairing = self._commands(call)
+            commands, repairing = self._commands(call, node)
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -615,7 +620,7 @@ class ClusterTopology(_TopologyCommon):
     def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
         sent = []
         for node, breaker, indexes in self._batch_plan(calls, positions, results):
-            commands, layout = self._batch_commands(calls, indexes)
+            commands, layout = self._batch_commands(calls, indexes, node)
             pool = self._pool(node)
             connection = pool.get()
             try:
@@ -860,7 +865,7 @@ class AsyncClusterTopology(_TopologyCommon):
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
             node, breaker = self._target(call)
-            commands, repairing = self._commands(call)
+            commands, repairing = self._commands(call, node)
             pool = self._pool(node)
             connection = None
             try:
@@ -918,7 +923,7 @@ class AsyncClusterTopology(_TopologyCommon):
         sent = []
         try:
             for node, breaker, indexes in self._batch_plan(calls, positions, results):
-                commands, layout = self._batch_commands(calls, indexes)
+                commands, layout = self._batch_commands(calls, indexes, node)
                 pool = self._pool(node)
                 connection = None
                 try:
