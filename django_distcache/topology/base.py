@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,7 +388,7 @@ class TopologyState:
         """A repairable `call` was acknowledged by `node`."""
         self.acked_calls((call,), node)
 
-    def acked_calls(self, calls: Iterable[Call], node: NodeAddress) -> None:
+    def acked_calls(self, calls: Sequence[Call], node: NodeAddress) -> None:
         if self.repair or self.unsynced:
             for call in calls:
                 if call.args == ("DEL", call.key):
