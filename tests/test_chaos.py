@@ -50,14 +50,6 @@ def test_no_stale_value_is_served(chaos_results):
             assert result["reads_checked_for_staleness"] > 0, result  # values really were read back
 
 
-def test_a_dropped_write_is_repaired_not_undone(chaos_results):
-    """A `set` dropped during the outage leaves the older value on the node (or on the replica that takes
-    over); failover repair deletes the key instead of letting a thread read back that older value."""
-    for result in chaos_results:
-        if "older_than_a_dropped_write" in result:
-            assert result["older_than_a_dropped_write"] == 0, result
-
-
 def test_replicas_serve_a_dead_primarys_keys_with_fallback_reads(chaos_results):
     plain = next(result for result in chaos_results if result["scenario"] == "kill -9 primary")
     fallback = next(

@@ -171,3 +171,18 @@ def test_a_burst_too_large_to_keep_stops_mattering_once_it_is_out_of_the_window(
     state.acked(A, later)
     state.breakers(A).failure(ConnectionError("refused"))
     assert state.unsynced[A] == {later}
+
+
+def test_a_write_refused_with_clusterdown_is_repaired_and_a_bug_is_not(clock):
+    from redis.exceptions import ClusterDownError, ResponseError
+
+    from django_distcache.topology.cluster import ClusterTopology
+
+    state = _state()
+    topology = ClusterTopology(state)
+    refused, wrong = _key_on(A, state, "refused"), _key_on(A, state, "wrong")
+    topology._after_reply_error(
+        _write(refused), A, state.breakers(A), ClusterDownError("The cluster is down")
+    )
+    topology._after_reply_error(_write(wrong), A, state.breakers(A), ResponseError("WRONGTYPE"))
+    assert state.repair == {refused}

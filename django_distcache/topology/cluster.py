@@ -259,12 +259,16 @@ class _TopologyCommon:
         raise error
 
     # -- what a reply or a failure means ----------------------------------------------------------------
-    def _after_reply_error(self, breaker: Breaker, error: ResponseError) -> None:
+    def _after_reply_error(
+        self, call: Call, node: NodeAddress, breaker: Breaker, error: ResponseError
+    ) -> None:
         """The node answered with an error that is not a redirect: always the caller's."""
         breaker.success()
         if is_outage(error):
-            # OOM or READONLY (a write that reached a demoted primary): the slot map may be stale.
+            # OOM, CLUSTERDOWN, TRYAGAIN or READONLY (a write that reached a demoted primary): the slot map
+            # may be stale, and a write the failure policy drops leaves an older value to repair.
             self.state.refresh_wanted = True
+            self.state.note_unsynced(call, node)
 
     def _after_outage(
         self, call: Call, node: NodeAddress, breaker: Breaker, error: BaseException, retries: int
@@ -373,8 +377,11 @@ class _TopologyCommon:
                     redo.append((positions[i], reply, node))
                 else:
                     results[positions[i]] = reply
-                    if calls[i].repairable and not isinstance(reply, Exception):
-                        acked.append(calls[i])
+                    if calls[i].repairable:
+                        if not isinstance(reply, Exception):
+                            acked.append(calls[i])
+                        elif is_outage(reply):
+                            state.note_unsynced(calls[i], node)
             if acked:
                 state.acked_calls(acked, node)
             return
@@ -389,6 +396,8 @@ class _TopologyCommon:
                 continue
             results[positions[i]] = reply
             if isinstance(reply, Exception):
+                if is_outage(reply):
+                    state.note_unsynced(calls[i], node)
                 continue
             if repairing:
                 state.done_repair(calls[i].key, node)
@@ -586,7 +595,7 @@ class ClusterTopology(_TopologyCommon):
                 continue
             except ResponseError as error:
                 pool.put(connection)
-                self._after_reply_error(breaker, error)
+                self._after_reply_error(call, node, breaker, error)
                 raise
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
@@ -883,7 +892,7 @@ class AsyncClusterTopology(_TopologyCommon):
                 continue
             except ResponseError as error:
                 pool.put(connection)
-                self._after_reply_error(breaker, error)
+                self._after_reply_error(call, node, breaker, error)
                 raise
             except OUTAGE_ERRORS as error:
                 if connection is not None:
