@@ -384,8 +384,11 @@ class TopologyState:
         held = self.unsynced.get(node)
         return bool(held) and call.key in held
 
-    def acked_call(self, call: Call, node: NodeAddress) -> None:
-        """A repairable `call` was acknowledged by `node`."""
+    def acked_call(self, call: Call, node: NodeAddress, repaired: bool = False) -> None:
+        """A repairable `call` (or one sent after a repair DEL of its key: `repaired`) was acknowledged by
+        `node`."""
+        if repaired:
+            self.done_repair(call.key, node)
         self.acked_calls((call,), node)
 
     def acked_calls(self, calls: Sequence[Call], node: NodeAddress) -> None:

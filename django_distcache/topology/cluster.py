@@ -145,6 +145,23 @@ def _forget_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
+def _start_claimed(claim: threading.Lock, work: Any, name: str) -> None:
+    """Run `work` in a daemon thread that releases `claim` (already acquired) when it ends, or at once if
+    the thread cannot start."""
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            claim.release()
+
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except BaseException:
+        claim.release()
+        raise
+
+
 class _TopologyCommon:
     """What the sync and async topologies share: settings, slot map, routing, and every decision taken
     around a command (which node, breaker, fallback, retry, redirect). The subclasses only move bytes."""
@@ -178,14 +195,12 @@ class _TopologyCommon:
             return [("ASKING",), ("DEL", call.key), ("ASKING",), call.args], True
         return [("DEL", call.key), call.args], True
 
-    def _last_reply(self, call: Call, node: NodeAddress, repairing: bool, replies: list) -> Any:
+    @staticmethod
+    def _last_reply(replies: list) -> Any:
         """The reply of `call` sent after other commands: the first error among them is raised."""
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        if repairing:
-            self.state.done_repair(call.key, node)
-            self.state.acked(node, call.key)
         return replies[-1]
 
     # -- routing ----------------------------------------------------------------------------------------
@@ -399,11 +414,8 @@ class _TopologyCommon:
                 if is_outage(reply):
                     state.note_unsynced(calls[i], node)
                 continue
-            if repairing:
-                state.done_repair(calls[i].key, node)
-                state.acked(node, calls[i].key)
-            if calls[i].repairable:
-                state.acked_call(calls[i], node)
+            if calls[i].repairable or repairing:
+                state.acked_call(calls[i], node, repairing)
 
     def _next_round(self, calls: list[Call], redo: list) -> list[int]:
         """After a round: the redirected calls, aimed at their new nodes."""
@@ -528,14 +540,8 @@ class ClusterTopology(_TopologyCommon):
                 logger.warning("failover repair failed, tried again later: %s", error)
                 state.repair_wanted = True
                 state.repair_after = time.monotonic() + self.settings.breaker_cooldown
-            finally:
-                state.repair_running.release()
 
-        try:
-            threading.Thread(target=run, name="distcache-failover-repair", daemon=True).start()
-        except BaseException:
-            state.repair_running.release()
-            raise
+        _start_claimed(state.repair_running, run, "distcache-failover-repair")
 
     def repair_now(self) -> int:
         """Delete the keys queued for repair on their slots' primaries; those that cannot be reached now
@@ -563,14 +569,8 @@ class ClusterTopology(_TopologyCommon):
                 self.refresh()
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
-            finally:
-                state.background_refresh.release()
 
-        try:
-            threading.Thread(target=run, name="distcache-topology-refresh", daemon=True).start()
-        except BaseException:
-            state.background_refresh.release()
-            raise
+        _start_claimed(state.background_refresh, run, "distcache-topology-refresh")
 
     # -- commands ---------------------------------------------------------------------------------------
     def execute(self, call: Call) -> Any:
@@ -587,7 +587,7 @@ class ClusterTopology(_TopologyCommon):
                 if len(commands) == 1:
                     result = connection.read_response()
                 else:
-                    result = self._last_reply(call, node, repairing, _read_replies(connection, len(commands)))
+                    result = self._last_reply(_read_replies(connection, len(commands)))
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
                 breaker.success()
@@ -605,8 +605,8 @@ class ClusterTopology(_TopologyCommon):
                 continue
             pool.put(connection)
             breaker.success()
-            if call.repairable:
-                self.state.acked_call(call, node)
+            if call.repairable or repairing:
+                self.state.acked_call(call, node, repairing)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
@@ -883,8 +883,7 @@ class AsyncClusterTopology(_TopologyCommon):
                 if len(commands) == 1:
                     result = await connection.read_response()
                 else:
-                    replies = await _async_read_replies(connection, len(commands))
-                    result = self._last_reply(call, node, repairing, replies)
+                    result = self._last_reply(await _async_read_replies(connection, len(commands)))
             except REDIRECT_ERRORS as error:
                 pool.put(connection)
                 breaker.success()
@@ -908,8 +907,8 @@ class AsyncClusterTopology(_TopologyCommon):
                 raise
             pool.put(connection)
             breaker.success()
-            if call.repairable:
-                self.state.acked_call(call, node)
+            if call.repairable or repairing:
+                self.state.acked_call(call, node, repairing)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
