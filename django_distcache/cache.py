@@ -24,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from redis.exceptions import ResponseError
 
 from . import stampede
 from .backplane import Backplane
 from .codec import EXPIRED, SignatureError, UndecodableValueError
-from .conf import CacheSettings, build_codec, parse_settings
+from .conf import CacheSettings, build_codec, expiry_ms, parse_settings
 from .forksafe import renew_locks_after_fork
 from .outbox import Outbox, default_outbox_dir, run_plan
 from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
-from .topology.base import TopologyState
+from .topology.base import BATCH_SLICE, TopologyState
 from .versioning import Namespace, Purger
 
 logger = logging.getLogger("django_distcache")
@@ -412,7 +412,15 @@ class RedisClusterCache(BaseCache):
     def _made_key(self, key: Any, version: int | None) -> str:
         if not isinstance(key, str):
             raise TypeError(f"cache keys must be str, got {type(key).__name__}: {key!r}")
-        return self.make_and_validate_key(key, version=version)
+        made = self.make_and_validate_key(key, version=version)
+        if not made.isascii():
+            try:
+                made.encode()
+            except UnicodeEncodeError as error:  # a lone surrogate: no UTF-8 form, so no Redis key
+                raise InvalidCacheKey(
+                    f"cache key {key!r} cannot be encoded as UTF-8: {error.reason}"
+                ) from None
+        return made
 
     def _physical_key(self, key: Any, version: int | None) -> Plan:
         made = self._made_key(key, version)
@@ -426,13 +434,7 @@ class RedisClusterCache(BaseCache):
 
     def _expiry_ms(self, timeout: Any) -> int | None:
         """Milliseconds to live: None for 'forever', 0 for 'do not keep' (Django's 0 and negatives)."""
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
-        if timeout is None:
-            return None
-        if timeout <= 0:
-            return 0
-        return max(1, int(timeout * 1000))
+        return expiry_ms(self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout)
 
     def _set_args(self, physical: bytes, data: bytes, expiry_ms: int | None, *flags: str) -> tuple:
         if expiry_ms is None:
@@ -509,10 +511,10 @@ class RedisClusterCache(BaseCache):
     ) -> Plan:
         """set() and add(): one SET (NX for add) of the encoded value, stamped with its tags' versions."""
         made = self._made_key(key, version)
+        expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
             stamps = yield from self._stamps(tags)
         data = self._encode(value, key, stamps)
-        expiry_ms = self._expiry_ms(timeout)
         prefix = yield from self._namespace.current()
         physical = prefix + made.encode()
         if expiry_ms == 0 and only_new:
@@ -545,6 +547,7 @@ class RedisClusterCache(BaseCache):
 
     def _get_or_set_plan(self, key: Any, default: Any, timeout: Any, version: int | None, tags: Any) -> Plan:
         tags = validate_tags(tags)
+        self._expiry_ms(timeout)  # a bad timeout is refused before anything is read, computed or written
         value = yield Guarded(self._get_plan(key, _MISSING, version), "get", _MISSING)
         if value is not _MISSING:
             return value
@@ -568,6 +571,7 @@ class RedisClusterCache(BaseCache):
     ) -> Plan:
         keys = list(keys)
         tags = validate_tags(tags)
+        self._expiry_ms(timeout)
         found = yield Guarded(self._get_many_plan(keys, version), "get_many", {})
         missing = [key for key in keys if key not in found]
         if missing:
@@ -595,6 +599,15 @@ class RedisClusterCache(BaseCache):
         return value is not _MISSING
 
     def _get_many_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
+        keys = keys if isinstance(keys, list | tuple) else list(keys)
+        if len(keys) <= BATCH_SLICE:
+            return (yield from self._get_slice_plan(keys, version))
+        found: dict[Any, Any] = {}  # in slices: what a slice holds in flight is freed before the next
+        for start in range(0, len(keys), BATCH_SLICE):
+            found.update((yield from self._get_slice_plan(keys[start : start + BATCH_SLICE], version)))
+        return found
+
+    def _get_slice_plan(self, keys: Iterable[Any], version: int | None) -> Plan:
         physical = yield from self._physical_keys(keys, version)
         if not physical:
             return {}
@@ -612,10 +625,10 @@ class RedisClusterCache(BaseCache):
         self, data: Mapping[Any, Any], timeout: Any, version: int | None, tags: Any = None, stamps: Any = None
     ) -> Plan:
         made = [(self._made_key(key, version), key) for key in data]
+        expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
             stamps = yield from self._stamps(tags)
         encoded = [self._encode(data[key], key, stamps) for _, key in made]
-        expiry_ms = self._expiry_ms(timeout)
         prefix = yield from self._namespace.current()
         calls = []
         for (m, _), value in zip(made, encoded, strict=True):

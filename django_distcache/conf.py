@@ -5,7 +5,10 @@ Every option is documented in one table in docs/configuration.md; keep the two i
 
 from __future__ import annotations
 
+import decimal
 import hashlib
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +144,7 @@ def parse_location(location: str | list[str] | tuple[str, ...]) -> tuple[tuple[N
 def _positive_number(name: str, value: Any, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # (nan too)
         raise _fail(f"OPTIONS[{name!r}] must be a non-negative number, got {value!r}")
     return value
 
@@ -225,9 +228,27 @@ def parse_settings(location: Any, options: dict[str, Any]) -> CacheSettings:
     )
 
 
+# What a plugin class must offer, by kind: the methods the codec calls.
+_PLUGIN_METHODS = {"serializer": ("dumps", "loads"), "compressor": ("compress", "decompress")}
+# django-redis's own classes, often left in settings by a migration: their names here.
+_DJANGO_REDIS_EQUIVALENTS = {
+    "django_redis.serializers.pickle.PickleSerializer": "pickle",
+    "django_redis.serializers.json.JSONSerializer": "json",
+    "django_redis.serializers.msgpack.MSGPackSerializer": "msgpack",
+    "django_redis.compressors.identity.IdentityCompressor": "none",
+    "django_redis.compressors.zlib.ZlibCompressor": "zlib",
+    "django_redis.compressors.zstd.ZStdCompressor": "zstd",
+}
+
+
 def _load_plugin(kind: str, registry: dict[str, type], spec: Any, **kwargs: Any) -> Any:
+    option = kind.upper()
     if isinstance(spec, str) and spec in registry:
         cls = registry[spec]
+    elif isinstance(spec, str) and spec.startswith("django_redis."):
+        ours = _DJANGO_REDIS_EQUIVALENTS.get(spec)
+        hint = f"use {ours!r}" if ours else f"choose one of {sorted(registry)}"
+        raise _fail(f"OPTIONS[{option!r}] is django-redis's {spec!r}, which this backend cannot use: {hint}")
     elif isinstance(spec, str) and "." in spec:
         try:
             cls = import_string(spec)
@@ -237,14 +258,23 @@ def _load_plugin(kind: str, registry: dict[str, type], spec: Any, **kwargs: Any)
         raise _fail(f"unknown {kind} {spec!r}; choose one of {sorted(registry)} or a dotted path")
     else:
         cls = spec
+    if not callable(cls):
+        raise _fail(f"OPTIONS[{option!r}] must name a {kind} class, got {spec!r}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         instance = cls(**kwargs)
     except ImportError as exc:
         raise _fail(f"the {kind} {spec!r} needs a package that is not installed: {exc}") from exc
-    for attribute in ("id", "name"):
-        if not hasattr(instance, attribute):
-            raise _fail(f"{kind} {spec!r} has no {attribute!r} attribute")
+    except TypeError as exc:
+        raise _fail(f"the {kind} {spec!r} cannot be created without arguments: {exc}") from exc
+    plugin_id = getattr(instance, "id", None)
+    if isinstance(plugin_id, bool) or not isinstance(plugin_id, int) or not 0 <= plugin_id <= 255:
+        raise _fail(f"{kind} {spec!r} needs an integer 'id' from 0 to 255 (stored in every value)")
+    if not isinstance(getattr(instance, "name", None), str):
+        raise _fail(f"{kind} {spec!r} needs a str 'name'")
+    for method in _PLUGIN_METHODS[kind]:
+        if not callable(getattr(instance, method, None)):
+            raise _fail(f"{kind} {spec!r} has no {method}() method")
     return instance
 
 
@@ -276,3 +306,26 @@ def build_codec(settings: CacheSettings) -> Codec:
         compress_min_size=opts["COMPRESS_MIN_SIZE"],
         max_value_size=opts["MAX_VALUE_SIZE"],
     )
+
+
+# The longest expiry Redis takes (its clock plus the expiry must fit in a signed 64-bit number of
+# milliseconds); a longer timeout, infinity included, means "never expire", as Django's own backends treat it.
+MAX_EXPIRY_MS = 2**62
+
+
+def expiry_ms(timeout: Any) -> int | None:
+    """A timeout in seconds as milliseconds to live: None for "forever", 0 for "do not keep" (Django's 0
+    and negatives). Anything but a real number (or None) is refused before anything is written."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real | decimal.Decimal):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__name__}: {timeout!r}"
+        )
+    if not isinstance(timeout, int) and math.isnan(timeout):
+        raise ValueError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout <= 0:
+        return 0
+    if timeout * 1000 >= MAX_EXPIRY_MS:  # (inf included)
+        return None
+    return max(1, int(timeout * 1000))

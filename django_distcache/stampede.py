@@ -19,6 +19,7 @@ Invalidated entries (a stale tag) are never served as stale: only entries past t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codec import SignatureError, UndecodableValueError
+from .conf import MAX_EXPIRY_MS
 from .tags import stamps_are_current, validate_tags
 from .topology import Call
 
@@ -81,11 +83,11 @@ def policy_for(
 ) -> Policy:
     options = cache._settings.options
     stale = 0.0 if stale is None else stale
-    if isinstance(stale, bool) or not isinstance(stale, int | float) or stale < 0:
-        raise ValueError(f"stale must be a number of seconds >= 0, got {stale!r}")
+    if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
+        raise ValueError(f"stale must be a finite number of seconds >= 0, got {stale!r}")
     beta = float(options["XFETCH_BETA"]) if beta is None else beta
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if refresh is None:
         refresh = "thread" if stale else "inline"
     if refresh not in ("inline", "thread") and not callable(refresh):
@@ -178,7 +180,7 @@ def store_plan(
     if expiry_ms is None:
         args: tuple = ("SET", physical, data)
     else:
-        args = ("SET", physical, data, "PX", expiry_ms + int(stale * 1000))
+        args = ("SET", physical, data, "PX", min(MAX_EXPIRY_MS, expiry_ms + int(stale * 1000)))
     return bool((yield Call(physical, args, repairable=True)))
 
 
@@ -199,6 +201,7 @@ def fetch_plan(
     from .cache import Compute, Guarded, Sleep, Spawn
 
     tags = validate_tags(tags)
+    cache._expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
     made = cache._made_key(key, version)
     lease = lease_key(made)
     physical = yield Guarded(cache._physical_key(key, version), "get", None)
@@ -210,13 +213,26 @@ def fetch_plan(
     if found.state in ("early", "stale") and (found.state == "early" or policy.stale):
         token = new_token()
         if (yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", False)):
-            refresh = refresh_plan(
-                cache, key, version, physical, lease, token, compute, timeout, tags, policy
-            )
             if policy.refresh == "inline":
+                failures: list[BaseException] = []
+                refresh = refresh_plan(
+                    cache,
+                    key,
+                    version,
+                    physical,
+                    lease,
+                    token,
+                    _noting(compute, failures),
+                    timeout,
+                    tags,
+                    policy,
+                )
                 try:
                     return (yield from refresh)
-                except Exception as error:  # noqa: BLE001 - fail-safe: the value we hold is still good to serve
+                except Exception as error:
+                    if not any(error is failure for failure in failures):
+                        raise  # not the user's computation failing (a WRONGTYPE, a bug): never hidden
+                    # Fail-safe: the value we hold is still good to serve.
                     logger.warning(
                         "recomputing %r failed (%s: %s); served the value held",
                         key,
@@ -224,7 +240,6 @@ def fetch_plan(
                         error,
                     )
                     return found.value
-            refresh.close()
             if policy.refresh == "thread":
                 yield Spawn(
                     lambda: refresh_plan(
@@ -269,6 +284,29 @@ def fetch_plan(
                 return found.value
             if not (yield Guarded(held_plan(lease), "lease", False)):
                 break  # the holder finished without storing, or died and its lease expired: our turn
+
+
+def _noting(compute: Callable[[], Any], failures: list[BaseException]) -> Callable[[], Any]:
+    """`compute`, noting in `failures` what it raises (when called, or when its awaitable is awaited), so
+    that a fail-safe serves the value held for the user's own errors and for nothing else."""
+
+    def run() -> Any:
+        try:
+            result = compute()
+        except Exception as error:
+            failures.append(error)
+            raise
+        return _anoting(result, failures) if inspect.isawaitable(result) else result
+
+    return run
+
+
+async def _anoting(awaitable: Any, failures: list[BaseException]) -> Any:
+    try:
+        return await awaitable
+    except Exception as error:
+        failures.append(error)
+        raise
 
 
 def refresh_plan(

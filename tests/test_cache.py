@@ -339,3 +339,106 @@ def test_incr_rejects_a_delta_out_of_range_with_a_clear_error(cache):
     with pytest.raises(TypeError, match="delta"):
         cache.incr("n", 1.5)
     assert cache.get("n") == 1
+
+
+def _keys_of(cache, raw) -> list[bytes]:
+    """Every key this test's cache holds on the cluster: its entries and its tag keys."""
+    found = []
+    for node in raw.get_primaries():
+        found += node.redis_connection.keys(f"*{cache.key_prefix}*")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "message"),
+    [
+        (float("nan"), ValueError, "nan"),
+        ("60", TypeError, "number of seconds"),
+        ([60], TypeError, "number of seconds"),
+        (True, TypeError, "number of seconds"),
+    ],
+)
+def test_a_bad_timeout_is_refused_clearly_before_anything_is_written(cache, raw, timeout, error, message):
+    cache.set("k", "before")
+    before = sorted(_keys_of(cache, raw))
+    for call in (
+        lambda: cache.set("k", "after", timeout, tags=["fresh-tag"]),
+        lambda: cache.add("new", "v", timeout, tags=["fresh-tag"]),
+        lambda: cache.set_many({"k": "after", "new": "v"}, timeout, tags=["fresh-tag"]),
+        lambda: cache.touch("k", timeout),
+        lambda: cache.get_or_set("new", "v", timeout, tags=["fresh-tag"]),
+        lambda: cache.get_or_set("new", lambda: "v", timeout, tags=["fresh-tag"]),
+        lambda: cache.get_many_or_set(["new"], lambda keys: dict.fromkeys(keys, 1), timeout, tags=["t"]),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+    assert cache.get("k") == "before" and cache.ttl("k") > 200
+    assert sorted(_keys_of(cache, raw)) == before  # no entry, no tag key
+
+
+def test_huge_and_infinite_timeouts_mean_never_expire(cache):
+    """As Django's own backends treat them; Redis itself refuses an expiry past its 64-bit clock."""
+    for timeout in (float("inf"), 10**20, 1e300):
+        cache.set("forever", "value", timeout)
+        assert cache.get("forever") == "value" and cache.ttl("forever") is None
+        cache.set("forever", "short", 60)
+        assert cache.touch("forever", timeout) and cache.ttl("forever") is None
+    cache.set("gone", 1, float("-inf"))
+    assert cache.get("gone") is None
+    assert cache.get_or_set("stale-forever", lambda: 5, timeout=float("inf"), stale=60) == 5
+
+
+def test_a_key_without_a_utf8_form_is_refused_clearly(cache):
+    from django.core.cache.backends.base import InvalidCacheKey
+
+    for call in (
+        lambda: cache.set("bad\ud800key", 1),
+        lambda: cache.get("bad\ud800key"),
+        lambda: cache.get_many(["fine", "bad\udfffkey"]),
+        lambda: cache.set_many({"fine": 1, "bad\ud800": 2}),
+    ):
+        with pytest.raises(InvalidCacheKey, match="UTF-8"):
+            call()
+    assert cache.get("fine") is None  # set_many made every key before writing any
+    cache.set("naïve-ключ-鍵", 1)  # any other text is a key
+    assert cache.get("naïve-ключ-鍵") == 1
+
+
+def test_no_round_trip_carries_more_than_one_slice_of_a_huge_batch(cache, monkeypatch):
+    """A batch of any size is sent in slices, so no write to a socket is larger than its timeout can cover
+    (a single pipelined write of 500,000 GETs timed out and every key degraded to a miss)."""
+    from django_distcache.topology import base
+
+    monkeypatch.setattr(base, "BATCH_SLICE", 50)
+    monkeypatch.setattr(cluster_module, "BATCH_SLICE", 50)
+    sizes = []
+    real = cluster_module.ClusterTopology._batch_round
+
+    def spying(self, calls, positions, results):
+        sizes.append(len(calls))
+        return real(self, calls, positions, results)
+
+    monkeypatch.setattr(cluster_module.ClusterTopology, "_batch_round", spying)
+    keys = [f"k{i}" for i in range(1234)]
+    cache.set_many({key: i for i, key in enumerate(keys[::2])})
+    assert cache.get_many(keys) == {key: i for i, key in enumerate(keys[::2])}
+    cache.delete_many(keys)
+    assert sizes and max(sizes) <= 50
+
+
+def test_a_quarter_million_keys_in_one_get_many_all_come_back(cache):
+    keys = [f"many:{i}" for i in range(250_000)]
+    stored = {key: i for i, key in enumerate(keys[::5])}
+    cache.set_many(stored)
+    assert cache.get_many(keys) == stored
+    assert not cache.failure_counts.get("get_many")
+    cache.delete_many(keys)
+    assert cache.get_many(keys[:1000]) == {}
+
+
+async def test_a_large_aget_many_all_comes_back(cache):
+    keys = [f"amany:{i}" for i in range(60_000)]
+    stored = {key: i for i, key in enumerate(keys[::3])}
+    await cache.aset_many(stored)
+    assert await cache.aget_many(keys) == stored
+    await cache.adelete_many(keys)

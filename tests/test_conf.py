@@ -65,3 +65,46 @@ def test_any_location_string_is_accepted_or_refused_cleanly(text):
         parse_location(text)
     except ImproperlyConfigured:
         pass
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"SERIALIZER": "django_redis.serializers.json.JSONSerializer"}, "django-redis.*use 'json'"),
+        ({"SERIALIZER": "django_redis.serializers.pickle.PickleSerializer"}, "use 'pickle'"),
+        ({"COMPRESSOR": "django_redis.compressors.zlib.ZlibCompressor"}, "use 'zlib'"),
+        ({"COMPRESSOR": "django_redis.compressors.lz4.Lz4Compressor"}, "choose one of"),
+        ({"SERIALIZER": "json.JSONDecoder"}, "no 'id'|integer 'id'"),
+        ({"SERIALIZER": "decimal.Decimal"}, "integer 'id'"),
+        ({"SERIALIZER": 42}, "class"),
+        ({"SOCKET_TIMEOUT": float("nan")}, "SOCKET_TIMEOUT"),
+    ],
+)
+def test_plugins_that_cannot_work_here_are_refused_at_configuration(options, message):
+    """A django-redis class left in settings after a migration takes arguments ours are never given: it
+    used to fail with a raw TypeError at the first cache access."""
+    from django_distcache.conf import build_codec
+
+    with pytest.raises(ImproperlyConfigured, match=message):
+        build_codec(parse_settings("redis://a:1", options))
+
+
+def test_a_plugin_class_must_have_the_methods_the_codec_calls():
+    from django_distcache.conf import build_codec
+
+    class NoLoads:
+        id, name = 100, "half"
+
+        def dumps(self, value):
+            return b""
+
+    class NeedsArguments:
+        id, name = 101, "args"
+
+        def __init__(self, options):
+            self.options = options
+
+    with pytest.raises(ImproperlyConfigured, match="loads"):
+        build_codec(parse_settings("redis://a:1", {"SERIALIZER": NoLoads}))
+    with pytest.raises(ImproperlyConfigured, match="without arguments"):
+        build_codec(parse_settings("redis://a:1", {"SERIALIZER": NeedsArguments}))

@@ -38,6 +38,9 @@ logger = logging.getLogger("django_distcache.topology")
 
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
+# Calls a batch sends in one round: a larger batch goes in slices, one after the other, so that no write to
+# a socket carries more than its timeout can cover and a million-key get_many works like a small one.
+BATCH_SLICE = 6_000
 # Writes a process may fail to make on one unreachable primary and still keep fallback reads of it and
 # repair them; also the most acknowledged writes per primary it keeps in mind for FAILOVER_REPAIR_WINDOW.
 MAX_UNSYNCED_KEYS = 10_000

@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from ..conf import ConnectionSettings, NodeAddress
 from .base import (
+    BATCH_SLICE,
     BREAKER_ERRORS,
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
@@ -611,7 +612,16 @@ class ClusterTopology(_TopologyCommon):
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
     def execute_batch(self, calls: list[Call]) -> list[Any]:
-        """Run many calls, one pipelined write per node, all writes before any read."""
+        """Run many calls, one pipelined write per node, all writes before any read (in slices of
+        BATCH_SLICE calls)."""
+        if len(calls) <= BATCH_SLICE:
+            return self._execute_slice(calls)
+        results: list[Any] = []
+        for start in range(0, len(calls), BATCH_SLICE):
+            results += self._execute_slice(calls[start : start + BATCH_SLICE])
+        return results
+
+    def _execute_slice(self, calls: list[Call]) -> list[Any]:
         if not calls:
             return []
         self.ensure_map()
@@ -913,6 +923,14 @@ class AsyncClusterTopology(_TopologyCommon):
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
     async def execute_batch(self, calls: list[Call]) -> list[Any]:
+        if len(calls) <= BATCH_SLICE:
+            return await self._execute_slice(calls)
+        results: list[Any] = []
+        for start in range(0, len(calls), BATCH_SLICE):
+            results += await self._execute_slice(calls[start : start + BATCH_SLICE])
+        return results
+
+    async def _execute_slice(self, calls: list[Call]) -> list[Any]:
         if not calls:
             return []
         await self.ensure_map()
