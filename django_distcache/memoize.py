@@ -28,8 +28,19 @@ from .tags import validate_tags
 _registry: dict[str, Any] = {}
 
 
+class UnsavedInstanceError(ValueError):
+    """An argument is a model instance that is not (yet) a database row: nothing identifies it in a key."""
+
+
 def _stable(value: Any) -> str:
     if isinstance(value, models.Model):
+        if value.pk is None or value._state.adding:
+            # Two unsaved instances (or one made with the pk of a saved row) are not that row: keyed by
+            # label and pk they would share its entry and get each other's results.
+            raise UnsavedInstanceError(
+                f"an unsaved {value._meta.label} instance has no identity to key a cached result on; "
+                "save it first, or give @cached a key="
+            )
         return f"<{value._meta.label_lower}:{value.pk!r}>"
     if isinstance(value, dict):
         return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
@@ -97,11 +108,15 @@ class CachedFunction:
         return policy
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            key = self.key_for(*args, **kwargs)
+        except UnsavedInstanceError:
+            return self.function(*args, **kwargs)  # not cacheable: computed for this call alone
         if self.is_async:
-            return self._acall(args, kwargs)
+            return self._acall(key, args, kwargs)
         return stampede.get_or_compute(
             self.cache,
-            self.key_for(*args, **kwargs),
+            key,
             self.version,
             lambda: self.function(*args, **kwargs),
             self.timeout,
@@ -110,10 +125,10 @@ class CachedFunction:
             "cached",
         )
 
-    async def _acall(self, args: tuple, kwargs: dict) -> Any:
+    async def _acall(self, key: str, args: tuple, kwargs: dict) -> Any:
         return await stampede.aget_or_compute(
             self.cache,
-            self.key_for(*args, **kwargs),
+            key,
             self.version,
             lambda: self.function(*args, **kwargs),
             self.timeout,

@@ -244,6 +244,37 @@ def test_invalidate_model_inside_a_transaction_waits_for_the_commit():
     assert count == 0  # the rolled-back invalidation never ran
 
 
+def test_ainvalidate_model_waits_for_the_commit_of_a_transaction_around_it():
+    """The async twin runs the same plan and waits for the same commit: called from async code inside a
+    transaction opened by sync code, it runs when that commits and never if it rolls back."""
+    from asgiref.sync import async_to_sync
+
+    product = make_product()
+    django_distcache.get_cached(Product, pk=product.pk)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Product.objects.filter(pk=product.pk).update(name="Rolled back")
+        async_to_sync(django_distcache.ainvalidate_model)(Product, pks=[product.pk], using="default")
+        raise RuntimeError
+    found, count = queries(django_distcache.get_cached, Product, pk=product.pk)
+    assert (found.name, count) == ("Red shoe", 0)  # the rolled-back invalidation never ran
+    seen = []
+
+    def look_from_outside():  # another thread: its own connection, outside the transaction
+        try:
+            seen.append(queries(django_distcache.get_cached, Product, pk=product.pk))
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        Product.objects.filter(pk=product.pk).update(name="Committed")
+        async_to_sync(django_distcache.ainvalidate_model)(Product, pks=[product.pk])
+        outside = threading.Thread(target=look_from_outside)
+        outside.start()
+        outside.join()
+    assert [(found.name, count) for found, count in seen] == [("Red shoe", 0)]  # not before the commit
+    assert django_distcache.get_cached(Product, pk=product.pk).name == "Committed"
+
+
 # -- leases: a fill never overwrites a newer write ------------------------------------------------------
 def _slow_fill_steps(lookup, value):
     """The steps of get_cached's miss path, so a test can put a write between the read and the fill."""

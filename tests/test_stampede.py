@@ -290,3 +290,49 @@ def test_a_failing_early_or_stale_recompute_serves_the_value_held(cache):
     policy = module.policy_for(cache, stale=30, refresh="inline")
     value = module.get_or_compute(cache, "fail-safe", None, failing, 0.2, None, policy, "test")
     assert value == "kept"
+
+
+def test_a_command_error_during_an_inline_refresh_is_raised_not_served_stale(cache, cluster):
+    """Only outages and the user's own exceptions may be answered with the value held: a WRONGTYPE met
+    while refreshing (here: the refresh's tag key holds a list) is a bug and reaches the caller."""
+    from redis.cluster import RedisCluster
+    from redis.exceptions import ResponseError
+
+    assert cache.get_or_set("early", lambda: "kept", timeout=60, tags=["fine"]) == "kept"
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    try:
+        client.rpush(cache._tags.tag_key("a-list"), "not a version")
+        # beta so large that XFetch always finds the entry due: this read refreshes it inline.
+        policy = stampede.policy_for(cache, beta=1e12, refresh="inline")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            stampede.get_or_compute(cache, "early", None, lambda: "new", 60, ["a-list"], policy, "test")
+        failing = stampede.policy_for(cache, beta=1e12, refresh="inline")
+
+        def broken():
+            raise RuntimeError("database down")
+
+        assert stampede.get_or_compute(cache, "early", None, broken, 60, ["fine"], failing, "test") == "kept"
+    finally:
+        client.delete(cache._tags.tag_key("a-list"))
+        client.close()
+
+
+def test_an_unsaved_model_instance_is_never_a_key(cache):
+    """Keyed by label and pk, two unsaved instances (or one given the pk of a saved row) would share one
+    entry and get each other's results."""
+    from django.contrib.auth.models import User
+
+    calls = []
+
+    @django_distcache.cached(timeout=60)
+    def greeting(user):
+        calls.append(user.username)
+        return f"hello {user.username}"
+
+    assert greeting(User(username="alice")) == "hello alice"
+    assert greeting(User(username="mallory")) == "hello mallory"
+    assert greeting(User(pk=1, username="eve")) == "hello eve"
+    assert greeting(User(pk=1, username="bob")) == "hello bob"
+    assert calls == ["alice", "mallory", "eve", "bob"]  # computed every time, nothing shared
+    with pytest.raises(ValueError, match="unsaved"):
+        greeting.key_for(User(username="alice"))

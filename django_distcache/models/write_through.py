@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
@@ -198,32 +199,45 @@ def connect_signals(config: ModelCacheConfig) -> None:
         _connected_m2m.append(True)
 
 
-def invalidate_model(model: Any, pks: Iterable[Any] | None = None, *, using: str | None = None) -> None:
-    """Make cached rows of `model` miss: the rows `pks`, or every row when `pks` is None. For writes that
-    send no signals (`QuerySet.update`, `bulk_create`, `bulk_update`, raw SQL). Inside a transaction it
-    runs when the transaction commits. Raises CacheUnavailable if the cache cannot be reached."""
+def _prepare_invalidation(model: Any, pks: Iterable[Any] | None, using: str | None) -> tuple[Any, str, Any]:
+    """What invalidate_model and ainvalidate_model share: the model's config, the database whose commit
+    to wait for, and the plan factory (one plan, run by either driver)."""
     config = config_for(model)
     pk_list = None if pks is None else [config.normalize("pk", pk) for pk in pks]
     db = using or router.db_for_write(config.model) or DEFAULT_DB_ALIAS
 
-    def run() -> None:
-        cache = config.cache
-        plan = _invalidate_plan(cache, config, pk_list or [], [], pk_list is None)
-        cache._run_strict(plan, "invalidate_model")
+    def plan() -> Any:
+        return _invalidate_plan(config.cache, config, pk_list or [], [], pk_list is None)
 
-    if connections[db].in_atomic_block:
-        _on_commit(config, db, run)
-    else:
-        run()
+    return config, db, plan
 
 
-async def ainvalidate_model(model: Any, pks: Iterable[Any] | None = None) -> None:
-    config = config_for(model)
-    pk_list = None if pks is None else [config.normalize("pk", pk) for pk in pks]
-    cache = config.cache
-    await cache._arun_strict(
-        _invalidate_plan(cache, config, pk_list or [], [], pk_list is None), "invalidate_model"
-    )
+def _deferred_to_commit(config: ModelCacheConfig, db: str, plan: Any) -> bool:
+    """Inside a transaction, the invalidation runs when it commits (True); outside, the caller runs it now."""
+    if not connections[db].in_atomic_block:
+        return False
+    _on_commit(config, db, lambda: config.cache._run_strict(plan(), "invalidate_model"))
+    return True
+
+
+def invalidate_model(model: Any, pks: Iterable[Any] | None = None, *, using: str | None = None) -> None:
+    """Make cached rows of `model` miss: the rows `pks`, or every row when `pks` is None. For writes that
+    send no signals (`QuerySet.update`, `bulk_create`, `bulk_update`, raw SQL). Inside a transaction it
+    runs when the transaction commits. Raises CacheUnavailable if the cache cannot be reached."""
+    config, db, plan = _prepare_invalidation(model, pks, using)
+    if not _deferred_to_commit(config, db, plan):
+        config.cache._run_strict(plan(), "invalidate_model")
+
+
+async def ainvalidate_model(
+    model: Any, pks: Iterable[Any] | None = None, *, using: str | None = None
+) -> None:
+    """invalidate_model for async code. The transaction is looked for where Django runs the ORM for async
+    code (its thread-sensitive thread), so a transaction opened by sync code around this call is waited
+    for as well."""
+    config, db, plan = _prepare_invalidation(model, pks, using)
+    if not await sync_to_async(_deferred_to_commit, thread_sensitive=True)(config, db, plan):
+        await config.cache._arun_strict(plan(), "invalidate_model")
 
 
 __all__ = ["invalidate_model", "ainvalidate_model", "MISSING_ROW"]
