@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from django_distcache.backplane import CHANNEL
 from django_distcache.cache import CacheUnavailable
 from django_distcache.tags import MAX_TAGS_PER_VALUE, TAG_TTL_MARGIN
 from django_distcache.topology import ClusterTopology
-from tests.conftest import Peer, make_cache
+from tests.conftest import Peer, make_cache, tag_keys
 
 
 @pytest.fixture
@@ -251,19 +252,6 @@ def test_a_dead_entry_does_not_block_add_or_get_or_set(cache):
 MARGIN_MS = int(TAG_TTL_MARGIN * 1000)
 
 
-def _tag_keys(cluster, cache) -> set[bytes]:
-    """Every tag key of `cache`'s KEY_PREFIX on the cluster: a SCAN of every primary."""
-    found = set()
-    for port in cluster.ports:
-        node = redis.Redis(port=port)
-        try:
-            if node.info("replication")["role"] == "master":
-                found.update(node.scan_iter(match=cache._tags.tag_key("*"), count=1000))
-        finally:
-            node.close()
-    return found
-
-
 def _tag_ttl_ms(raw, cache, tag) -> int:
     return raw.pttl(cache._tags.tag_key(tag))
 
@@ -271,7 +259,7 @@ def _tag_ttl_ms(raw, cache, tag) -> int:
 def test_invalidating_tags_never_written_creates_no_key(cache, cluster):
     tags = [f"never-written:{n}" for n in range(1000)]
     assert cache.invalidate_tags(*tags) == 1000
-    assert _tag_keys(cluster, cache) == set()
+    assert tag_keys(cluster, cache) == set()
     assert cache.get("anything") is None
 
 
@@ -384,19 +372,27 @@ def test_invalidating_an_evicted_tag_drops_the_version_other_processes_hold(cach
     assert not raw.exists(cache._tags.tag_key("shared"))  # and the invalidation did not re-create it
 
 
-def test_an_invalidation_queued_in_the_outbox_creates_no_key_when_it_lands(cache, raw, cluster):
-    cache.set("k", "v", timeout=100, tags=["carried"])
-    outbox = cache._tags.outbox
-    outbox.add({"carried": 1234, "never-written": 5678})  # as if their node had been unreachable
-    assert cache.get("k") is None  # pending: a miss in this process
-    deadline = time.monotonic() + 10
-    while not outbox.empty:
-        assert time.monotonic() < deadline, "the outbox did not land"
-        time.sleep(0.02)
-    assert _tag_keys(cluster, cache) == {cache._tags.tag_key("carried")}
-    assert int(raw.get(cache._tags.tag_key("carried"))) == 1234
-    assert 100_000 - 15_000 <= _tag_ttl_ms(raw, cache, "carried") <= 100_000 + MARGIN_MS  # TTL kept
-    assert cache.get("k") is None
+@pytest.mark.django_db(transaction=True)
+def test_cached_model_rows_give_their_tag_keys_a_ttl_that_covers_the_entries(raw, settings):
+    from decimal import Decimal
+
+    from django.core.cache import caches
+
+    from tests.model_app.models import Product
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_distcache.cache.RedisClusterCache",
+            "LOCATION": settings.CLUSTER_LOCATION,
+            "KEY_PREFIX": f"t-{uuid.uuid4().hex[:12]}",
+        }
+    }
+    cache = caches["default"]
+    product = Product.objects.create(name="Teapot", slug="teapot", price=Decimal("9.50"))
+    cache.clear()  # the write-through filled it: read it through from a cold cache
+    assert django_distcache.get_cached(Product, pk=product.pk).name == "Teapot"
+    for tag in ("model_app.product", f"model_app.product:{product.pk}", "catalogue"):
+        assert 600_000 - 5_000 <= _tag_ttl_ms(raw, cache, tag) <= 600_000 + MARGIN_MS  # timeout=600
 
 
 # -- the number of tags on one value ---------------------------------------------------------------------
@@ -416,7 +412,7 @@ def test_too_many_tags_are_refused_before_anything_is_written(cache, cluster):
     for call in refused:
         with pytest.raises(ValueError, match=f"more than {MAX_TAGS_PER_VALUE} tags.*MAX_TAGS_PER_VALUE"):
             call()
-    assert _tag_keys(cluster, cache) == set()
+    assert tag_keys(cluster, cache) == set()
     assert cache.get_many(["k", "j"]) == {}
     cache.set("k", "v", tags=[f"t{n}" for n in range(MAX_TAGS_PER_VALUE)])  # the limit itself is fine
     assert cache.get("k") == "v"
@@ -427,7 +423,7 @@ async def test_too_many_tags_are_refused_on_the_async_paths_too(cache, cluster):
         await cache.aset("k", "v", tags=TOO_MANY)
     with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
         await cache.aget_or_set("k", lambda: "v", tags=TOO_MANY)
-    assert _tag_keys(cluster, cache) == set()
+    assert tag_keys(cluster, cache) == set()
 
 
 def test_too_many_tags_on_cached_functions_views_and_models_are_refused(cache, cluster, settings):
@@ -468,4 +464,4 @@ def test_too_many_tags_on_cached_functions_views_and_models_are_refused(cache, c
     )
     with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
         per_row.row_tags(Product(pk=1))  # a tags callable's answer is checked like a list given upfront
-    assert _tag_keys(cluster, cache) == set()
+    assert tag_keys(cluster, cache) == set()
