@@ -7,8 +7,8 @@ SET per tag, whatever the tag covers). A missing tag key means *invalid*: an evi
 tag can only make entries miss, never bring dead ones back. Versions are random, never counters, so a
 re-created tag cannot repeat an old version.
 
-A tag key lives as long as the entries stamped with it (plus TAG_TTL_MARGIN), never forever unless an
-entry stored forever carries it: a write extends it, never shortens it. So invalidating a tag that nothing
+A tag key lives as long as the entries stamped with it (plus TAG_TTL_MARGIN), forever only once an entry
+stored forever was stamped with it: a write extends it, never shortens it. Invalidating a tag that nothing
 carries creates nothing (a missing tag is invalid already), and tag keys go away on their own.
 
 Versions may be held in-process (TAG_VERSION_TTL seconds at most) while the backplane's subscription is
