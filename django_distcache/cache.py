@@ -486,18 +486,18 @@ class RedisClusterCache(BaseCache):
             values[key] = value
         if stamps:
             needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
-            current = yield from self._tags.current(needed, create=False)
+            current = yield from self._tags.current(needed)
             for key, tags in stamps.items():
                 if not stamps_are_current(tags, current):
                     del values[key]
         return values
 
-    def _stamps(self, tags: Any) -> Plan:
-        """Current versions of `tags` for a write (created if missing); read before any value is computed."""
-        tags = validate_tags(tags)
+    def _stamps(self, tags: list[str], expiry_ms: int | None) -> Plan:
+        """Current versions of (validated) `tags` for an entry that Redis keeps `expiry_ms` (None: forever):
+        read before any value is computed; the tag keys are created if missing and made to outlive it."""
         if not tags:
             return None
-        return (yield from self._tags.current(tags, create=True))
+        return (yield from self._tags.for_write(tags, expiry_ms))
 
     def _write_plan(
         self,
@@ -513,7 +513,7 @@ class RedisClusterCache(BaseCache):
         made = self._made_key(key, version)
         expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
-            stamps = yield from self._stamps(tags)
+            stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
         data = self._encode(value, key, stamps)
         prefix = yield from self._namespace.current()
         physical = prefix + made.encode()
@@ -547,13 +547,15 @@ class RedisClusterCache(BaseCache):
 
     def _get_or_set_plan(self, key: Any, default: Any, timeout: Any, version: int | None, tags: Any) -> Plan:
         tags = validate_tags(tags)
-        self._expiry_ms(timeout)  # a bad timeout is refused before anything is read, computed or written
+        expiry_ms = self._expiry_ms(timeout)  # a bad timeout is refused before anything is read or written
         value = yield Guarded(self._get_plan(key, _MISSING, version), "get", _MISSING)
         if value is not _MISSING:
             return value
         # Tag versions are read before the value is computed: an invalidation that lands during the
         # computation makes the stored entry born stale instead of hiding it from the invalidation.
-        stamps = (yield Guarded(self._stamps(tags), "get_or_set", _MISSING)) if tags else None
+        stamps = None
+        if tags:
+            stamps = yield Guarded(self._stamps(tags, expiry_ms), "get_or_set", _MISSING)
         if callable(default):
             default = yield Compute(default)
         if stamps is _MISSING:
@@ -571,11 +573,13 @@ class RedisClusterCache(BaseCache):
     ) -> Plan:
         keys = list(keys)
         tags = validate_tags(tags)
-        self._expiry_ms(timeout)
+        expiry_ms = self._expiry_ms(timeout)
         found = yield Guarded(self._get_many_plan(keys, version), "get_many", {})
         missing = [key for key in keys if key not in found]
         if missing:
-            stamps = (yield Guarded(self._stamps(tags), "get_many_or_set", _MISSING)) if tags else None
+            stamps = None
+            if tags:
+                stamps = yield Guarded(self._stamps(tags, expiry_ms), "get_many_or_set", _MISSING)
             computed = self._only_requested((yield Compute(factory, (missing,))), missing)
             if computed and stamps is not _MISSING:
                 yield Guarded(self._set_many_plan(computed, timeout, version, tags, stamps), "set_many", [])
@@ -627,7 +631,7 @@ class RedisClusterCache(BaseCache):
         made = [(self._made_key(key, version), key) for key in data]
         expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
-            stamps = yield from self._stamps(tags)
+            stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
         encoded = [self._encode(data[key], key, stamps) for _, key in made]
         prefix = yield from self._namespace.current()
         calls = []
@@ -645,7 +649,7 @@ class RedisClusterCache(BaseCache):
         ]
 
     def _invalidate_tags_plan(self, tags: Any) -> Plan:
-        tags = validate_tags(tags)
+        tags = validate_tags(tags, limit=None)
         if not tags:
             return 0
         return (yield from self._tags.invalidate(tags))

@@ -11,12 +11,14 @@ from redis.exceptions import ResponseError
 
 from .topology import OUTAGE_ERRORS, NotAClusterError
 
-# Tag and namespace keys carry no TTL. Under a volatile-* policy Redis never evicts them (it evicts entries,
-# which have a timeout); under allkeys-* it may, which is safe (a missing tag means "invalid") but turns
-# every entry carrying that tag into a miss at once.
+# Entries and tag keys have a TTL (a tag key lives as long as the entries stamped with it, forever only if
+# one of them was stored with timeout=None); the namespace key and write-behind streams have none. Under a
+# volatile-* policy Redis evicts only keys with a TTL: an evicted tag key is safe (a missing tag means
+# "invalid": the entries carrying it miss). Under allkeys-* it may evict the others too.
 SAFE_POLICY_HINT = (
-    "Set maxmemory-policy to volatile-lru or volatile-lfu: entries (which have a timeout) are evicted, tag and "
-    "namespace keys (which have none) are kept. Entries stored with timeout=None are not evictable then."
+    "Set maxmemory-policy to volatile-lru or volatile-lfu: entries and tag keys (which have a TTL) are evicted, "
+    "the namespace key and write-behind streams (which have none) are kept; an evicted tag key only makes the "
+    "entries carrying it miss. Entries stored with timeout=None, and their tag keys, are not evictable then."
 )
 
 BACKEND = "django_distcache.cache.RedisClusterCache"
@@ -103,8 +105,9 @@ def _eviction_policy_messages(alias: str, topology: Any) -> list:
     if evicting:
         messages.append(
             Warning(
-                f"CACHES[{alias!r}]: maxmemory-policy allkeys-* on {', '.join(evicting)} may evict tag keys; "
-                "every entry carrying an evicted tag then misses at once",
+                f"CACHES[{alias!r}]: maxmemory-policy allkeys-* on {', '.join(evicting)} may evict keys that "
+                "have no TTL: the namespace key (every entry of the KEY_PREFIX then misses at once) and "
+                "write-behind streams (changes queued by save_behind are then lost)",
                 hint=SAFE_POLICY_HINT,
                 id="django_distcache.W003",
             )

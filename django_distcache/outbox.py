@@ -135,8 +135,9 @@ class Outbox:
             batch = dict(self.pending)
         if not batch:
             return True
+        # As invalidate_tags: a tag key that is gone (expired, evicted) stays gone, and its TTL is kept.
         calls = [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version), repairable=True)
+            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version, "XX", "KEEPTTL"), repairable=True)
             for tag, version in batch.items()
         ]
         replies = self.topology.execute_batch(calls)

@@ -115,7 +115,7 @@ def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
     if envelope.tags:
         verdict = cache._tags.held_verdict(envelope.tags)
         if verdict is None:
-            current = yield from cache._tags.current(list(envelope.tags), create=False)
+            current = yield from cache._tags.current(list(envelope.tags))
             verdict = stamps_are_current(envelope.tags, current)
         if not verdict:
             return MISS  # invalidated: never served, not even as stale
@@ -180,8 +180,13 @@ def store_plan(
     if expiry_ms is None:
         args: tuple = ("SET", physical, data)
     else:
-        args = ("SET", physical, data, "PX", min(MAX_EXPIRY_MS, expiry_ms + int(stale * 1000)))
+        args = ("SET", physical, data, "PX", kept_ms(expiry_ms, stale))
     return bool((yield Call(physical, args, repairable=True)))
+
+
+def kept_ms(expiry_ms: int | None, stale: float) -> int | None:
+    """How long Redis keeps an entry of logical expiry `expiry_ms`: `stale` seconds more (None: forever)."""
+    return min(MAX_EXPIRY_MS, expiry_ms + int(stale * 1000)) if expiry_ms else expiry_ms
 
 
 # -- the whole fetch ----------------------------------------------------------------------------------
@@ -325,7 +330,10 @@ def refresh_plan(
     from .cache import Compute, Guarded
 
     try:
-        stamps = (yield Guarded(cache._stamps(tags), "get_or_set", MISSING)) if tags else None
+        stamps = None
+        if tags:
+            expiry_ms = kept_ms(cache._expiry_ms(timeout), policy.stale)
+            stamps = yield Guarded(cache._stamps(tags, expiry_ms), "get_or_set", MISSING)
         started = time.monotonic()
         value = yield Compute(compute)
         elapsed = time.monotonic() - started

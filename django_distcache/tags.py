@@ -3,9 +3,13 @@
 Each tag has a key of its own (so tags spread over the cluster's slots) holding a random 64-bit version.
 A tagged write records `{tag: version}` in the entry's envelope; a read compares those stamps with the
 current versions and treats any difference as a miss; `invalidate_tags` writes a new random version (one
-SET per tag, whatever the tag covers). A missing tag key means *invalid*: an evicted or deleted tag can
-only make entries miss, never bring dead ones back. Versions are random, never counters, so a re-created
-tag cannot repeat an old version.
+SET per tag, whatever the tag covers). A missing tag key means *invalid*: an evicted, expired or deleted
+tag can only make entries miss, never bring dead ones back. Versions are random, never counters, so a
+re-created tag cannot repeat an old version.
+
+A tag key lives as long as the entries stamped with it (plus TAG_TTL_MARGIN), forever only once an entry
+stored forever was stamped with it: a write extends it, never shortens it. Invalidating a tag that nothing
+carries creates nothing (a missing tag is invalid already), and tag keys go away on their own.
 
 Versions may be held in-process (TAG_VERSION_TTL seconds at most) while the backplane's subscription is
 live; every invalidation is pushed over it, so other processes drop the old version at once.
@@ -13,6 +17,7 @@ live; every invalidation is pushed over it, so other processes drop the old vers
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -25,6 +30,30 @@ from .topology import Call, is_outage
 
 TAG_KEY_PREFIX = "~distcache:tag:"
 MAX_TAG_LENGTH = 200
+MAX_TAGS_PER_VALUE = 256
+# A tag key outlives the longest-lived entry stamped with it by this much: the time between reading the
+# versions and storing the entry (a computation, a database read) is covered, and a tag nothing carries
+# any more is gone this long after its last entry.
+TAG_TTL_MARGIN = 60.0
+_LONGEST_TTL_MS = 10**15  # about 31,700 years: a TTL plus the margin stays within what Redis accepts
+
+# A tag's version for a write: the current one (a missing key is created holding ARGV[1]), with the key
+# made to live at least ARGV[2] ms more, or forever when ARGV[2] is ''. A TTL is never shortened.
+_STAMP_SCRIPT = """
+local version = redis.call('GET', KEYS[1])
+if not version then
+  if ARGV[2] == '' then redis.call('SET', KEYS[1], ARGV[1])
+  else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+  return ARGV[1]
+end
+if ARGV[2] == '' then
+  redis.call('PERSIST', KEYS[1])
+else
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 and left < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+end
+return version
+"""
 
 Plan = Generator[Any, Any, Any]
 
@@ -33,20 +62,27 @@ def new_version() -> int:
     return int.from_bytes(os.urandom(8), "big")
 
 
-def validate_tags(tags: Any) -> list[str]:
-    """Tags must be a list/tuple/set of non-empty strings; a bare string is refused (it would be letters)."""
+def validate_tags(tags: Any, limit: int | None = MAX_TAGS_PER_VALUE) -> list[str]:
+    """Tags must be a list/tuple/set of non-empty strings; a bare string is refused (it would be letters).
+    At most `limit` distinct tags (the tags of one value; None for invalidations, which store nothing)."""
     if tags is None:
         return []
     if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
         raise TypeError(f"tags must be a list of strings, got {type(tags).__name__}: {tags!r}")
-    result = []
+    result = {}
     for tag in tags:
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"each tag must be a non-empty str, got {tag!r}")
-        if len(tag.encode()) > MAX_TAG_LENGTH:
+        try:
+            size = len(tag.encode())
+        except UnicodeEncodeError:
+            raise ValueError(f"tag is not encodable as UTF-8 (a lone surrogate?): {tag[:40]!r}") from None
+        if size > MAX_TAG_LENGTH:
             raise ValueError(f"tag longer than {MAX_TAG_LENGTH} bytes: {tag[:40]!r}...")
-        result.append(tag)
-    return list(dict.fromkeys(result))
+        result[tag] = None
+        if limit is not None and len(result) > limit:
+            raise ValueError(f"more than {limit} tags on one value (MAX_TAGS_PER_VALUE); nothing was written")
+    return list(result)
 
 
 class TagVersions:
@@ -57,7 +93,9 @@ class TagVersions:
         self.prefix = (TAG_KEY_PREFIX + key_prefix + ":").encode()
         self.local_ttl = local_ttl
         self.backplane = backplane
-        self._local: dict[str, tuple[int, float]] = {}  # tag -> (version, fetched at)
+        # tag -> (version, fetched at, until when its key is known to live: 0 unknown, inf forever);
+        # all three on time.monotonic()
+        self._local: dict[str, tuple[int, float, float]] = {}
         self.outbox: Any = None  # set by the cache: invalidations waiting for their node (outbox.py)
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
@@ -68,21 +106,23 @@ class TagVersions:
         return self.prefix + tag.encode()
 
     # -- in-process copies --------------------------------------------------------------------------
-    def _held(self, tag: str, now: float) -> int | None:
+    def _held(self, tag: str, now: float) -> tuple[int, float, float] | None:
         entry = self._local.get(tag)
         if entry is None:
             return None
-        version, fetched_at = entry
-        if now - fetched_at < self.local_ttl and self.backplane.trusts(fetched_at):
-            return version
+        if now - entry[1] < self.local_ttl and self.backplane.trusts(entry[1]):
+            return entry
         return None
 
-    def _hold(self, versions: dict[str, int], epoch: int, fetched_at: float) -> None:
+    def _hold(self, versions: dict[str, int], epoch: int, fetched_at: float, kept_until: float = 0.0) -> None:
         # A message or a drop while the fetch was in flight may carry a newer version: do not keep ours.
         if self.local_ttl > 0 and epoch == self.backplane.epoch:
             with self._lock:
                 for tag, version in versions.items():
-                    self._local[tag] = (version, fetched_at)
+                    # The same version is the same key (versions are random): what we knew of its life holds.
+                    old = self._local.get(tag)
+                    known = old[2] if old is not None and old[0] == version else 0.0
+                    self._local[tag] = (version, fetched_at, max(kept_until, known))
 
     def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
         # Forget rather than install: two invalidations of one tag may be pushed out of order, and the
@@ -115,9 +155,8 @@ class TagVersions:
         return sum(1 for tag in list(self._local) if self._held(tag, now) is not None)
 
     # -- plans ----------------------------------------------------------------------------------------
-    def current(self, tags: list[str], create: bool) -> Plan:
-        """{tag: version}. With `create`, a missing tag key is created with a random version (writes);
-        without, a missing tag maps to None, which invalidates whatever carries it (reads)."""
+    def current(self, tags: list[str]) -> Plan:
+        """{tag: version} for a read; a missing tag maps to None, which invalidates whatever carries it."""
         now = time.monotonic()
         versions: dict[str, int | None] = {}
         missing = []
@@ -126,55 +165,90 @@ class TagVersions:
             if held is None:
                 missing.append(tag)
             else:
-                versions[tag] = held
-        if not missing:
-            return self._with_pending(versions, create)
-        self.backplane.ensure_started()
-        epoch, fetched_at = self.backplane.epoch, time.monotonic()
-        proposals = {tag: new_version() for tag in missing} if create else {}
-        calls = [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), proposals[tag], "NX", "GET"), repairable=True)
-            if create
-            else Call(self.tag_key(tag), ("GET", self.tag_key(tag)))
-            for tag in missing
-        ]
-        replies = yield calls
-        fetched: dict[str, int] = {}
-        for tag, reply in zip(missing, replies, strict=True):
-            if isinstance(reply, BaseException):
-                raise reply  # an outage: the caller's failure policy decides (miss / dropped write)
-            if reply is None:
-                if create:
-                    fetched[tag] = proposals[tag]
-                else:
+                versions[tag] = held[0]
+        if missing:
+            self.backplane.ensure_started()
+            epoch, fetched_at = self.backplane.epoch, time.monotonic()
+            replies = yield [Call(self.tag_key(tag), ("GET", self.tag_key(tag))) for tag in missing]
+            fetched: dict[str, int] = {}
+            for tag, reply in zip(missing, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply  # an outage: the caller's failure policy decides (a miss)
+                if reply is None:
                     versions[tag] = None
-            else:
-                fetched[tag] = int(reply)
-        versions.update(fetched)
-        self._hold(fetched, epoch, fetched_at)
-        return self._with_pending(versions, create)
-
-    def _with_pending(self, versions: dict[str, Any], create: bool) -> dict[str, Any]:
+                else:
+                    fetched[tag] = int(reply)
+            versions.update(fetched)
+            self._hold(fetched, epoch, fetched_at)
         outbox = self.outbox
-        if outbox is not None and not outbox.empty and not create:
+        if outbox is not None and not outbox.empty:
             for tag in versions:
                 if outbox.blocks((tag,)):
                     versions[tag] = None  # an invalidation is pending: whatever carries it is a miss
         return versions
 
+    def for_write(self, tags: list[str], expiry_ms: int | None) -> Plan:
+        """{tag: version} to stamp an entry that Redis keeps `expiry_ms` (None: forever), read before its
+        value is computed. A missing tag key is created; each tag key is made to live at least as long as
+        the entry plus TAG_TTL_MARGIN. A held version whose key is known to live long enough costs nothing."""
+        now = time.monotonic()
+        if expiry_ms is None:
+            ttl_ms: int | str = ""
+            needed_until = math.inf
+        else:
+            expiry_ms = max(expiry_ms, 0)
+            ttl_ms = min(expiry_ms + int(TAG_TTL_MARGIN * 1000), _LONGEST_TTL_MS)
+            # Half the margin is left for the time between now and the entry's write.
+            needed_until = now + expiry_ms / 1000 + TAG_TTL_MARGIN / 2
+        versions: dict[str, int] = {}
+        ask = []
+        for tag in dict.fromkeys(tags):
+            held = self._held(tag, now)
+            if held is not None and held[2] >= needed_until:
+                versions[tag] = held[0]
+            else:
+                ask.append(tag)
+        if not ask:
+            return versions
+        self.backplane.ensure_started()
+        epoch, fetched_at = self.backplane.epoch, time.monotonic()
+        replies = yield [
+            Call(
+                self.tag_key(tag),
+                ("EVAL", _STAMP_SCRIPT, 1, self.tag_key(tag), new_version(), ttl_ms),
+                repairable=True,
+            )
+            for tag in ask
+        ]
+        fetched: dict[str, int] = {}
+        for tag, reply in zip(ask, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply  # an outage: the caller's failure policy decides (a dropped write)
+            fetched[tag] = int(reply)
+        versions.update(fetched)
+        # The script ran after `fetched_at`, so the key lives at least until then plus its TTL.
+        kept_until = math.inf if expiry_ms is None else fetched_at + int(ttl_ms) / 1000
+        self._hold(fetched, epoch, fetched_at, kept_until)
+        return versions
+
     def invalidate(self, tags: list[str]) -> Plan:
-        """Give each tag a new random version, then push it to every process."""
+        """Give each existing tag key a new random version (its TTL kept), then push it to every process.
+
+        A missing tag key is left missing: nothing can carry it (missing already means invalid), so
+        invalidating tags that were never written creates nothing."""
         new = {tag: new_version() for tag in tags}
         replies = yield [
-            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version), repairable=True)
+            Call(self.tag_key(tag), ("SET", self.tag_key(tag), version, "XX", "KEEPTTL"), repairable=True)
             for tag, version in new.items()
         ]
-        queued = {}
+        queued, absent = {}, set()
         for (tag, version), reply in zip(new.items(), replies, strict=True):
             if isinstance(reply, BaseException):
                 if self.outbox is None or not is_outage(reply):
                     raise reply
                 queued[tag] = version  # its node is unreachable: kept and retried, never dropped
+            elif reply is None:
+                absent.add(tag)
         if queued:
             with self._lock:
                 for tag in queued:
@@ -186,7 +260,10 @@ class TagVersions:
             self.backplane.epoch += 1  # a fetch in flight in another thread must not reinstall an old version
             now = time.monotonic()
             for tag, version in new.items():
-                self._local[tag] = (version, now)
+                previous = self._local.pop(tag, None)
+                if tag not in absent:  # KEEPTTL: what was known of the key's life still holds
+                    self._local[tag] = (version, now, previous[2] if previous is not None else 0.0)
+        # Pushed for absent tags too: another process may still hold a version of a key that was evicted.
         publishes = yield [
             self.backplane.publish_call("tag", self.key_prefix, tag, version) for tag, version in new.items()
         ]

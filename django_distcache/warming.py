@@ -283,7 +283,7 @@ def run_warmer(
         cache = _cache_for(alias)
         # Tag versions first: an invalidation that lands while the values are computed makes the entries
         # written after it born stale, instead of leaving them current.
-        stamps = _stamps_before_computing(cache, entry.tags, dry_run)
+        stamps = _stamps_before_computing(cache, entry.tags, entry.timeout, dry_run)
         source = entry.source(chunk)
         if isinstance(source, QuerySet):
             from .models.registry import config_for
@@ -313,12 +313,14 @@ def _check_chunk_size(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
-def _stamps_before_computing(cache: Any, tags: tuple[str, ...], dry_run: bool) -> dict[str, int] | None:
+def _stamps_before_computing(
+    cache: Any, tags: tuple[str, ...], timeout: Any, dry_run: bool
+) -> dict[str, int] | None:
     if not tags:
         return None
     if dry_run:
         return dict.fromkeys(tags, 0)  # the same envelope size, and no tag key is created
-    return cache._run_strict(cache._stamps(list(tags)), "warm")
+    return cache._run_strict(cache._stamps(list(tags), cache._expiry_ms(timeout)), "warm")
 
 
 def _pairs(name: str, source: Any) -> Iterator[tuple[Any, Any]]:
@@ -498,7 +500,7 @@ def _fill_chunk(
     def lease_plan() -> Any:
         key = epoch_key(cache, config)
         epoch = yield Call(key, ("GET", key))
-        stamps = yield from cache._stamps([*config.static_tags(), *extra_tags])
+        stamps = yield from cache._stamps([*config.static_tags(), *extra_tags], cache._expiry_ms(timeout))
         return Lease(epoch, stamps)
 
     for _ in range(FILL_ATTEMPTS):
@@ -531,7 +533,8 @@ def _fill_rows_plan(
     static = {tag: lease.stamps[tag] for tag in [*config.static_tags(), *extra_tags]}
     tags_of = {row.pk: config.row_tags(row) for row in rows}
     needed = list(dict.fromkeys(tag for tags in tags_of.values() for tag in tags))
-    row_versions = (yield from cache._tags.current(needed, create=True)) if needed else {}
+    expiry_ms = cache._expiry_ms(timeout)
+    row_versions = (yield from cache._tags.for_write(needed, expiry_ms)) if needed else {}
     prefix = yield from cache._namespace.current()
     targets = []  # (physical key, encoded entry, write-behind marker or None)
     for row in rows:
@@ -550,7 +553,6 @@ def _fill_rows_plan(
     key = epoch_key(cache, config)
     if (yield Call(key, ("GET", key))) != lease.epoch:
         return None
-    expiry_ms = cache._expiry_ms(timeout)
     expiry = "" if expiry_ms is None else expiry_ms
     calls = []
     for (physical, data, marker), seen in zip(targets, observed, strict=True):

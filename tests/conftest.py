@@ -110,6 +110,21 @@ def cache():
     return make_cache()
 
 
+def tag_keys(cluster: DevCluster, cache) -> set[bytes]:
+    """Every tag key of `cache`'s KEY_PREFIX on the cluster: a SCAN of every primary."""
+    import redis
+
+    found = set()
+    for port in cluster.ports:
+        node = redis.Redis(port=port)
+        try:
+            if node.info("replication")["role"] == "master":
+                found.update(node.scan_iter(match=cache._tags.tag_key("*"), count=1000))
+        finally:
+            node.close()
+    return found
+
+
 class Peer:
     """A second process with its own cache instance (tests/peer.py), for cross-process guarantees."""
 

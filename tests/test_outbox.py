@@ -6,8 +6,12 @@ import json
 import os
 import time
 
+import pytest
+from redis.cluster import RedisCluster
+
 from django_distcache.outbox import Outbox
 from django_distcache.topology.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from tests.conftest import tag_keys
 
 
 def test_a_breaker_opens_after_the_threshold_and_probes_after_the_cooldown():
@@ -105,3 +109,26 @@ def test_a_process_that_died_with_pending_invalidations_gets_its_namespace_bumpe
     assert not (tmp_path / f"p.{dead_pid}.json").exists()
     assert (tmp_path / f"other.{dead_pid}.json").exists()  # another prefix's: not ours to act on
     assert outbox.empty
+
+
+# -- against the real cluster -------------------------------------------------------------------------------
+@pytest.fixture
+def raw(cluster):
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    yield client
+    client.close()
+
+
+def test_an_invalidation_queued_in_the_outbox_creates_no_key_when_it_lands(cache, raw, cluster):
+    cache.set("k", "v", timeout=100, tags=["carried"])
+    outbox = cache._tags.outbox
+    outbox.add({"carried": 1234, "never-written": 5678})  # as if their node had been unreachable
+    assert cache.get("k") is None  # pending: a miss in this process
+    deadline = time.monotonic() + 10
+    while not outbox.empty:
+        assert time.monotonic() < deadline, "the outbox did not land"
+        time.sleep(0.02)
+    assert tag_keys(cluster, cache) == {cache._tags.tag_key("carried")}
+    assert int(raw.get(cache._tags.tag_key("carried"))) == 1234
+    assert 100_000 - 15_000 <= raw.pttl(cache._tags.tag_key("carried")) <= 160_000  # TTL kept
+    assert cache.get("k") is None

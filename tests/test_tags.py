@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -12,8 +13,9 @@ from redis.cluster import RedisCluster
 import django_distcache
 from django_distcache.backplane import CHANNEL
 from django_distcache.cache import CacheUnavailable
+from django_distcache.tags import MAX_TAGS_PER_VALUE, TAG_TTL_MARGIN
 from django_distcache.topology import ClusterTopology
-from tests.conftest import Peer, make_cache
+from tests.conftest import Peer, make_cache, tag_keys
 
 
 @pytest.fixture
@@ -244,3 +246,222 @@ def test_a_dead_entry_does_not_block_add_or_get_or_set(cache):
     assert cache.get("k") == "v3"
     assert cache.add("k", "v4", tags=["tt"]) is False  # a live entry still wins
     assert cache.get("k") == "v3"
+
+
+# -- tag key lifetimes: bounded by the entries that carry them -------------------------------------------
+MARGIN_MS = int(TAG_TTL_MARGIN * 1000)
+
+
+def _tag_ttl_ms(raw, cache, tag) -> int:
+    return raw.pttl(cache._tags.tag_key(tag))
+
+
+def test_invalidating_tags_never_written_creates_no_key(cache, cluster):
+    tags = [f"never-written:{n}" for n in range(1000)]
+    assert cache.invalidate_tags(*tags) == 1000
+    assert tag_keys(cluster, cache) == set()
+    assert cache.get("anything") is None
+
+
+def test_a_tagged_write_gives_its_tag_key_a_ttl_that_covers_the_entry(cache, raw):
+    cache.set("k", "v", timeout=100, tags=["t"])
+    assert 100_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 100_000 + MARGIN_MS
+    assert 95 <= cache.ttl("k") <= 100
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held-in-process", "asked-every-time"])
+def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(raw, held):
+    cache = make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0 if held else 0})
+    cache.set("short", "v", timeout=100, tags=["t"])
+    if held:
+        _wait_for_backplane(cache)
+        cache.set("short", "v", timeout=100, tags=["t"])  # held from a write made while the channel is up
+        assert cache._tags.held_count() == 1
+    cache.set("long", "v", timeout=5000, tags=["t"])  # a held version still extends the key
+    assert 5_000_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 5_000_000 + MARGIN_MS
+    cache.set("shorter", "v", timeout=10, tags=["t"])
+    assert _tag_ttl_ms(raw, cache, "t") >= 5_000_000 - 5_000
+    assert cache.get_many(["short", "long", "shorter"]) == {"short": "v", "long": "v", "shorter": "v"}
+
+
+def test_a_held_version_whose_key_lives_long_enough_costs_no_command(raw, monkeypatch):
+    cache = make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0})
+    _wait_for_backplane(cache)
+    cache.set("a", 1, timeout=100, tags=["t"])
+    tag_key = cache._tags.tag_key("t")
+    sent = []
+    for method in ("execute", "execute_batch"):
+        real = getattr(ClusterTopology, method)
+
+        def spy(self, request, real=real):
+            sent.extend(call.key for call in ([request] if hasattr(request, "key") else request))
+            return real(self, request)
+
+        monkeypatch.setattr(ClusterTopology, method, spy)
+    cache.set("b", 2, timeout=100, tags=["t"])
+    cache.set("c", 3, timeout=50, tags=["t"])
+    assert tag_key not in sent  # one SET per write: the tag key is known to outlive both entries
+    cache.set("d", 4, timeout=10_000, tags=["t"])
+    assert tag_key in sent  # a longer-lived entry: the key is extended first
+    assert _tag_ttl_ms(raw, cache, "t") >= 10_000_000 - 5_000
+
+
+def test_an_entry_stored_forever_keeps_its_tag_key_forever(cache, raw):
+    cache.set("a", "v", timeout=10, tags=["t"])
+    assert _tag_ttl_ms(raw, cache, "t") > 0
+    cache.set("forever", "v", timeout=None, tags=["t"])
+    assert _tag_ttl_ms(raw, cache, "t") == -1
+    cache.set("b", "v", timeout=10, tags=["t"])
+    assert _tag_ttl_ms(raw, cache, "t") == -1  # never given a TTL back while a forever entry may carry it
+    cache.set("new", "v", timeout=None, tags=["fresh"])  # created without a TTL
+    assert _tag_ttl_ms(raw, cache, "fresh") == -1
+
+
+def test_the_tag_key_covers_the_stale_window_too(cache, raw):
+    assert cache.get_or_set("k", lambda: "v", timeout=10, tags=["t"], stale=1000) == "v"
+    assert 1_010_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 1_010_000 + MARGIN_MS
+
+
+def test_get_or_set_and_get_many_or_set_give_the_tag_key_its_ttl_before_computing(cache, raw):
+    seen = {}
+
+    def compute():
+        seen["during"] = _tag_ttl_ms(raw, cache, "t")
+        return "v"
+
+    assert cache.get_or_set("k", compute, timeout=200, tags=["t"]) == "v"
+    assert seen["during"] >= 200_000 - 5_000  # read and extended before the value was computed
+    cache.get_many_or_set(["m"], lambda missing: dict.fromkeys(missing, 1), timeout=3000, tags=["u"])
+    assert 3_000_000 - 5_000 <= _tag_ttl_ms(raw, cache, "u") <= 3_000_000 + MARGIN_MS
+
+
+def test_invalidation_keeps_the_tag_key_ttl_and_still_makes_its_entries_miss(cache, raw):
+    cache.set("k", "v", timeout=100, tags=["t"])
+    before = raw.get(cache._tags.tag_key("t"))
+    assert cache.invalidate_tags("t") == 1
+    assert raw.get(cache._tags.tag_key("t")) != before  # a new version
+    assert 100_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 100_000 + MARGIN_MS  # the same lifetime
+    assert cache.get("k") is None
+    cache.set("k", "again", timeout=100, tags=["t"])
+    assert cache.get("k") == "again"
+
+
+def test_a_tag_key_that_expired_makes_its_entries_miss(cache, raw):
+    strict = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"TAG_VERSION_TTL": 0})
+    strict.set("k", "v", timeout=300, tags=["t", "other"])
+    raw.pexpire(strict._tags.tag_key("t"), 1)  # expired (or evicted) before the entry
+    deadline = time.monotonic() + 10
+    while raw.exists(strict._tags.tag_key("t")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert strict.get("k") is None
+    assert strict.get_many(["k"]) == {}
+    assert strict.get_or_set("k", lambda: "rebuilt", timeout=300, tags=["t"]) == "rebuilt"
+    assert strict.get("k") == "rebuilt"  # the next write re-created the tag key, with a new version
+
+
+def test_invalidating_an_evicted_tag_drops_the_version_other_processes_hold(cache, raw):
+    cache.set("k", "v", tags=["shared"])
+    with Peer(cache.key_prefix) as other:
+        other.wait_connected()
+        assert other.get("k") == "v"
+        assert other.ask("stats")["held_tags"] >= 1
+        raw.delete(cache._tags.tag_key("shared"))  # evicted: the other process still holds its version
+        cache.invalidate_tags("shared")
+        other.wait_for_miss("k", within=1.0)
+    assert not raw.exists(cache._tags.tag_key("shared"))  # and the invalidation did not re-create it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cached_model_rows_give_their_tag_keys_a_ttl_that_covers_the_entries(raw, settings):
+    from decimal import Decimal
+
+    from django.core.cache import caches
+
+    from tests.model_app.models import Product
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_distcache.cache.RedisClusterCache",
+            "LOCATION": settings.CLUSTER_LOCATION,
+            "KEY_PREFIX": f"t-{uuid.uuid4().hex[:12]}",
+        }
+    }
+    cache = caches["default"]
+    product = Product.objects.create(name="Teapot", slug="teapot", price=Decimal("9.50"))
+    cache.clear()  # the write-through filled it: read it through from a cold cache
+    assert django_distcache.get_cached(Product, pk=product.pk).name == "Teapot"
+    for tag in ("model_app.product", f"model_app.product:{product.pk}", "catalogue"):
+        assert 600_000 - 5_000 <= _tag_ttl_ms(raw, cache, tag) <= 600_000 + MARGIN_MS  # timeout=600
+
+
+# -- the number of tags on one value ---------------------------------------------------------------------
+TOO_MANY = [f"tag{n}" for n in range(70_000)]
+
+
+def test_too_many_tags_are_refused_before_anything_is_written(cache, cluster):
+    refused = [
+        lambda: cache.set("k", "v", tags=TOO_MANY),
+        lambda: cache.add("k", "v", tags=TOO_MANY),
+        lambda: cache.set_many({"k": "v", "j": "w"}, tags=TOO_MANY),
+        lambda: cache.get_or_set("k", lambda: "v", tags=TOO_MANY),
+        lambda: cache.get_or_set("k", "v", tags=TOO_MANY),
+        lambda: cache.get_many_or_set(["k"], lambda missing: dict.fromkeys(missing, "v"), tags=TOO_MANY),
+        lambda: cache.set("k", "v", tags=[f"t{n}" for n in range(MAX_TAGS_PER_VALUE + 1)]),
+    ]
+    for call in refused:
+        with pytest.raises(ValueError, match=f"more than {MAX_TAGS_PER_VALUE} tags.*MAX_TAGS_PER_VALUE"):
+            call()
+    assert tag_keys(cluster, cache) == set()
+    assert cache.get_many(["k", "j"]) == {}
+    cache.set("k", "v", tags=[f"t{n}" for n in range(MAX_TAGS_PER_VALUE)])  # the limit itself is fine
+    assert cache.get("k") == "v"
+
+
+async def test_too_many_tags_are_refused_on_the_async_paths_too(cache, cluster):
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        await cache.aset("k", "v", tags=TOO_MANY)
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        await cache.aget_or_set("k", lambda: "v", tags=TOO_MANY)
+    assert tag_keys(cluster, cache) == set()
+
+
+def test_too_many_tags_on_cached_functions_views_and_models_are_refused(cache, cluster, settings):
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from django_distcache import cache_model, cached, cached_view
+    from django_distcache.models.registry import ModelCacheConfig
+    from tests.model_app.models import Product, Uncached
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_distcache.cache.RedisClusterCache",
+            "LOCATION": settings.CLUSTER_LOCATION,
+            "KEY_PREFIX": cache.key_prefix,
+        }
+    }
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        cached(timeout=60, tags=TOO_MANY)
+    greet = cached(timeout=60, tags=lambda name: TOO_MANY)(lambda name: f"hello {name}")
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        greet("alice")
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        cached_view(timeout=60, tags=TOO_MANY)
+    page = cached_view(timeout=60, tags=lambda request: TOO_MANY)(lambda request: HttpResponse("page"))
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        page(RequestFactory().get("/page/"))
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        cache_model(Uncached, tags=TOO_MANY)
+    per_row = ModelCacheConfig(
+        model=Product,
+        lookups=("pk",),
+        timeout=60,
+        write="through",
+        tags=lambda row: TOO_MANY,
+        cache_alias="default",
+        negative_timeout=5,
+    )
+    with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
+        per_row.row_tags(Product(pk=1))  # a tags callable's answer is checked like a list given upfront
+    assert tag_keys(cluster, cache) == set()

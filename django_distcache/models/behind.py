@@ -287,8 +287,8 @@ def _update_entry_plan(
     stream_id: str,
 ) -> Any:
     """Compare-and-set the cached row with the queued values merged in, and raise the row's marker."""
-    stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row)])
     expiry_ms = cache._expiry_ms(config.timeout)
+    stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row)], expiry_ms)
     expiry = "" if expiry_ms is None else expiry_ms
     for attempt in range(CAS_ATTEMPTS):
         for name, value in values.items():
@@ -777,7 +777,7 @@ def _refresh_plan(cache: Any, config: ModelCacheConfig, rows: list[_RowChange], 
         marker = prefix + cache._made_key(config.pending_key(row.pk), None).encode()
         data = b""
         if instance is not None:
-            stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(instance)])
+            stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(instance)], expiry_ms)
             data = cache._encode(config.row_payload(instance, cache), "flush_behind", stamps)
         last_id = row.ids[-1].decode() if isinstance(row.ids[-1], bytes) else str(row.ids[-1])
         calls.append(

@@ -88,7 +88,10 @@ def lease_plan(cache: Any, config: ModelCacheConfig) -> Any:
     """Taken at miss time, before the database is read."""
     key = epoch_key(cache, config)
     epoch = yield Call(key, ("GET", key))
-    stamps = yield from cache._stamps([*config.static_tags(), config.missing_tag()])
+    # The fill stores the row (config.timeout) or that it is missing (negative_timeout): tags for either.
+    timeouts = [cache._expiry_ms(config.timeout), cache._expiry_ms(config.negative_timeout)]
+    expiry_ms = None if None in timeouts else max(timeouts)
+    stamps = yield from cache._stamps([*config.static_tags(), config.missing_tag()], expiry_ms)
     return Lease(epoch, stamps)
 
 
@@ -119,7 +122,8 @@ def fill_plan(
     if not keys or (found is MISSING_ROW and not timeout):
         return False
     # (2) the row's tags before the epoch
-    row_versions = (yield from cache._tags.current(tags, create=True)) if tags else {}
+    expiry_ms = cache._expiry_ms(timeout)
+    row_versions = (yield from cache._tags.for_write(tags, expiry_ms)) if tags else {}
     prefix = yield from cache._namespace.current()
     physical = {name: prefix + cache._made_key(key, None).encode() for name, key in keys.items()}
     unseen = [name for name in physical if name not in misses]
@@ -134,7 +138,6 @@ def fill_plan(
     if (yield Call(key, ("GET", key))) != lease.epoch:  # (1) a writer came after our miss
         return False
     stamps = {**static, **row_versions}
-    expiry_ms = cache._expiry_ms(timeout)
     expiry = "" if expiry_ms is None else expiry_ms
     marker = None
     if config.write == "behind" and found is not MISSING_ROW:

@@ -74,7 +74,9 @@ class ModelCacheConfig:
     def row_tags(self, instance: models.Model) -> list[str]:
         tags = [self.row_tag(instance.pk)]
         if callable(self.tags):
-            tags.extend(self.tags(instance))
+            from ..tags import validate_tags
+
+            tags.extend(validate_tags(self.tags(instance)))
         return tags
 
     # -- keys -----------------------------------------------------------------------------------------

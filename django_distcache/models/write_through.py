@@ -84,7 +84,8 @@ def _write_through(
     except config.model.DoesNotExist:
         return  # deleted by a later transaction; its own write-through removed the keys
     lease = Lease(epoch, None)
-    lease.stamps = cache._run(cache._stamps(config.static_tags()), "write_through", None)
+    stamps_plan = cache._stamps(config.static_tags(), cache._expiry_ms(config.timeout))
+    lease.stamps = cache._run(stamps_plan, "write_through", None)
     if lease.stamps is not None:
         cache._run(fill_plan(cache, config, lease, found, {}), "write_through", False)
 
