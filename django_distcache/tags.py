@@ -23,7 +23,7 @@ from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .topology import Call, is_outage
 
-TAG_KEY_PREFIX = "~distcache:tag:"
+TAG_KEY_PREFIX = "~tag:"  # after `<KEY_PREFIX>:` (keys.py)
 MAX_TAG_LENGTH = 200
 
 Plan = Generator[Any, Any, Any]
@@ -54,7 +54,7 @@ class TagVersions:
 
     def __init__(self, key_prefix: str, local_ttl: float, backplane: Backplane) -> None:
         self.key_prefix = key_prefix
-        self.prefix = (TAG_KEY_PREFIX + key_prefix + ":").encode()
+        self.prefix = (key_prefix + ":" + TAG_KEY_PREFIX).encode()
         self.local_ttl = local_ttl
         self.backplane = backplane
         self._local: dict[str, tuple[int, float]] = {}  # tag -> (version, fetched at)

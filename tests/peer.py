@@ -39,7 +39,7 @@ def main() -> None:
         elif request[0] == "stampede":
             answer = _stampede(cache, *request[1:])
         elif request[0] == "stats":
-            backplane = cache._shared.backplane
+            backplane = cache._backplane
             answer = {"connected": backplane.connected, "held_tags": cache._tags.held_count()}
         else:
             answer = f"unknown request {request!r}"

@@ -83,7 +83,7 @@ def test_get_many_sends_one_batch_per_node_and_writes_all_before_reading(cache, 
 def _wait_for_backplane(cache, timeout=10.0):
     cache.get("warm-up")
     deadline = time.monotonic() + timeout
-    while not cache._shared.backplane.connected:
+    while not cache._backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
     cache.get("warm-up")
@@ -304,7 +304,8 @@ def _command_calls(raw, names):
 
 
 def _keys_with_prefix(raw, prefix):
-    return sum(1 for _ in raw.scan_iter(match=f"*:{prefix}:*", target_nodes=RedisCluster.PRIMARIES))
+    """Entries of a KEY_PREFIX (its keys but those of the backend's own, `<prefix>:~...`)."""
+    return sum(1 for _ in raw.scan_iter(match=f"{prefix}:[^~]*", target_nodes=RedisCluster.PRIMARIES))
 
 
 def test_clear_never_frees_a_held_lock(cache):
@@ -319,7 +320,7 @@ def test_planted_unsigned_value_is_a_miss(cache, raw):
     from django_distcache.codec import Codec, JSONSerializer, NoCompressor
 
     unsigned = Codec(JSONSerializer(), NoCompressor(), [b"x" * 32])
-    raw.set(cache.physical_key("role"), unsigned.encode({"is_admin": True}))
+    raw.set(cache.physical_key("role"), unsigned.encode({"is_admin": True}, b""))
     assert cache.get("role", "miss") == "miss"
 
 

@@ -41,6 +41,7 @@ from .base import (
     connection_kwargs,
     group_by_node,
     is_outage,
+    refused,
 )
 from .breaker import CLOSED, OPEN, Breaker, NodeUnavailableError
 
@@ -388,15 +389,17 @@ class _TopologyCommon:
         if layout is None:
             acked = []
             for i, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, REDIRECT_ERRORS):
-                    redo.append((positions[i], reply, node))
-                else:
-                    results[positions[i]] = reply
-                    if calls[i].repairable:
-                        if not isinstance(reply, Exception):
-                            acked.append(calls[i])
-                        elif is_outage(reply):
-                            state.note_unsynced(calls[i], node)
+                if isinstance(reply, ResponseError):  # one test for the common case, a plain reply
+                    if isinstance(reply, REDIRECT_ERRORS):
+                        redo.append((positions[i], reply, node))
+                        continue
+                    reply = refused(reply, calls[i].args, calls[i].key)
+                results[positions[i]] = reply
+                if calls[i].repairable:
+                    if not isinstance(reply, Exception):
+                        acked.append(calls[i])
+                    elif is_outage(reply):
+                        state.note_unsynced(calls[i], node)
             if acked:
                 state.acked_calls(acked, node)
             return
@@ -409,6 +412,8 @@ class _TopologyCommon:
             if isinstance(reply, REDIRECT_ERRORS):
                 redo.append((positions[i], reply, node))
                 continue
+            if isinstance(reply, ResponseError):
+                reply = refused(reply, calls[i].args, calls[i].key)
             results[positions[i]] = reply
             if isinstance(reply, Exception):
                 if is_outage(reply):
@@ -596,7 +601,7 @@ class ClusterTopology(_TopologyCommon):
             except ResponseError as error:
                 pool.put(connection)
                 self._after_reply_error(call, node, breaker, error)
-                raise
+                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 if not self._after_outage(call, node, breaker, error, retries):
@@ -661,9 +666,9 @@ class ClusterTopology(_TopologyCommon):
         try:
             connection.send_command(*args)
             result = connection.read_response()
-        except ResponseError:
+        except ResponseError as error:
             pool.put(connection)
-            raise
+            raise refused(error, args)  # noqa: B904 - the reply is its cause
         except BaseException:
             connection.disconnect()
             raise
@@ -830,9 +835,9 @@ class AsyncClusterTopology(_TopologyCommon):
         try:
             await connection.send_command(*args)
             result = await connection.read_response()
-        except ResponseError:
+        except ResponseError as error:
             pool.put(connection)
-            raise
+            raise refused(error, args)  # noqa: B904 - the reply is its cause
         except BaseException:
             await connection.disconnect()
             raise
@@ -892,7 +897,7 @@ class AsyncClusterTopology(_TopologyCommon):
             except ResponseError as error:
                 pool.put(connection)
                 self._after_reply_error(call, node, breaker, error)
-                raise
+                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
             except OUTAGE_ERRORS as error:
                 if connection is not None:
                     await connection.disconnect()
