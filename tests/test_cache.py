@@ -340,3 +340,69 @@ def test_incr_rejects_a_delta_out_of_range_with_a_clear_error(cache):
     with pytest.raises(TypeError, match="delta"):
         cache.incr("n", 1.5)
     assert cache.get("n") == 1
+
+
+def test_a_signed_value_copied_to_another_key_is_a_miss(cache, raw):
+    cache.set("user:1:is_staff", True)
+    cache.set("user:2:is_staff", False)
+    raw.set(cache.physical_key("user:2:is_staff"), raw.get(cache.physical_key("user:1:is_staff")))
+    before = cache.failure_counts.get("undecodable", 0)
+    assert cache.get("user:2:is_staff", "miss") == "miss"
+    assert cache.failure_counts["undecodable"] == before + 1
+    # Nor to another version of the same key, nor to the same key of another KEY_PREFIX (same secret).
+    raw.set(cache.physical_key("user:1:is_staff", version=2), raw.get(cache.physical_key("user:1:is_staff")))
+    assert cache.get("user:1:is_staff", "miss", version=2) == "miss"
+    other = make_cache()
+    raw.set(other.physical_key("user:1:is_staff"), raw.get(cache.physical_key("user:1:is_staff")))
+    assert other.get("user:1:is_staff", "miss") == "miss"
+    assert cache.get("user:1:is_staff") is True
+
+
+def test_a_bare_integer_can_be_copied_between_keys_as_documented(cache, raw):
+    cache.set("credits:1", 100)
+    raw.set(cache.physical_key("credits:2"), raw.get(cache.physical_key("credits:1")))
+    assert cache.get("credits:2") == 100  # unsigned, so that INCRBY works on it (docs/security.md)
+
+
+def test_incr_version_re_signs_the_value_for_its_new_version(cache, raw):
+    cache.set("profile", {"plan": "pro"}, tags=["account:1"])
+    assert cache.incr_version("profile") == 2
+    assert cache.get("profile", version=2) == {"plan": "pro"}
+    assert cache.get("profile", "gone") == "gone"
+    cache.invalidate_tags("account:1")  # the tag stamps moved with it
+    assert cache.get("profile", "stale", version=2) == "stale"
+
+
+def test_incr_version_of_a_value_that_does_not_verify_raises_like_a_missing_key(cache, raw):
+    cache.set("a", ["signed for a"])
+    raw.set(cache.physical_key("b"), raw.get(cache.physical_key("a")))
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr_version("b")
+    assert raw.get(cache.physical_key("b", version=2)) is None
+
+
+@pytest.mark.parametrize("compressor", ["none", "zlib"])
+def test_a_planted_decompression_bomb_is_a_miss_and_memory_stays_bounded(cache, raw, compressor):
+    """1 GiB of JSON squeezed into ~1 MB of zlib, planted in a JSON cache (unsigned by design; the envelope,
+    not COMPRESSOR, picks the decompressor): a reader in another process misses, counts it undecodable and
+    grows by about MAX_VALUE_SIZE (16 MiB by default), not by the gigabyte."""
+    import struct
+    import zlib
+
+    from django_distcache.codec import FORMAT_VERSION, MAGIC, JSONSerializer
+
+    stream, block = zlib.compressobj(9), b" " * (1 << 20)
+    bomb = b"".join(stream.compress(block) for _ in range(1024)) + stream.flush()
+    header = MAGIC + bytes((FORMAT_VERSION, 0, JSONSerializer.id, 1)) + struct.pack(">d", time.time())
+    options = {"SERIALIZER": "json", "COMPRESSOR": compressor}
+    reader = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS=options)
+    raw.set(reader.physical_key("bomb"), header + bomb)
+    with Peer(cache.key_prefix, options) as peer:
+        assert peer.get("warm-up") is None
+        before = peer.ask("rss")
+        assert peer.get("bomb") is None
+        grown_mib = (peer.ask("rss") - before) / 1024
+    assert grown_mib < 100, f"the reader grew by {grown_mib:.0f} MiB"
+    before = reader.failure_counts.get("undecodable", 0)
+    assert reader.get("bomb", "miss") == "miss"
+    assert reader.failure_counts["undecodable"] == before + 1

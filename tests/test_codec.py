@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import pickle
+import struct
+import tracemalloc
+import zlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from django_distcache.codec import (
+    DECODED_SIZE_LIMIT,
+    FORMAT_VERSION,
     MAGIC,
     Codec,
+    DecodedTooLargeError,
     JSONSerializer,
     MsgpackSerializer,
     NoCompressor,
@@ -136,3 +142,126 @@ def test_max_value_size():
 def test_pickle_errors_propagate_unchanged():
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         codec().encode(lambda: None, AT)
+
+
+keys = st.text(min_size=1, max_size=30).map(str.encode)
+
+
+@given(pickle_values, keys, keys)
+def test_a_signed_value_is_refused_under_any_other_key(value, key, other):
+    data = codec().encode([value], key)
+    assert codec().decode(data, key) == [value]
+    if other != key:
+        with pytest.raises(SignatureError):
+            codec().decode(data, other)
+
+
+def test_a_value_signed_for_one_user_does_not_pass_for_another():
+    data = codec().encode(False, b"1:user:1:is_staff", tags={"user:1": 7})  # tags: an envelope, not bare
+    with pytest.raises(SignatureError):
+        codec().decode(data, b"1:user:2:is_staff")
+    # Nor does a suffix of the key moved into the payload (pickle ignores bytes after its STOP opcode).
+    with pytest.raises(SignatureError):
+        codec().decode(data + b"is_staff", b"1:user:1:")
+
+
+def test_a_signed_value_is_refused_under_another_key_prefix():
+    data = codec(key_prefix="shop").encode(["v"], AT)
+    assert codec(key_prefix="shop").decode(data, AT) == ["v"]
+    with pytest.raises(SignatureError):
+        codec(key_prefix="blog").decode(data, AT)
+    with pytest.raises(SignatureError):
+        codec(key_prefix="sho").decode(data, b"p" + AT)  # the prefix is framed, not just concatenated
+
+
+def test_rebind_signs_a_value_for_its_new_key_once_its_own_signature_verifies():
+    c = codec()
+    data = c.encode({"v": 1}, b"1:k", soft_expiry=2e9, tags={"t": 3})
+    moved = c.rebind(data, b"1:k", b"2:k")
+    envelope = c.decode_envelope(moved, b"2:k")
+    assert (envelope.value, envelope.tags, envelope.soft_expiry) == ({"v": 1}, {"t": 3}, 2e9)
+    with pytest.raises(SignatureError):
+        c.decode(moved, b"1:k")
+    with pytest.raises(SignatureError):
+        c.rebind(data, b"1:other", b"2:k")
+    assert c.rebind(b"41", b"1:k", b"2:k") == b"41"  # bare integers and foreign bytes move as they are
+
+
+def test_bare_integers_are_not_signed_so_they_can_be_copied_between_keys():
+    assert codec().decode(codec().encode(1, b"1:user:1:is_staff"), b"1:user:2:is_staff") == 1
+
+
+def test_a_value_of_another_format_version_is_undecodable_not_bytes():
+    data = bytearray(codec().encode("v", AT))
+    data[2] = 1  # what the release before keys were signed wrote
+    with pytest.raises(UndecodableValueError, match="format 1"):
+        codec().decode(bytes(data), AT)
+
+
+def _unsigned_envelope(compressor_id: int, payload: bytes, serializer_id: int = JSONSerializer.id) -> bytes:
+    return MAGIC + bytes((FORMAT_VERSION, 0, serializer_id, compressor_id)) + struct.pack(">d", 0.0) + payload
+
+
+def _zlib_bomb(size: int) -> bytes:
+    stream, block = zlib.compressobj(9), b" " * (1 << 20)
+    return b"".join(stream.compress(block) for _ in range(size >> 20)) + stream.flush()
+
+
+def _zstd_bomb(size: int, declared: bool) -> bytes:
+    import zstandard
+
+    writer = zstandard.ZstdCompressor(write_content_size=declared).compressobj(size=size if declared else -1)
+    block = b" " * (1 << 20)
+    return b"".join(writer.compress(block) for _ in range(size >> 20)) + writer.flush()
+
+
+@pytest.mark.parametrize(
+    "compressor_id, bomb",
+    [
+        (1, lambda: _zlib_bomb(256 << 20)),
+        (2, lambda: _zstd_bomb(256 << 20, True)),
+        (2, lambda: _zstd_bomb(256 << 20, False)),
+    ],
+    ids=["zlib", "zstd-declared", "zstd-undeclared"],
+)
+def test_a_planted_decompression_bomb_never_decodes_past_the_cap(compressor_id, bomb):
+    """A 256 MiB payload squeezed into a few hundred KB, in an unsigned JSON cache that compresses nothing:
+    refused once the cap (here 1 MiB) is reached, having allocated about that much."""
+    data = _unsigned_envelope(compressor_id, bomb())
+    json_codec = codec(JSONSerializer(), max_value_size=1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodedTooLargeError):
+            json_codec.decode(data, AT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"decoding the bomb allocated {peak >> 20} MiB"
+
+
+def test_without_max_value_size_decoding_stops_at_the_documented_limit():
+    assert codec(JSONSerializer()).max_decoded_size == DECODED_SIZE_LIMIT == 512 << 20
+
+
+def test_a_value_that_would_decode_past_the_cap_is_refused_at_write_even_compressed():
+    small_when_compressed = "x" * 5000
+    with pytest.raises(ValueTooLargeError, match="serialized"):
+        codec(compressor=ZlibCompressor(), compress_min_size=0, max_value_size=1000).encode(
+            small_when_compressed, AT
+        )
+
+
+def test_a_compressor_class_without_max_size_still_has_its_output_capped():
+    class OldStyle:
+        id, name = 200, "old-style"
+
+        def compress(self, data):
+            return zlib.compress(data)
+
+        def decompress(self, data):
+            return zlib.decompress(data)
+
+    old_style = codec(JSONSerializer(), OldStyle(), compress_min_size=0, max_value_size=10_000)
+    assert old_style.decode(old_style.encode("x" * 5000, AT), AT) == "x" * 5000
+    with pytest.raises(DecodedTooLargeError):
+        old_style.decode(_unsigned_envelope(200, zlib.compress(b'"' + b"x" * 20_000 + b'"')), AT)
