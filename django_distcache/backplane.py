@@ -114,10 +114,9 @@ class Backplane:
             except NoPermissionError as error:
                 if failures == 0:
                     logger.error(
-                        "the cache's Redis user may not subscribe to its invalidation channel %r (%s); "
-                        "grant it SSUBSCRIBE, SPUBLISH and that channel (docs/security.md). Until then "
-                        "nothing is held in-process: every read asks Redis",
-                        self.channel,
+                        "invalidation channel %s refused: %s. Until the cache's Redis user has what "
+                        "docs/security.md lists, nothing is held in-process: every read asks Redis",
+                        self.channel.decode(errors="replace"),
                         error,
                     )
             except Exception as error:  # the thread must outlive any failure; each outage is logged once

@@ -227,6 +227,13 @@ def test_a_refused_command_is_an_error_naming_it_never_a_miss(acl_user):
     assert f"~{cache.key_prefix}:*" in "".join(refused.value.__notes__)
 
 
+def test_a_user_that_may_not_read_the_slot_map_gets_an_error_not_an_outage(acl_user):
+    cache = acl_cache(acl_user, without("+cluster|slots"))
+    with pytest.raises(PermissionRefusedError, match="CLUSTER SLOTS"):
+        cache.get("k")
+    assert cache.failure_counts.get("get", 0) == 0
+
+
 def test_a_refused_script_command_names_the_script_commands(acl_user):
     cache = acl_cache(acl_user, without("+incrby"))
     cache.set("n", 1)

@@ -87,6 +87,7 @@ class PermissionRefusedError(NoPermissionError):
 _SCRIPT_REFUSED = "The user executing the script can't"
 _SCRIPT_COMMANDS = re.compile(r"redis\.call\('(\w+)'")
 _CHANNEL_COMMANDS = frozenset({"PUBLISH", "SPUBLISH", "SUBSCRIBE", "SSUBSCRIBE"})
+_CONTAINER_COMMANDS = frozenset({"CLUSTER", "CONFIG", "SCRIPT", "XGROUP"})
 
 
 def refused(error: BaseException, args: tuple, key: bytes | None = None) -> BaseException:
@@ -96,6 +97,8 @@ def refused(error: BaseException, args: tuple, key: bytes | None = None) -> Base
     message = str(error)
     if isinstance(error, NoPermissionError):
         command = _text(args[0]).upper()
+        if command in _CONTAINER_COMMANDS and len(args) > 1:
+            command += " " + _text(args[1]).upper()  # ACLs grant these by subcommand: `+cluster|slots`
     elif message.startswith(_SCRIPT_REFUSED) and _text(args[0]).upper() in ("EVAL", "EVALSHA"):
         called = sorted(set(_SCRIPT_COMMANDS.findall(_text(args[1])))) if len(args) > 1 else []
         command = f"one of the commands of a script ({', '.join(called).upper() or 'unknown'})"

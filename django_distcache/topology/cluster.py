@@ -36,6 +36,7 @@ from .base import (
     Call,
     NoNodeReachableError,
     NotAClusterError,
+    PermissionRefusedError,
     SlotMap,
     TopologyState,
     connection_kwargs,
@@ -105,6 +106,8 @@ async def _async_readonly_on_connect(connection: redis.asyncio.Connection) -> No
 
 
 def _check_cluster_reply(error: ResponseError, node: NodeAddress) -> None:
+    if isinstance(error, PermissionRefusedError):
+        raise error  # the user may not read the slot map: every node will say so, and it is no outage
     if "cluster support disabled" in str(error).lower():
         raise NotAClusterError(
             f"{node} is a Redis server without cluster mode; LOCATION must name Redis Cluster nodes"
@@ -574,6 +577,8 @@ class ClusterTopology(_TopologyCommon):
                 self.refresh()
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
+            except PermissionRefusedError as error:  # a foreground call raises it too, with its caller
+                logger.error("background slot map refresh refused: %s", error)
 
         _start_claimed(state.background_refresh, run, "distcache-topology-refresh")
 
@@ -871,6 +876,8 @@ class AsyncClusterTopology(_TopologyCommon):
                 await self.refresh()
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
+            except PermissionRefusedError as error:  # a foreground call raises it too, with its caller
+                logger.error("background slot map refresh refused: %s", error)
 
         self._refresh_task = asyncio.get_running_loop().create_task(run())
 
