@@ -18,7 +18,7 @@ from redis.cluster import RedisCluster
 import django_distcache
 from django_distcache.keys import glob_escape
 from django_distcache.topology import PermissionRefusedError
-from tests.conftest import make_cache
+from tests.conftest import make_cache, wait_replicas_listed
 from tests.test_docs import fenced_blocks
 
 SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
@@ -180,6 +180,17 @@ def test_the_documented_acl_runs_the_whole_cache(acl_user, raw):
     assert cache._shared.purger.idle.wait(30)
     assert raw.exists(retired) == 0  # purged through the ACL user's SCAN and UNLINK
     assert cache.failure_counts.get("undecodable", 0) == 0
+
+
+def test_the_documented_acl_reads_from_replicas(acl_user, cluster):
+    """The user exists on the replicas too (ACLs are per node): READONLY and reads work there."""
+    wait_replicas_listed(cluster)
+    cache = acl_cache(acl_user, documented_acl_rules, OPTIONS={"READ_FROM_REPLICAS": True})
+    cache.set("k", "v")
+    wait_until(lambda: cache.get("k") == "v", message="the write to reach a replica")
+    state = cache._shared.state
+    replica = state.slot_map.node_for(cache.physical_key("k"), read=True, use_replicas=True)
+    assert replica not in state.slot_map.primary_nodes
 
 
 async def test_the_documented_acl_runs_the_async_side(acl_user):
