@@ -171,7 +171,7 @@ class Bench:
     def wait_for_channel(self, timeout: float = 15.0) -> None:
         """Tag versions are held in-process only while the invalidation channel is live: wait for it."""
         self.ours.get("warm-up")  # the first use starts the subscriber thread (if the backend has not yet)
-        backplane = self.ours._shared.backplane
+        backplane = self.ours._backplane
         deadline = time.monotonic() + timeout
         while not backplane.connected:
             if time.monotonic() > deadline:
@@ -180,7 +180,7 @@ class Bench:
         harness.log(f"invalidation channel live after the first use (drops so far: {backplane.drops})")
 
     def channel_state(self) -> tuple[bool, int]:
-        backplane = self.ours._shared.backplane
+        backplane = self.ours._backplane
         return backplane.connected, backplane.drops
 
     def populate_ours(self) -> float:

@@ -48,17 +48,20 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
     raw_mapping = dict.fromkeys(raw, VALUE)
     made = [cache._made_key(key, None) for key in keys]
     cache.get(keys[0])  # makes sure the namespace prefix is loaded
-    physical = [cache._namespace.prefix + m.encode() for m in made]
+    physical = [cache._physical_of(cache._namespace.head, key) for key in keys]
+    identities = [cache._keys.identity(p) for p in physical]  # what each value's signature binds
     get_calls = [Call(p, ("GET", p), read=True) for p in physical]
     stored = topology.execute_batch(list(get_calls))
-    encoded = codec.encode(VALUE)
-    set_calls = [Call(p, ("SET", p, encoded, "PX", 300000)) for p in physical]
+    set_calls = [
+        Call(p, ("SET", p, codec.encode(VALUE, i), "PX", 300000))
+        for p, i in zip(physical, identities, strict=True)
+    ]
     pool = topology._pool(topology._route(get_calls[0]))
     connection = pool.get()  # only its (pure) pack_commands is used: back to the pool at once
     pool.put(connection)
     get_commands = [call.args for call in get_calls]
     set_commands = [call.args for call in set_calls]
-    one_key, one_made = keys[0], made[0]
+    one_key, one_made, one_identity = keys[0], made[0], identities[0]
     n = BATCH
     return [
         (f"get_many({n}) total", lambda: cache.get_many(keys)),
@@ -78,11 +81,14 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
             lambda: group_by_node(get_calls, topology._route),
         ),
         (f"    pack_commands({n} GETs) (redis-py)", lambda: connection.pack_commands(get_commands)),
-        (f"  codec.decode x{n} (codec.py)", lambda: [codec.decode(data) for data in stored]),
+        (
+            f"  codec.decode x{n} (codec.py)",
+            lambda: [codec.decode(data, i) for data, i in zip(stored, identities, strict=True)],
+        ),
         (f"MGET {n}, standalone (reference)", lambda: bench.standalone.mget(raw)),
         (f"RedisCluster.mget_nonatomic({n}) (reference)", lambda: bench.cluster.mget_nonatomic(raw)),
         (f"set_many({n}) total", lambda: cache.set_many(mapping)),
-        (f"  codec.encode x{n} (codec.py)", lambda: [codec.encode(VALUE) for _ in keys]),
+        (f"  codec.encode x{n} (codec.py)", lambda: [codec.encode(VALUE, i) for i in identities]),
         (
             f"  execute_batch({n} SET PX) (topology/cluster.py)",
             lambda: topology.execute_batch(list(set_calls)),
@@ -93,9 +99,9 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
         ("get total", lambda: cache.get(one_key)),
         ("  make_and_validate_key", lambda: cache._made_key(one_key, None)),
         ("  validate_key alone", lambda: cache.validate_key(one_made)),
-        ("  codec.decode", lambda: codec.decode(stored[0])),
+        ("  codec.decode", lambda: codec.decode(stored[0], one_identity)),
         ("set total", lambda: cache.set(one_key, VALUE)),
-        ("  codec.encode", lambda: codec.encode(VALUE)),
+        ("  codec.encode", lambda: codec.encode(VALUE, one_identity)),
         ("redis-py GET, standalone (reference)", lambda: bench.standalone.get(raw[0])),
     ]
 

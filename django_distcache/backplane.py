@@ -7,8 +7,10 @@ dropped, reconnecting) nothing held in-process is trusted, so every read asks Re
 in-process is also never trusted for longer than its owner's bound (TAG_VERSION_TTL,
 NAMESPACE_CHECK_INTERVAL), in case a message is delayed.
 
-Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7.0) is used where the server has it, so one channel lives
-on one shard instead of being broadcast over the whole cluster bus; classic PUBLISH otherwise.
+Each KEY_PREFIX has a channel of its own, `<KEY_PREFIX>:~invalidations` (keys.py), so the ACL pattern that
+gives a user its prefix's keys gives it its channel too, and nothing of another prefix. Sharded pub/sub
+(SSUBSCRIBE/SPUBLISH, Redis >= 7.0) is used where the server has it, so a channel lives on one shard
+instead of being broadcast over the whole cluster bus; classic PUBLISH otherwise.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from .forksafe import renew_locks_after_fork
 from .topology import Call
 
 logger = logging.getLogger("django_distcache.backplane")
 
-CHANNEL = b"~distcache:invalidations"
 PING_EVERY = 1.0  # seconds of silence before the subscriber checks that the connection is alive
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # backoff while the channel's node cannot be reached
 
@@ -52,10 +53,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Backplane:
-    """One subscriber thread per cluster; listeners are the in-process tag and namespace caches."""
+    """One subscriber thread per cluster and KEY_PREFIX; listeners are the in-process tag and namespace
+    caches of that prefix."""
 
-    def __init__(self, topology: Any) -> None:
+    def __init__(self, topology: Any, channel: bytes) -> None:
         self.topology = topology
+        self.channel = channel
         self.connected = False
         self.connected_since = 0.0
         self.epoch = 0  # bumped on every message and every drop: a fetch that spans a bump is not cached
@@ -93,7 +96,7 @@ class Backplane:
     def publish_call(self, kind: str, key_prefix: str, name: str, version: int | str) -> Call:
         message = json.dumps([kind, key_prefix, name, version])
         command = "SPUBLISH" if self._sharded is not False else "PUBLISH"
-        return Call(CHANNEL, (command, CHANNEL, message))
+        return Call(self.channel, (command, self.channel, message))
 
     # -- the subscriber thread -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,6 +111,14 @@ class Backplane:
             was_connected = False
             try:
                 self._subscribe_and_listen()
+            except NoPermissionError as error:
+                if failures == 0:
+                    logger.error(
+                        "invalidation channel %s refused: %s. Until the cache's Redis user has what "
+                        "docs/security.md lists, nothing is held in-process: every read asks Redis",
+                        self.channel.decode(errors="replace"),
+                        error,
+                    )
             except Exception as error:  # the thread must outlive any failure; each outage is logged once
                 was_connected = self.connected
                 if was_connected or failures == 0:
@@ -131,13 +142,21 @@ class Backplane:
             connection.disconnect()
 
     def _subscribe_and_listen(self) -> None:
-        connection = self.topology.dedicated_connection(CHANNEL)
+        connection = self.topology.dedicated_connection(self.channel)
         self._connection = connection
+        subscribe = "SSUBSCRIBE" if self._sharded is not False else "SUBSCRIBE"
+        connection.send_command(subscribe, self.channel)
+        try:
+            confirmation = connection.read_response(push_request=True)
+        except ResponseError as error:
+            if self._sharded is not None or "unknown command" not in str(error).lower():
+                raise
+            self._sharded = False  # a server before Redis 7.0: classic pub/sub
+            subscribe = "SUBSCRIBE"
+            connection.send_command(subscribe, self.channel)
+            confirmation = connection.read_response(push_request=True)
         if self._sharded is None:
-            self._sharded = self._server_has_sharded_pubsub(connection)
-        subscribe = "SSUBSCRIBE" if self._sharded else "SUBSCRIBE"
-        connection.send_command(subscribe, CHANNEL)
-        confirmation = connection.read_response(push_request=True)
+            self._sharded = True
         if not confirmation or confirmation[0].lower() not in (b"ssubscribe", b"subscribe"):
             raise ResponseError(f"unexpected reply to {subscribe}: {confirmation!r}")
         self.connected_since = time.monotonic()
@@ -170,14 +189,3 @@ class Backplane:
         elif kind in (b"sunsubscribe", b"unsubscribe"):
             # The server moved the channel's slot (resharding/failover): resubscribe where it lives now.
             raise ConnectionError("unsubscribed by the server")
-
-    @staticmethod
-    def _server_has_sharded_pubsub(connection: Any) -> bool:
-        connection.send_command("INFO", "server")
-        info = connection.read_response()
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        for line in text.splitlines():
-            if line.startswith(("redis_version:", "valkey_version:")):
-                major = int(line.split(":", 1)[1].split(".")[0])
-                return major >= 7
-        return False

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey, default_key_func
 from redis.exceptions import ResponseError
 
 from . import stampede
@@ -32,9 +32,17 @@ from .backplane import Backplane
 from .codec import EXPIRED, SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, expiry_ms, parse_settings
 from .forksafe import renew_locks_after_fork
+from .keys import KeyLayout
 from .outbox import Outbox, default_outbox_dir, run_plan
 from .tags import TagVersions, stamps_are_current, validate_tags
-from .topology import OUTAGE_ERRORS, AsyncClusterTopology, Call, ClusterTopology, is_outage
+from .topology import (
+    OUTAGE_ERRORS,
+    AsyncClusterTopology,
+    Call,
+    ClusterTopology,
+    PermissionRefusedError,
+    is_outage,
+)
 from .topology.base import BATCH_SLICE, TopologyState
 from .versioning import Namespace, Purger
 
@@ -155,7 +163,8 @@ def _spawn_task(cache: RedisClusterCache, request: Spawn) -> None:
 
 @dataclass
 class _Shared:
-    """What every backend instance with the same cluster settings shares: pools, slot map, namespaces.
+    """What every backend instance with the same cluster settings shares: pools, slot map, namespaces,
+    and per KEY_PREFIX the invalidation channel's subscriber.
 
     Django makes a backend instance per thread (and per async context), so keeping connections on the
     instance would open new connections for every request under ASGI.
@@ -164,7 +173,7 @@ class _Shared:
     state: TopologyState
     topology: ClusterTopology
     purger: Purger
-    backplane: Backplane
+    backplanes: dict[str, Backplane] = field(default_factory=dict)
     failure_counts: dict[str, int] = field(default_factory=dict)
     async_topologies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     namespaces: dict[tuple[str, float], Namespace] = field(default_factory=dict)
@@ -197,9 +206,7 @@ def _shared_for(settings: CacheSettings) -> _Shared:
             if shared is None:
                 state = TopologyState(settings.connection)
                 topology = ClusterTopology(state)
-                shared = _shared_by_settings[key] = _Shared(
-                    state, topology, Purger(topology), Backplane(topology)
-                )
+                shared = _shared_by_settings[key] = _Shared(state, topology, Purger(topology))
     return shared
 
 
@@ -277,30 +284,35 @@ class RedisClusterCache(BaseCache):
             options.pop(django_only, None)
         super().__init__(params)
         self._settings = parse_settings(server, options)
-        self._codec = build_codec(self._settings)
+        self._keys = KeyLayout(self.key_prefix, self.key_func is default_key_func)
+        self._codec = build_codec(self._settings, self.key_prefix)
         self._shared = _shared_for(self._settings)
         self._failures = FailurePolicy(self._settings.failure_policy, self._shared.failure_counts)
         shared = self._shared
         with shared.lock:
+            if self.key_prefix not in shared.backplanes:
+                shared.backplanes[self.key_prefix] = Backplane(shared.topology, self._keys.channel)
+            self._backplane = shared.backplanes[self.key_prefix]
             namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
             if namespace_id not in shared.namespaces:
                 shared.namespaces[namespace_id] = Namespace(
-                    self.key_prefix, self._settings.namespace_check_interval, shared.purger, shared.backplane
+                    self._keys, self._settings.namespace_check_interval, shared.purger, self._backplane
                 )
             self._namespace = shared.namespaces[namespace_id]
             tags_id = (self.key_prefix, float(self._settings.options["TAG_VERSION_TTL"]))
             if tags_id not in shared.tag_versions:
-                tag_versions = TagVersions(self.key_prefix, tags_id[1], shared.backplane)
+                tag_versions = TagVersions(self.key_prefix, tags_id[1], self._backplane)
                 tag_versions.outbox = self._make_outbox(tag_versions)
                 shared.tag_versions[tags_id] = tag_versions
             self._tags = shared.tag_versions[tags_id]
 
     def _make_outbox(self, tag_versions: TagVersions) -> Outbox:
-        shared, options, namespace, prefix = (
+        shared, options, namespace, prefix, backplane = (
             self._shared,
             self._settings.options,
             self._namespace,
             self.key_prefix,
+            self._backplane,
         )
         directory = options["OUTBOX_DIR"]
         if directory is None:
@@ -308,10 +320,7 @@ class RedisClusterCache(BaseCache):
 
         def publish(landed: dict[str, int]) -> None:
             shared.topology.execute_batch(
-                [
-                    shared.backplane.publish_call("tag", prefix, tag, version)
-                    for tag, version in landed.items()
-                ]
+                [backplane.publish_call("tag", prefix, tag, version) for tag, version in landed.items()]
             )
 
         def count(what: str) -> None:
@@ -362,6 +371,9 @@ class RedisClusterCache(BaseCache):
             return done.value
         except OUTAGE_ERRORS as error:
             return self._failures.handle(operation, error, fallback)
+        except PermissionRefusedError as error:
+            self._note_acl(error)
+            raise
 
     async def _arun(self, plan: Plan, operation: str, fallback: Any = None) -> Any:
         topology = self._async_topology()
@@ -395,6 +407,17 @@ class RedisClusterCache(BaseCache):
             return done.value
         except OUTAGE_ERRORS as error:
             return self._failures.handle(operation, error, fallback)
+        except PermissionRefusedError as error:
+            self._note_acl(error)
+            raise
+
+    def _note_acl(self, error: PermissionRefusedError) -> None:
+        if not getattr(error, "acl_noted", False):  # a nested plan's driver may have seen it first
+            error.acl_noted = True
+            error.add_note(
+                f"Every key and the channel of KEY_PREFIX {self.key_prefix!r} are covered by the ACL patterns "
+                f"{self._keys.acl_patterns()}"
+            )
 
     def _async_topology(self) -> AsyncClusterTopology:
         loop = asyncio.get_running_loop()
@@ -424,13 +447,19 @@ class RedisClusterCache(BaseCache):
 
     def _physical_key(self, key: Any, version: int | None) -> Plan:
         made = self._made_key(key, version)
-        prefix = yield from self._namespace.current()
-        return prefix + made.encode()
+        head = yield from self._namespace.current()
+        return self._keys.entry(head, made)
 
     def _physical_keys(self, keys: Iterable[Any], version: int | None) -> Plan:
         made = {self._made_key(key, version): key for key in keys}
-        prefix = yield from self._namespace.current()
-        return {prefix + m.encode(): key for m, key in made.items()}
+        head = yield from self._namespace.current()
+        entry = self._keys.entry
+        return {entry(head, m): key for m, key in made.items()}
+
+    def _physical_of(self, head: bytes, key: Any, version: int | None = None) -> bytes:
+        """The physical key of `key` under `head` (what `self._namespace.current()` gave): for features that
+        make several keys under one namespace read."""
+        return self._keys.entry(head, self._made_key(key, version))
 
     def _expiry_ms(self, timeout: Any) -> int | None:
         """Milliseconds to live: None for 'forever', 0 for 'do not keep' (Django's 0 and negatives)."""
@@ -441,19 +470,21 @@ class RedisClusterCache(BaseCache):
             return ("SET", physical, data, *flags)
         return ("SET", physical, data, "PX", expiry_ms, *flags)
 
-    def _decode(self, data: bytes) -> tuple[Any, dict[str, int] | None]:
-        """(value, tag stamps). A value that fails verification or decoding is a miss (counted, logged)."""
+    def _decode(self, data: bytes, physical: bytes) -> tuple[Any, dict[str, int] | None]:
+        """(value, tag stamps) of what `physical` holds. A value that fails verification or decoding is a
+        miss (counted, logged)."""
         try:
-            value, tags = self._codec.decode_stamped(data)
+            value, tags = self._codec.decode_stamped(data, self._keys.identity(physical))
             if value is EXPIRED:
                 return _MISSING, None
             return value, tags
         except (SignatureError, UndecodableValueError) as error:
-            self._failures.count("undecodable")
-            logger.warning(
-                "ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error
-            )
+            self._decode_failed(error)
             return _MISSING, None
+
+    def _decode_failed(self, error: Exception) -> None:
+        self._failures.count("undecodable")
+        logger.warning("ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error)
 
     # -- plans ----------------------------------------------------------------------------------------
     def _get_plan(self, key: Any, default: Any, version: int | None) -> Plan:
@@ -461,7 +492,7 @@ class RedisClusterCache(BaseCache):
         data = yield Call(physical, ("GET", physical), read=True)
         if data is None:
             return default
-        found = yield from self._valid_values({key: data})
+        found = yield from self._valid_values({key: (physical, data)})
         return found.get(key, default)
 
     def _replicas_listed(self, key: bytes) -> int:
@@ -469,12 +500,13 @@ class RedisClusterCache(BaseCache):
         slot_map = self._shared.state.slot_map
         return slot_map.replica_count(key) if slot_map is not None else sys.maxsize
 
-    def _valid_values(self, stored: dict[Any, bytes]) -> Plan:
-        """Decode stored bytes; drop what cannot be decoded and what carries a stale or missing tag."""
+    def _valid_values(self, stored: Mapping[Any, tuple[bytes, bytes]]) -> Plan:
+        """Decode stored bytes (key -> (physical key, bytes)); drop what cannot be decoded and what carries
+        a stale or missing tag."""
         values, stamps = {}, {}
         held_verdict = self._tags.held_verdict
-        for key, data in stored.items():
-            value, tags = self._decode(data)
+        for key, (physical, data) in stored.items():
+            value, tags = self._decode(data, physical)
             if value is _MISSING:
                 continue
             if tags:
@@ -514,9 +546,9 @@ class RedisClusterCache(BaseCache):
         expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
             stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
-        data = self._encode(value, key, stamps)
-        prefix = yield from self._namespace.current()
-        physical = prefix + made.encode()
+        head = yield from self._namespace.current()
+        physical = self._keys.entry(head, made)
+        data = self._encode(value, key, physical, stamps)
         if expiry_ms == 0 and only_new:
             # Django: add() with timeout 0 succeeds only if the key was absent, and keeps nothing.
             added = yield Call(physical, ("SET", physical, data, "NX"), repairable=True)
@@ -533,7 +565,7 @@ class RedisClusterCache(BaseCache):
         # Something is stored. If it is dead (a stale tag, undecodable), it must not block add(): replace
         # it, but only if it is still those exact bytes, so a live value written meanwhile is never lost.
         existing = yield Call(physical, ("GET", physical))
-        if existing is None or (yield from self._valid_values({key: existing})):
+        if existing is None or (yield from self._valid_values({key: (physical, existing)})):
             return False
         fingerprint = hashlib.sha1(existing).hexdigest()
         expiry = "" if expiry_ms is None else expiry_ms
@@ -586,9 +618,10 @@ class RedisClusterCache(BaseCache):
             found.update(computed)
         return {key: found[key] for key in keys if key in found}
 
-    def _encode(self, value: Any, key: Any, stamps: dict[str, int] | None = None) -> bytes:
+    def _encode(self, value: Any, key: Any, physical: bytes, stamps: dict[str, int] | None = None) -> bytes:
+        """The bytes to store under `physical` (the signature binds it); `key` names it in errors."""
         try:
-            return self._codec.encode(value, tags=stamps)
+            return self._codec.encode(value, self._keys.identity(physical), tags=stamps)
         except Exception as error:
             error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
             raise
@@ -617,12 +650,12 @@ class RedisClusterCache(BaseCache):
             return {}
         replies = yield [Call(p, ("GET", p), read=True) for p in physical]
         stored = {}
-        for key, data in zip(physical.values(), replies, strict=True):
+        for (location, key), data in zip(physical.items(), replies, strict=True):
             if data is None or (
                 isinstance(data, BaseException) and not self._failures.check_item("get_many", data)
             ):
                 continue
-            stored[key] = data
+            stored[key] = (location, data)
         return (yield from self._valid_values(stored))
 
     def _set_many_plan(
@@ -632,13 +665,15 @@ class RedisClusterCache(BaseCache):
         expiry_ms = self._expiry_ms(timeout)
         if stamps is None:
             stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
-        encoded = [self._encode(data[key], key, stamps) for _, key in made]
-        prefix = yield from self._namespace.current()
+        head = yield from self._namespace.current()
+        physical = [self._keys.entry(head, m) for m, _ in made]
+        encoded = [
+            self._encode(data[key], key, p, stamps) for (_, key), p in zip(made, physical, strict=True)
+        ]
         calls = []
-        for (m, _), value in zip(made, encoded, strict=True):
-            physical = prefix + m.encode()
-            args = ("DEL", physical) if expiry_ms == 0 else self._set_args(physical, value, expiry_ms)
-            calls.append(Call(physical, args, repairable=True))
+        for location, value in zip(physical, encoded, strict=True):
+            args = ("DEL", location) if expiry_ms == 0 else self._set_args(location, value, expiry_ms)
+            calls.append(Call(location, args, repairable=True))
         if not calls:
             return []
         replies = yield calls
@@ -712,10 +747,18 @@ class RedisClusterCache(BaseCache):
         for reply in (data, milliseconds):
             if isinstance(reply, BaseException):
                 raise reply
+        if data is not None:
+            # The value moves with its envelope, tags and remaining lifetime; its signature is made anew
+            # for the new key (it binds the version), once the old one verifies: as a get() would, a value
+            # that does not verify counts as missing.
+            try:
+                data = self._codec.rebind(data, self._keys.identity(old), self._keys.identity(new))
+            except (SignatureError, UndecodableValueError) as error:
+                self._decode_failed(error)
+                data = None
         if data is None:
             raise ValueError(f"Key '{key}' not found")
         expiry_ms = None if milliseconds < 0 else max(1, milliseconds)
-        # The stored bytes move as they are: envelope, tags and remaining lifetime intact.
         yield Call(new, self._set_args(new, data, expiry_ms), repairable=True)
         yield Call(old, ("DEL", old), repairable=True)
         return version + delta
@@ -1010,7 +1053,7 @@ class RedisClusterCache(BaseCache):
         )
 
     def _lock_key(self, key: Any, version: int | None) -> bytes:
-        return b"~lock:" + self._made_key(key, version).encode()
+        return self._keys.beside("lock", self._made_key(key, version))
 
     # -- introspection -----------------------------------------------------------------------------------
     @property
@@ -1020,5 +1063,5 @@ class RedisClusterCache(BaseCache):
         return dict(self._failures.counts)
 
     def physical_key(self, key: Any, version: int | None = None) -> bytes:
-        """The exact Redis key a cache key is stored under (namespace generation included)."""
+        """The exact Redis key a cache key is stored under: `<KEY_PREFIX>:<generation>:<VERSION>:<key>`."""
         return self._run(self._physical_key(key, version), "physical_key")

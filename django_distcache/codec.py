@@ -3,13 +3,17 @@
 Every value this package writes carries a small header (format version, serializer and compressor ids,
 creation time, optional soft expiry / recompute time / tag stamps) so that later features can read what
 they need without a second round trip. Pickled payloads are signed, so bytes that another client wrote into
-Redis are never unpickled. Plain integers are stored bare (ASCII digits) so INCRBY works on them.
+Redis are never unpickled; the signature binds the key the value was written for (and the KEY_PREFIX), so
+a signed value copied to another key is refused too. Plain integers are stored bare (ASCII digits) so
+INCRBY works on them. Decoding never produces more than the size cap: a small planted compressed value
+cannot make a reader allocate gigabytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import json
 import pickle
 import re
@@ -21,7 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MAGIC = b"\xdc\x5e"
-FORMAT_VERSION = 1
+# 2: the signature binds the key (format 1 values are misses: their signature binds no key).
+FORMAT_VERSION = 2
+# What a payload may decode to when MAX_VALUE_SIZE is None: the largest value Redis itself accepts by
+# default (proto-max-bulk-len).
+DECODED_SIZE_LIMIT = 512 * 1024 * 1024
 
 FLAG_SIGNED = 0x01
 FLAG_TIMING = 0x02  # soft expiry and recompute time present
@@ -56,6 +64,10 @@ class UndecodableValueError(Exception):
     """A stored value is ours (or claims to be) but cannot be decoded: corrupt, or of an unknown format."""
 
 
+class DecodedTooLargeError(UndecodableValueError):
+    """A stored payload decodes to more than the size cap (a decompression bomb, or a cap lowered since)."""
+
+
 class Serializer(Protocol):
     id: int
     name: str
@@ -69,7 +81,9 @@ class Compressor(Protocol):
     name: str
 
     def compress(self, data: bytes) -> bytes: ...
-    def decompress(self, data: bytes) -> bytes: ...
+
+    # Must not produce (nor allocate) more than `max_size` bytes: raise DecodedTooLargeError instead.
+    def decompress(self, data: bytes, max_size: int) -> bytes: ...
 
 
 class PickleSerializer:
@@ -123,7 +137,9 @@ class NoCompressor:
     def compress(self, data: bytes) -> bytes:
         return data
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        if len(data) > max_size:
+            raise DecodedTooLargeError(f"payload of {len(data)} bytes, over the cap of {max_size}")
         return data
 
 
@@ -136,8 +152,14 @@ class ZlibCompressor:
     def compress(self, data: bytes) -> bytes:
         return zlib.compress(data, self.level)
 
-    def decompress(self, data: bytes) -> bytes:
-        return zlib.decompress(data)
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        stream = zlib.decompressobj()
+        output = stream.decompress(data, max_size + 1)  # stops there, whatever the input would give
+        if len(output) > max_size:
+            raise DecodedTooLargeError(f"zlib payload decompresses to over the cap of {max_size} bytes")
+        if not stream.eof:
+            raise zlib.error("incomplete or truncated stream")
+        return output
 
 
 class ZstdCompressor:
@@ -146,14 +168,27 @@ class ZstdCompressor:
     def __init__(self, level: int = 3) -> None:
         import zstandard
 
+        self._zstandard = zstandard
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
 
     def compress(self, data: bytes) -> bytes:
         return self._compressor.compress(data)
 
-    def decompress(self, data: bytes) -> bytes:
-        return self._decompressor.decompress(data)
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        declared = self._zstandard.frame_content_size(data)
+        if declared > max_size:
+            raise DecodedTooLargeError(f"zstd payload declares {declared} bytes, over the cap of {max_size}")
+        if declared >= 0:  # the output buffer is the declared size; zstd refuses to write past it
+            return self._decompressor.decompress(data)
+        reader = self._decompressor.stream_reader(data)  # no size declared: read up to the cap only
+        parts, size = [], 0
+        while chunk := reader.read(max_size + 1 - size):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_size:
+                raise DecodedTooLargeError(f"zstd payload decompresses to over the cap of {max_size} bytes")
+        return b"".join(parts)
 
 
 SERIALIZERS: dict[str, type] = {
@@ -176,7 +211,13 @@ class Envelope:
 
 
 class Codec:
-    """Encodes values into envelopes and decodes them; pure logic, no I/O."""
+    """Encodes values into envelopes and decodes them; pure logic, no I/O.
+
+    Every encode and decode takes the `key` the value is stored under, which its signature binds: the cache
+    passes the entry's key without the namespace generation (KeyLayout.identity: the version and the key),
+    and `key_prefix` is bound into every signature at construction. Keys are UTF-8 text; payloads that are
+    not entries use identities that start with 0xFE, a byte UTF-8 never contains.
+    """
 
     def __init__(
         self,
@@ -185,6 +226,7 @@ class Codec:
         signing_keys: Iterable[bytes],
         compress_min_size: int = 1024,
         max_value_size: int | None = None,
+        key_prefix: str = "",
     ) -> None:
         keys = list(signing_keys)
         if not keys:
@@ -193,11 +235,18 @@ class Codec:
         self.compressor = compressor
         self.compress_min_size = compress_min_size
         self.max_value_size = max_value_size
-        # Keyed BLAKE2b set up once per key; each MAC starts from a copy (the key schedule is the slow part).
-        self._signer = hashlib.blake2b(key=keys[0], digest_size=MAC_SIZE)
-        self._verifiers = [hashlib.blake2b(key=key, digest_size=MAC_SIZE) for key in keys]
+        # Nothing written may decode to more than this, and nothing read is decoded past it.
+        self.max_decoded_size = DECODED_SIZE_LIMIT if max_value_size is None else max_value_size
+        # Keyed BLAKE2b set up once per key, with the KEY_PREFIX already fed in; each MAC starts from a copy
+        # (the key schedule is the slow part) and feeds the key, the header and the payload. The key ends
+        # where the header starts: the header starts with MAGIC, and 0xDC 0x5E occurs in no UTF-8 text.
+        prefix = key_prefix.encode()
+        bound_prefix = len(prefix).to_bytes(4, "big") + prefix
+        self._signer = _keyed(keys[0], bound_prefix)
+        self._verifiers = [_keyed(key, bound_prefix) for key in keys]
         self._sign = getattr(serializer, "needs_signature", True)
         self._decompressors: dict[int, Compressor] = {compressor.id: compressor, 0: NoCompressor()}
+        self._unbounded_plugin = _decompress_takes_no_cap(compressor)
         self._serializers: dict[int, Serializer] = {serializer.id: serializer}
         # The common stored value (signed, uncompressed, no timing, no tags, this serializer) has a header
         # whose first six bytes are always these; decode() checks them in one comparison.
@@ -211,16 +260,20 @@ class Codec:
     def encode(
         self,
         value: Any,
+        key: bytes,
         *,
         soft_expiry: float | None = None,
         recompute_time: float | None = None,
         tags: dict[str, int] | None = None,
         now: float | None = None,
     ) -> bytes:
-        """Return the bytes to store; raises the serializer's own error (e.g. PicklingError) on bad input."""
+        """Return the bytes to store under `key`; raises the serializer's own error (e.g. PicklingError) on
+        bad input, ValueTooLargeError over the size cap."""
         if type(value) is int and _INT64_MIN <= value <= _INT64_MAX and soft_expiry is None and not tags:
             return b"%d" % value
         payload = self.serializer.dumps(value)
+        if len(payload) > self.max_decoded_size:
+            raise ValueTooLargeError(f"Serialized value is {len(payload)} bytes, {self._over_the_cap()}")
         compressor_id = 0
         if len(payload) >= self.compress_min_size and self.compressor.id:
             compressed = self.compressor.compress(payload)
@@ -246,35 +299,57 @@ class Codec:
             + extra
         )
         if self._sign:
-            data = head + self._mac(self._signer, head, payload) + payload
+            data = head + self._mac(self._signer, key, head, payload) + payload
         else:
             data = head + payload
         if self.max_value_size is not None and len(data) > self.max_value_size:
-            raise ValueTooLargeError(
-                f"Encoded value is {len(data)} bytes, over the configured MAX_VALUE_SIZE of "
-                f"{self.max_value_size} bytes; nothing was written"
-            )
+            raise ValueTooLargeError(f"Encoded value is {len(data)} bytes, {self._over_the_cap()}")
         return data
 
+    def _over_the_cap(self) -> str:
+        if self.max_value_size is None:
+            return f"over the {DECODED_SIZE_LIMIT} bytes a value may decode to; nothing was written"
+        # The serialized size is capped as well as the stored one: every value written can be read back.
+        return (
+            f"over the configured MAX_VALUE_SIZE of {self.max_value_size} bytes (it bounds the serialized "
+            "value as well as the stored bytes); nothing was written"
+        )
+
+    def rebind(self, data: bytes, key: bytes, new_key: bytes) -> bytes:
+        """`data`, stored under `key`, as it must be stored under `new_key` (incr_version): a signed envelope
+        gets a new signature once its own verifies, anything else is returned as it is. Raises
+        SignatureError or UndecodableValueError for a value a read would refuse."""
+        if data[:2] != MAGIC or len(data) < _HEADER.size:
+            return data
+        flags, _, _, _, _, _, _, offset = self._head(data)
+        if not flags & FLAG_SIGNED:
+            return data  # what a read makes of it does not depend on the key
+        head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
+        if not self._verified(key, head, mac, payload):
+            raise SignatureError("stored value's signature does not verify")
+        return head + self._mac(self._signer, new_key, head, payload) + payload
+
     @staticmethod
-    def _mac(prepared: Any, head: bytes, payload: bytes) -> bytes:
+    def _mac(prepared: Any, key: bytes, head: bytes, payload: bytes) -> bytes:
         mac = prepared.copy()
+        mac.update(key)
         mac.update(head)
         mac.update(payload)
         return mac.digest()
 
-    def _verified(self, head: bytes, mac: bytes, payload: bytes) -> bool:
+    def _verified(self, key: bytes, head: bytes, mac: bytes, payload: bytes) -> bool:
         for verifier in self._verifiers:
-            if hmac.compare_digest(self._mac(verifier, head, payload), mac):
+            if hmac.compare_digest(self._mac(verifier, key, head, payload), mac):
                 return True
         return False
 
     # -- decoding ---------------------------------------------------------------------------------------
-    def decode(self, data: bytes) -> Any:
-        """Return the stored value: ours decoded, a bare integer as int, anything else as the raw bytes."""
-        return self.decode_stamped(data)[0]
+    def decode(self, data: bytes, key: bytes) -> Any:
+        """Return the value stored under `key`: ours decoded, a bare integer as int, anything else as the
+        raw bytes."""
+        return self.decode_stamped(data, key)[0]
 
-    def decode_stamped(self, data: bytes) -> tuple[Any, dict[str, int] | None]:
+    def decode_stamped(self, data: bytes, key: bytes) -> tuple[Any, dict[str, int] | None]:
         """The stored value and its tag stamps (None when it carries none)."""
         if data[:2] != MAGIC:
             return (int(data) if _BARE_INT.fullmatch(data) else data), None
@@ -282,7 +357,7 @@ class Codec:
         # Anything unusual (another key, a corrupt value) takes decode_envelope, which decides what it is.
         prefix = data[:6]
         if prefix == self._plain_signed_prefix and len(data) >= _PLAIN_PAYLOAD_AT:
-            value = self._open_signed(data, _HEADER.size)
+            value = self._open_signed(data, _HEADER.size, key)
             if value is not _UNVERIFIED:
                 return value, None
         elif prefix == self._tagged_signed_prefix:
@@ -291,20 +366,21 @@ class Codec:
             except (struct.error, IndexError, UnicodeDecodeError):
                 tags = None
             if tags is not None:
-                value = self._open_signed(data, head_end)
+                value = self._open_signed(data, head_end, key)
                 if value is not _UNVERIFIED:
                     return value, tags
-        envelope = self.decode_envelope(data)
+        envelope = self.decode_envelope(data, key)
         if envelope.soft_expiry is not None and envelope.soft_expiry <= time.time():
             # Past its timeout, kept only for stale-while-revalidate readers (stampede.py): a miss here.
             return EXPIRED, None
         return envelope.value, envelope.tags or None
 
-    def _open_signed(self, data: bytes, head_end: int) -> Any:
+    def _open_signed(self, data: bytes, head_end: int, key: bytes) -> Any:
         """Verify `head | MAC | payload` with the current key and load the payload; _UNVERIFIED otherwise
         (the general path then tries the fallback keys and reports what is wrong)."""
         payload = data[head_end + MAC_SIZE :]
         mac = self._signer.copy()
+        mac.update(key)
         mac.update(data[:head_end])
         mac.update(payload)
         if not hmac.compare_digest(mac.digest(), data[head_end : head_end + MAC_SIZE]):
@@ -314,14 +390,44 @@ class Codec:
         except Exception as error:
             raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
 
-    def decode_envelope(self, data: bytes) -> Envelope:
+    def decode_envelope(self, data: bytes, key: bytes) -> Envelope:
         if data[:2] != MAGIC:
             return Envelope(int(data) if _BARE_INT.fullmatch(data) else data)
         if len(data) < _HEADER.size:
             return Envelope(data)
+        flags, serializer_id, compressor_id, created_at, soft_expiry, recompute_time, tags, offset = (
+            self._head(data)
+        )
+        if flags & FLAG_SIGNED:
+            head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
+            if not self._verified(key, head, mac, payload):
+                raise SignatureError("stored value's signature does not verify")
+        else:
+            # A cache that signs what it writes accepts nothing unsigned: a planted value is a miss.
+            if self._sign or serializer_id == PickleSerializer.id:
+                raise SignatureError("unsigned payload refused")
+            payload = data[offset:]
+        serializer = self._serializer_for(serializer_id)
+        # Only now, past the signature: what is decompressed (and how much) is ours, or the cache is
+        # unsigned by choice; either way never more than the cap.
+        try:
+            payload = self._decompress(compressor_id, payload)
+            value = serializer.loads(payload)
+        except UndecodableValueError:
+            raise
+        except Exception as error:
+            raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
+        return Envelope(value, created_at, soft_expiry, recompute_time, tags)
+
+    def _head(self, data: bytes) -> tuple[int, int, int, float, Any, Any, dict[str, int], int]:
+        """flags, serializer id, compressor id, created at, soft expiry, recompute time, tag stamps, and
+        where the header ends, of `data` (which starts with MAGIC and is at least a header long)."""
         _, version, flags, serializer_id, compressor_id, created_at = _HEADER.unpack_from(data)
         if version != FORMAT_VERSION:
-            return Envelope(data)
+            raise UndecodableValueError(
+                f"envelope format {version}, this release reads format {FORMAT_VERSION} (written by another "
+                "release of django-distcache)"
+            )
         offset = _HEADER.size
         soft_expiry = recompute_time = None
         tags: dict[str, int] = {}
@@ -333,23 +439,23 @@ class Codec:
                 tags, offset = decode_tag_stamps(data, offset)
         except (struct.error, IndexError, UnicodeDecodeError) as error:
             raise UndecodableValueError(f"corrupt envelope header: {error}") from None
-        if flags & FLAG_SIGNED:
-            head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
-            if not self._verified(head, mac, payload):
-                raise SignatureError("stored value's signature does not verify")
-        else:
-            # A cache that signs what it writes accepts nothing unsigned: a planted value is a miss.
-            if self._sign or serializer_id == PickleSerializer.id:
-                raise SignatureError("unsigned payload refused")
-            payload = data[offset:]
-        serializer = self._serializer_for(serializer_id)
-        try:
-            if compressor_id:
-                payload = self._decompressor_for(compressor_id).decompress(payload)
-            value = serializer.loads(payload)
-        except Exception as error:
-            raise UndecodableValueError(f"{type(error).__name__}: {error}") from error
-        return Envelope(value, created_at, soft_expiry, recompute_time, tags)
+        return flags, serializer_id, compressor_id, created_at, soft_expiry, recompute_time, tags, offset
+
+    def _decompress(self, compressor_id: int, payload: bytes) -> bytes:
+        cap = self.max_decoded_size
+        if not compressor_id:
+            if len(payload) > cap:
+                raise DecodedTooLargeError(f"payload of {len(payload)} bytes, over the cap of {cap}")
+            return payload
+        compressor = self._decompressor_for(compressor_id)
+        if compressor is self.compressor and self._unbounded_plugin:
+            output = compressor.decompress(payload)  # type: ignore[call-arg]
+            if len(output) > cap:
+                raise DecodedTooLargeError(
+                    f"payload decompresses to {len(output)} bytes, over the cap of {cap}"
+                )
+            return output
+        return compressor.decompress(payload, cap)
 
     def _serializer_for(self, serializer_id: int) -> Serializer:
         # Values written under another SERIALIZER setting stay readable after a switch.
@@ -357,6 +463,22 @@ class Codec:
 
     def _decompressor_for(self, compressor_id: int) -> Compressor:
         return _plugin_by_id(self._decompressors, COMPRESSORS, compressor_id, "compressor")
+
+
+def _keyed(signing_key: bytes, bound_prefix: bytes) -> Any:
+    prepared = hashlib.blake2b(key=signing_key, digest_size=MAC_SIZE)
+    prepared.update(bound_prefix)
+    return prepared
+
+
+def _decompress_takes_no_cap(compressor: Any) -> bool:
+    """A compressor class written before decompress() took `max_size`: its output is checked after the
+    fact (its memory is not bounded; docs/serialization.md)."""
+    try:
+        parameters = inspect.signature(compressor.decompress).parameters
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
 
 
 def _plugin_by_id(loaded: dict[int, Any], registry: dict[str, type], plugin_id: int, kind: str) -> Any:

@@ -290,7 +290,8 @@ def signing_keys(explicit: str | None = None) -> list[bytes]:
     ]
 
 
-def build_codec(settings: CacheSettings) -> Codec:
+def build_codec(settings: CacheSettings, key_prefix: str = "") -> Codec:
+    """The cache's codec; its signatures bind `key_prefix`, so a value cannot move to another prefix."""
     opts = settings.options
     serializer_kwargs = {"protocol": opts["PICKLE_PROTOCOL"]} if opts["SERIALIZER"] == "pickle" else {}
     serializer = _load_plugin("serializer", SERIALIZERS, opts["SERIALIZER"], **serializer_kwargs)
@@ -305,6 +306,7 @@ def build_codec(settings: CacheSettings) -> Codec:
         keys or [b"unsigned"],
         compress_min_size=opts["COMPRESS_MIN_SIZE"],
         max_value_size=opts["MAX_VALUE_SIZE"],
+        key_prefix=key_prefix,
     )
 
 

@@ -154,7 +154,7 @@ class CachedFunction:
             compute = self.function if not self.is_async else _run_coroutine(self.function)
             return (
                 yield from stampede.refresh_plan(
-                    cache, key, self.version, physical, stampede.lease_key(made), token,
+                    cache, key, self.version, physical, stampede.lease_key(cache, made), token,
                     lambda: compute(*args, **kwargs), self.timeout, self.tags_for(*args, **kwargs),
                     stampede.policy_for(cache, self.stale, self.beta, "inline"),
                 )

@@ -38,7 +38,6 @@ from .topology import Call
 
 logger = logging.getLogger("django_distcache.stampede")
 
-LEASE_PREFIX = "~distcache:lease:"
 _RELEASE_SCRIPT = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
@@ -108,9 +107,9 @@ def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
     if data is None:
         return MISS
     try:
-        envelope = cache._codec.decode_envelope(data)
-    except (SignatureError, UndecodableValueError):
-        cache._failures.count("undecodable")
+        envelope = cache._codec.decode_envelope(data, cache._keys.identity(physical))
+    except (SignatureError, UndecodableValueError) as error:
+        cache._decode_failed(error)
         return MISS
     if envelope.tags:
         verdict = cache._tags.held_verdict(envelope.tags)
@@ -130,8 +129,9 @@ def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
 
 
 # -- leases -----------------------------------------------------------------------------------------------
-def lease_key(made_key: str) -> bytes:
-    return (LEASE_PREFIX + made_key).encode()
+def lease_key(cache: Any, made_key: str) -> bytes:
+    """`<KEY_PREFIX>:~lease:<VERSION>:<key>`: outside the namespace, so clear() never voids a lease."""
+    return cache._keys.beside("lease", made_key)
 
 
 def new_token() -> str:
@@ -172,7 +172,12 @@ def store_plan(
         soft_expiry = None  # stored as a bare integer, so incr()/decr() keep working on it
     try:
         data = cache._codec.encode(
-            value, soft_expiry=soft_expiry, recompute_time=recompute_time, tags=stamps or None, now=now
+            value,
+            cache._keys.identity(physical),
+            soft_expiry=soft_expiry,
+            recompute_time=recompute_time,
+            tags=stamps or None,
+            now=now,
         )
     except Exception as error:
         error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
@@ -208,7 +213,7 @@ def fetch_plan(
     tags = validate_tags(tags)
     cache._expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
     made = cache._made_key(key, version)
-    lease = lease_key(made)
+    lease = lease_key(cache, made)
     physical = yield Guarded(cache._physical_key(key, version), "get", None)
     if physical is None:  # the cache is unreachable: compute, store nothing
         return (yield Compute(compute))

@@ -28,7 +28,7 @@ from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .topology import Call, is_outage
 
-TAG_KEY_PREFIX = "~distcache:tag:"
+TAG_KEY_PREFIX = "~tag:"  # after `<KEY_PREFIX>:` (keys.py)
 MAX_TAG_LENGTH = 200
 MAX_TAGS_PER_VALUE = 256
 # A tag key outlives the longest-lived entry stamped with it by this much: the time between reading the
@@ -90,7 +90,7 @@ class TagVersions:
 
     def __init__(self, key_prefix: str, local_ttl: float, backplane: Backplane) -> None:
         self.key_prefix = key_prefix
-        self.prefix = (TAG_KEY_PREFIX + key_prefix + ":").encode()
+        self.prefix = (key_prefix + ":" + TAG_KEY_PREFIX).encode()
         self.local_ttl = local_ttl
         self.backplane = backplane
         # tag -> (version, fetched at, until when its key is known to live: 0 unknown, inf forever);

@@ -34,7 +34,6 @@ logger = logging.getLogger("django_distcache.warming")
 
 CHUNK_SIZE = 1000
 FILL_ATTEMPTS = 3  # a chunk of rows is re-read this many times when writers keep voiding its lease
-PROGRESS_KEY_PREFIX = "~distcache:warm:"
 PROGRESS_TTL = 24 * 3600
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 _FAILED = object()
@@ -366,7 +365,8 @@ def _write_pairs(
     the warmer started."""
     for batch in _chunks(items, chunk_size):
         if dry_run:
-            size = sum(len(cache._encode(value, key, stamps)) for key, value in batch.items())
+            # (what a value is signed for does not change its size: no namespace read for a dry run)
+            size = sum(len(cache._encode(value, key, b"", stamps)) for key, value in batch.items())
             progress({"entries": len(batch), "bytes": size})
             continue
         meter = _Meter()
@@ -486,7 +486,7 @@ def _measure_rows(cache: Any, config: Any, rows: list[Any], extra_tags: tuple[st
         payload = config.row_payload(row, cache)
         stamps = dict.fromkeys([*config.static_tags(), *extra_tags, *config.row_tags(row)], 0)
         for key in config.keys_of(row).values():
-            size += len(cache._encode(payload, key, stamps))
+            size += len(cache._encode(payload, key, b"", stamps))
             entries += 1
     return {"entries": entries, "bytes": size}
 
@@ -535,17 +535,17 @@ def _fill_rows_plan(
     needed = list(dict.fromkeys(tag for tags in tags_of.values() for tag in tags))
     expiry_ms = cache._expiry_ms(timeout)
     row_versions = (yield from cache._tags.for_write(needed, expiry_ms)) if needed else {}
-    prefix = yield from cache._namespace.current()
+    head = yield from cache._namespace.current()
     targets = []  # (physical key, encoded entry, write-behind marker or None)
     for row in rows:
         payload = config.row_payload(row, cache)
         stamps = {**static, **{tag: row_versions[tag] for tag in tags_of[row.pk]}}
         marker = None
         if config.write == "behind":
-            marker = prefix + cache._made_key(config.pending_key(row.pk), None).encode()
+            marker = cache._physical_of(head, config.pending_key(row.pk))
         for key in config.keys_of(row).values():
-            physical = prefix + cache._made_key(key, None).encode()
-            targets.append((physical, cache._encode(payload, key, stamps), marker))
+            physical = cache._physical_of(head, key)
+            targets.append((physical, cache._encode(payload, key, physical, stamps), marker))
     observed = yield [Call(physical, ("GET", physical)) for physical, _, _ in targets]
     for reply in observed:
         if isinstance(reply, BaseException):
@@ -605,7 +605,7 @@ def new_run_id() -> str:
 
 
 def progress_key(cache: Any, run_id: str, name: str) -> bytes:
-    return f"{PROGRESS_KEY_PREFIX}{cache.key_prefix}:{run_id}:{name}".encode()
+    return cache._keys.internal(f"warm:{run_id}:{name}")
 
 
 def _record_plan(key: bytes, delta: Mapping[str, int], error: str | None, done: bool) -> Any:

@@ -1,7 +1,8 @@
 """Another process using the same cache: the tests drive it over stdin/stdout, one JSON line per request.
 
     python -m tests.peer <KEY_PREFIX> <option JSON>
-A request is ["get", key], ["stampede", ...] (see _stampede) or ["stats"]; each answer is one JSON line.
+A request is ["get", key], ["stampede", ...] (see _stampede), ["stats"] or ["rss"] (the peak resident
+memory so far, in KiB); each answer is one JSON line.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def main() -> None:
         elif request[0] == "stampede":
             answer = _stampede(cache, *request[1:])
         elif request[0] == "stats":
-            backplane = cache._shared.backplane
+            backplane = cache._backplane
             answer = {"connected": backplane.connected, "held_tags": cache._tags.held_count()}
+        elif request[0] == "rss":
+            import resource
+
+            answer = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         else:
             answer = f"unknown request {request!r}"
         print(json.dumps(answer), flush=True)

@@ -83,7 +83,7 @@ def test_get_many_sends_one_batch_per_node_and_writes_all_before_reading(cache, 
 def _wait_for_backplane(cache, timeout=10.0):
     cache.get("warm-up")
     deadline = time.monotonic() + timeout
-    while not cache._shared.backplane.connected:
+    while not cache._backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
     cache.get("warm-up")
@@ -304,7 +304,8 @@ def _command_calls(raw, names):
 
 
 def _keys_with_prefix(raw, prefix):
-    return sum(1 for _ in raw.scan_iter(match=f"*:{prefix}:*", target_nodes=RedisCluster.PRIMARIES))
+    """Entries of a KEY_PREFIX (its keys but those of the backend's own, `<prefix>:~...`)."""
+    return sum(1 for _ in raw.scan_iter(match=f"{prefix}:[^~]*", target_nodes=RedisCluster.PRIMARIES))
 
 
 def test_clear_never_frees_a_held_lock(cache):
@@ -319,7 +320,7 @@ def test_planted_unsigned_value_is_a_miss(cache, raw):
     from django_distcache.codec import Codec, JSONSerializer, NoCompressor
 
     unsigned = Codec(JSONSerializer(), NoCompressor(), [b"x" * 32])
-    raw.set(cache.physical_key("role"), unsigned.encode({"is_admin": True}))
+    raw.set(cache.physical_key("role"), unsigned.encode({"is_admin": True}, b""))
     assert cache.get("role", "miss") == "miss"
 
 
@@ -442,3 +443,69 @@ async def test_a_large_aget_many_all_comes_back(cache):
     await cache.aset_many(stored)
     assert await cache.aget_many(keys) == stored
     await cache.adelete_many(keys)
+
+
+def test_a_signed_value_copied_to_another_key_is_a_miss(cache, raw):
+    cache.set("user:1:is_staff", True)
+    cache.set("user:2:is_staff", False)
+    raw.set(cache.physical_key("user:2:is_staff"), raw.get(cache.physical_key("user:1:is_staff")))
+    before = cache.failure_counts.get("undecodable", 0)
+    assert cache.get("user:2:is_staff", "miss") == "miss"
+    assert cache.failure_counts["undecodable"] == before + 1
+    # Nor to another version of the same key, nor to the same key of another KEY_PREFIX (same secret).
+    raw.set(cache.physical_key("user:1:is_staff", version=2), raw.get(cache.physical_key("user:1:is_staff")))
+    assert cache.get("user:1:is_staff", "miss", version=2) == "miss"
+    other = make_cache()
+    raw.set(other.physical_key("user:1:is_staff"), raw.get(cache.physical_key("user:1:is_staff")))
+    assert other.get("user:1:is_staff", "miss") == "miss"
+    assert cache.get("user:1:is_staff") is True
+
+
+def test_a_bare_integer_can_be_copied_between_keys_as_documented(cache, raw):
+    cache.set("credits:1", 100)
+    raw.set(cache.physical_key("credits:2"), raw.get(cache.physical_key("credits:1")))
+    assert cache.get("credits:2") == 100  # unsigned, so that INCRBY works on it (docs/security.md)
+
+
+def test_incr_version_re_signs_the_value_for_its_new_version(cache, raw):
+    cache.set("profile", {"plan": "pro"}, tags=["account:1"])
+    assert cache.incr_version("profile") == 2
+    assert cache.get("profile", version=2) == {"plan": "pro"}
+    assert cache.get("profile", "gone") == "gone"
+    cache.invalidate_tags("account:1")  # the tag stamps moved with it
+    assert cache.get("profile", "stale", version=2) == "stale"
+
+
+def test_incr_version_of_a_value_that_does_not_verify_raises_like_a_missing_key(cache, raw):
+    cache.set("a", ["signed for a"])
+    raw.set(cache.physical_key("b"), raw.get(cache.physical_key("a")))
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr_version("b")
+    assert raw.get(cache.physical_key("b", version=2)) is None
+
+
+@pytest.mark.parametrize("compressor", ["none", "zlib"])
+def test_a_planted_decompression_bomb_is_a_miss_and_memory_stays_bounded(cache, raw, compressor):
+    """1 GiB of JSON squeezed into ~1 MB of zlib, planted in a JSON cache (unsigned by design; the envelope,
+    not COMPRESSOR, picks the decompressor): a reader in another process misses, counts it undecodable and
+    grows by about MAX_VALUE_SIZE (16 MiB by default), not by the gigabyte."""
+    import struct
+    import zlib
+
+    from django_distcache.codec import FORMAT_VERSION, MAGIC, JSONSerializer
+
+    stream, block = zlib.compressobj(9), b" " * (1 << 20)
+    bomb = b"".join(stream.compress(block) for _ in range(1024)) + stream.flush()
+    header = MAGIC + bytes((FORMAT_VERSION, 0, JSONSerializer.id, 1)) + struct.pack(">d", time.time())
+    options = {"SERIALIZER": "json", "COMPRESSOR": compressor}
+    reader = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS=options)
+    raw.set(reader.physical_key("bomb"), header + bomb)
+    with Peer(cache.key_prefix, options) as peer:
+        assert peer.get("warm-up") is None
+        before = peer.ask("rss")
+        assert peer.get("bomb") is None
+        grown_mib = (peer.ask("rss") - before) / 1024
+    assert grown_mib < 100, f"the reader grew by {grown_mib:.0f} MiB"
+    before = reader.failure_counts.get("undecodable", 0)
+    assert reader.get("bomb", "miss") == "miss"
+    assert reader.failure_counts["undecodable"] == before + 1

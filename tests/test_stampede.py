@@ -72,7 +72,7 @@ def test_a_crashed_lease_holder_blocks_nobody_past_the_lease_timeout():
     cache = make_cache(OPTIONS={"STAMPEDE_LEASE_TIMEOUT": 0.5})
     made = cache.make_and_validate_key("orphan")
     # A process took the lease and died without releasing it.
-    cache._run(stampede.acquire_plan(stampede.lease_key(made), "dead-process", 0.5), "test")
+    cache._run(stampede.acquire_plan(stampede.lease_key(cache, made), "dead-process", 0.5), "test")
     started = time.monotonic()
     assert cache.get_or_set("orphan", lambda: "recomputed", timeout=60) == "recomputed"
     assert 0.3 <= time.monotonic() - started < 3.0

@@ -11,7 +11,6 @@ import redis
 from redis.cluster import RedisCluster
 
 import django_distcache
-from django_distcache.backplane import CHANNEL
 from django_distcache.cache import CacheUnavailable
 from django_distcache.tags import MAX_TAGS_PER_VALUE, TAG_TTL_MARGIN
 from django_distcache.topology import ClusterTopology
@@ -27,7 +26,7 @@ def raw(cluster):
 
 def _wait_for_backplane(cache, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while not cache._shared.backplane.connected:
+    while not cache._backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
 
@@ -118,7 +117,7 @@ def test_invalidation_touches_only_the_tags_own_key(cache, monkeypatch):
 
     monkeypatch.setattr(ClusterTopology, "execute_batch", spy)
     cache.invalidate_tags("wide")
-    assert touched == [cache._tags.tag_key("wide"), CHANNEL]  # one SET, one publish: O(1)
+    assert touched == [cache._tags.tag_key("wide"), cache._backplane.channel]  # one SET, one publish: O(1)
 
 
 def test_get_or_set_is_race_safe_against_an_invalidation_during_the_computation(cache):
@@ -160,7 +159,7 @@ def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache
     cache.get("k")
     cache.get("k")
     assert cache._tags.held_count() >= 1
-    backplane = cache._shared.backplane
+    backplane = cache._backplane
     drops_before = backplane.drops
     # The server kills every pub/sub connection; then the tag changes without any message being sent.
     for port in cluster.ports:
@@ -218,9 +217,9 @@ def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
             held_after_fork = cache._tags.held_count()
             value = cache.get("k")
             deadline = time.monotonic() + 5
-            while not cache._shared.backplane.connected and time.monotonic() < deadline:
+            while not cache._backplane.connected and time.monotonic() < deadline:
                 time.sleep(0.01)
-            os.write(write, f"{held_after_fork}|{value}|{cache._shared.backplane.connected}".encode())
+            os.write(write, f"{held_after_fork}|{value}|{cache._backplane.connected}".encode())
         finally:
             os._exit(0)
     os.close(write)

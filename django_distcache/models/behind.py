@@ -44,6 +44,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from ..cache import CacheUnavailable, Compute, Guarded
+from ..keys import BEHIND_CHANGE_IDENTITY
 from ..topology import Call
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
@@ -134,21 +135,22 @@ class ShardKeys:
 
 
 def shard_keys(cache: Any, shard: int) -> ShardKeys:
+    """A shard's stream, lock and attempt counts: `<KEY_PREFIX>:~behind:{<tag>}` and alike, in one slot."""
     tag = shard_tags(cache._settings.options["BEHIND_SHARDS"])[shard]
-    base = f"{cache.key_prefix}:{{{tag}}}"
+    internal = cache._keys.internal
     return ShardKeys(
-        stream=f"~distcache:behind:{base}".encode(),
-        lock=f"~distcache:behind-lock:{base}".encode(),
-        attempts=f"~distcache:behind-attempts:{base}".encode(),
+        stream=internal(f"behind:{{{tag}}}"),
+        lock=internal(f"behind-lock:{{{tag}}}"),
+        attempts=internal(f"behind-attempts:{{{tag}}}"),
     )
 
 
 def dead_letter_key(cache: Any) -> bytes:
-    return f"~distcache:behind-dead:{cache.key_prefix}".encode()
+    return cache._keys.internal("behind-dead")
 
 
 def stats_key(cache: Any) -> bytes:
-    return f"~distcache:behind-stats:{cache.key_prefix}".encode()
+    return cache._keys.internal("behind-stats")
 
 
 def shard_of(cache: Any, label: str, pk: Any) -> int:
@@ -209,16 +211,16 @@ def _load_row(config: ModelCacheConfig, pk: Any) -> models.Model:
 
 def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, Any]) -> Any:
     options = cache._settings.options
-    prefix = yield from cache._namespace.current()
-    entry = prefix + cache._made_key(config.entry_key("pk", pk), None).encode()
-    marker = prefix + cache._made_key(config.pending_key(pk), None).encode()
+    head = yield from cache._namespace.current()
+    entry = cache._physical_of(head, config.entry_key("pk", pk))
+    marker = cache._physical_of(head, config.pending_key(pk))
     db = router.db_for_read(config.model) or DEFAULT_DB_ALIAS
 
     def current_row() -> Any:
         """(the bytes the entry holds, the row they hold if they are a live cached row)"""
         observed = yield Call(entry, ("GET", entry))
         if observed is not None:
-            found = yield from cache._valid_values({0: observed})
+            found = yield from cache._valid_values({0: (entry, observed)})
             row = config.instance_from(found[0], "pk", pk, db) if 0 in found else None
             if isinstance(row, config.model):
                 return observed, row
@@ -231,9 +233,9 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
         row = yield Compute(_load_row, (config, pk))  # DoesNotExist here: nothing queued yet
     # Queue first: from here on the change reaches the database whatever happens to the cache.
     keys = shard_keys(cache, shard_of(cache, config.label, pk))
-    payload = cache._encode(
+    payload = _encode_change(
+        cache,
         {"model": config.label, "pk": pk, "fields": values, "fingerprint": model_fingerprint(config.model)},
-        "save_behind",
     )
     calls = [
         Call(keys.stream, ("XADD", keys.stream, "*", "c", payload), idempotent=False),
@@ -293,7 +295,7 @@ def _update_entry_plan(
     for attempt in range(CAS_ATTEMPTS):
         for name, value in values.items():
             setattr(row, name, value)
-        data = cache._encode(config.row_payload(row, cache), "save_behind", stamps)
+        data = cache._encode(config.row_payload(row, cache), "save_behind", entry, stamps)
         fingerprint = hashlib.sha1(observed).hexdigest() if observed is not None else "-"
         last = "1" if attempt == CAS_ATTEMPTS - 1 else "0"
         stored = yield Call(
@@ -570,10 +572,20 @@ def _still_ours(cache: Any, keys: ShardKeys, token: str, idle_ms: int) -> bool:
     return bool(renewed)
 
 
+def _encode_change(cache: Any, change: dict[str, Any]) -> bytes:
+    """A queued change is signed for what it is (not a cache entry, which could never pass for it) and for
+    its KEY_PREFIX, not for one stream: replay_dead_letters moves it between streams."""
+    try:
+        return cache._codec.encode(change, BEHIND_CHANGE_IDENTITY)
+    except Exception as error:
+        error.add_note("while encoding a write-behind change; nothing was queued")
+        raise
+
+
 def _decode_change(cache: Any, payload: bytes | None) -> dict[str, Any]:
     if payload is None:
         raise BehindError("the stream entry has no payload")
-    change = cache._codec.decode(payload)
+    change = cache._codec.decode(payload, BEHIND_CHANGE_IDENTITY)
     if not isinstance(change, dict) or not {"model", "pk", "fields"} <= set(change):
         raise BehindError("the stream entry is not a write-behind change")
     return change
@@ -767,18 +779,18 @@ def _refresh_cached_rows(cache: Any, applied: list[tuple[ModelCacheConfig, _RowC
 
 
 def _refresh_plan(cache: Any, config: ModelCacheConfig, rows: list[_RowChange], fresh: dict[Any, Any]) -> Any:
-    prefix = yield from cache._namespace.current()
+    head = yield from cache._namespace.current()
     expiry_ms = cache._expiry_ms(config.timeout)
     expiry = "" if expiry_ms is None else expiry_ms
     calls = []
     for row in rows:
         instance = fresh.get(row.pk)
-        entry = prefix + cache._made_key(config.entry_key("pk", row.pk), None).encode()
-        marker = prefix + cache._made_key(config.pending_key(row.pk), None).encode()
+        entry = cache._physical_of(head, config.entry_key("pk", row.pk))
+        marker = cache._physical_of(head, config.pending_key(row.pk))
         data = b""
         if instance is not None:
             stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(instance)], expiry_ms)
-            data = cache._encode(config.row_payload(instance, cache), "flush_behind", stamps)
+            data = cache._encode(config.row_payload(instance, cache), "flush_behind", entry, stamps)
         last_id = row.ids[-1].decode() if isinstance(row.ids[-1], bytes) else str(row.ids[-1])
         calls.append(
             Call(entry, ("EVAL", _REFRESH_SCRIPT, 2, entry, marker, last_id, data, expiry), idempotent=False)
@@ -791,9 +803,9 @@ def _forget_cached_row(cache: Any, config: ModelCacheConfig, pk: Any) -> None:
     """A dead-lettered row: its cache entry holds values the database never got; let readers load the row."""
 
     def plan() -> Any:
-        prefix = yield from cache._namespace.current()
-        entry = prefix + cache._made_key(config.entry_key("pk", pk), None).encode()
-        marker = prefix + cache._made_key(config.pending_key(pk), None).encode()
+        head = yield from cache._namespace.current()
+        entry = cache._physical_of(head, config.entry_key("pk", pk))
+        marker = cache._physical_of(head, config.pending_key(pk))
         yield [Call(entry, ("DEL", entry)), Call(marker, ("DEL", marker))]
 
     cache._run(plan(), "flush_behind_refresh", None)

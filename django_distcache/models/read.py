@@ -30,8 +30,6 @@ from .registry import MISSING_ROW, ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
 
-EPOCH_KEY_PREFIX = "~distcache:epoch:"
-
 # Write KEYS[1] only if it is absent or still holds the bytes whose sha1 is ARGV[1] (what the reader saw),
 # and, when KEYS[2] is given (write-behind), only if no queued change of the row is still on its way.
 FILL_SCRIPT = """
@@ -44,7 +42,7 @@ return 1
 
 
 def epoch_key(cache: Any, config: ModelCacheConfig) -> bytes:
-    return f"{EPOCH_KEY_PREFIX}{cache.key_prefix}:{config.label}".encode()
+    return cache._keys.internal(f"epoch:{config.label}")
 
 
 def bump_epoch_plan(cache: Any, config: ModelCacheConfig) -> Any:
@@ -76,7 +74,7 @@ def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, u
     physical = yield from cache._physical_key(config.entry_key(lookup, value), None)
     data = yield Call(physical, ("GET", physical), read=True)
     if data is not None:
-        found = yield from cache._valid_values({0: data})
+        found = yield from cache._valid_values({0: (physical, data)})
         if 0 in found:
             result = config.instance_from(found[0], lookup, value, using)
             if result is not None:
@@ -124,8 +122,8 @@ def fill_plan(
     # (2) the row's tags before the epoch
     expiry_ms = cache._expiry_ms(timeout)
     row_versions = (yield from cache._tags.for_write(tags, expiry_ms)) if tags else {}
-    prefix = yield from cache._namespace.current()
-    physical = {name: prefix + cache._made_key(key, None).encode() for name, key in keys.items()}
+    head = yield from cache._namespace.current()
+    physical = {name: cache._physical_of(head, key) for name, key in keys.items()}
     unseen = [name for name in physical if name not in misses]
     observed = {name: (misses[name].observed if misses.get(name) else None) for name in physical}
     if unseen:
@@ -141,11 +139,11 @@ def fill_plan(
     expiry = "" if expiry_ms is None else expiry_ms
     marker = None
     if config.write == "behind" and found is not MISSING_ROW:
-        marker = prefix + cache._made_key(config.pending_key(found.pk), None).encode()
+        marker = cache._physical_of(head, config.pending_key(found.pk))
     calls = []
     for name, target in physical.items():
         try:
-            data = cache._encode(payloads[name], keys[name], stamps)
+            data = cache._encode(payloads[name], keys[name], target, stamps)
         except (TypeError, ValueError) as error:
             # The configured serializer cannot hold this row (JSON and a Decimal, say): serve it uncached.
             cache._failures.count("model_unencodable")

@@ -55,8 +55,8 @@ def _invalidate_plan(
         dict.fromkeys([*(config.entry_key("pk", config.normalize("pk", pk)) for pk in pks), *extra_keys])
     )
     if keys:
-        prefix = yield from cache._namespace.current()
-        physical = [prefix + cache._made_key(key, None).encode() for key in keys]
+        head = yield from cache._namespace.current()
+        physical = [cache._physical_of(head, key) for key in keys]
         replies = yield [Call(p, ("DEL", p)) for p in physical]
         for reply in replies:
             if isinstance(reply, BaseException) and not is_outage(reply):

@@ -5,7 +5,7 @@ many by node, writes every node's batch before reading any reply, and returns on
 (an exception object in place of a result that failed), so the caller decides what a failure means.
 """
 
-from .base import OUTAGE_ERRORS, Call, NotAClusterError, SlotMap, is_outage
+from .base import OUTAGE_ERRORS, Call, NotAClusterError, PermissionRefusedError, SlotMap, is_outage
 from .cluster import AsyncClusterTopology, ClusterTopology
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Call",
     "ClusterTopology",
     "NotAClusterError",
+    "PermissionRefusedError",
     "SlotMap",
     "is_outage",
 ]

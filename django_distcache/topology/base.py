@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     TryAgainError,
@@ -78,6 +80,48 @@ BREAKER_ERRORS: tuple[type[BaseException], ...] = (
 
 def is_outage(error: BaseException) -> bool:
     return isinstance(error, OUTAGE_ERRORS) and not isinstance(error, REDIRECT_ERRORS)
+
+
+class PermissionRefusedError(NoPermissionError):
+    """Redis refused a command to the cache's user (its ACL): a configuration error, never an outage. The
+    message names the command and the key or channel (docs/security.md has the whole ACL)."""
+
+
+_SCRIPT_REFUSED = "The user executing the script can't"
+_SCRIPT_COMMANDS = re.compile(r"redis\.call\('(\w+)'")
+_CHANNEL_COMMANDS = frozenset({"PUBLISH", "SPUBLISH", "SUBSCRIBE", "SSUBSCRIBE"})
+_CONTAINER_COMMANDS = frozenset({"CLUSTER", "CONFIG", "SCRIPT", "XGROUP"})
+
+
+def refused(error: BaseException, args: tuple, key: bytes | None = None) -> BaseException:
+    """`error` (a reply to `args`) explained, when it is an ACL refusal; otherwise `error` as it is."""
+    if isinstance(error, PermissionRefusedError):
+        return error
+    message = str(error)
+    if isinstance(error, NoPermissionError):
+        command = _text(args[0]).upper()
+        if command in _CONTAINER_COMMANDS and len(args) > 1:
+            command += " " + _text(args[1]).upper()  # ACLs grant these by subcommand: `+cluster|slots`
+    elif message.startswith(_SCRIPT_REFUSED) and _text(args[0]).upper() in ("EVAL", "EVALSHA"):
+        called = sorted(set(_SCRIPT_COMMANDS.findall(_text(args[1])))) if len(args) > 1 else []
+        command = f"one of the commands of a script ({', '.join(called).upper() or 'unknown'})"
+    else:
+        return error
+    target, grant = "", "this command"
+    if key is not None:
+        kind = "channel" if _text(args[0]).upper() in _CHANNEL_COMMANDS else "key"
+        target = f" on {kind} {key.decode(errors='replace')!r}"
+        grant = f"this command and a pattern covering the {kind}"
+    explained = PermissionRefusedError(
+        f"Redis refused {command}{target} to the cache's user ({message}): grant the user {grant} "
+        "(docs/security.md has the whole ACL)"
+    )
+    explained.__cause__ = error
+    return explained
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class NotAClusterError(Exception):

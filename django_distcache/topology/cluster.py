@@ -37,11 +37,13 @@ from .base import (
     Call,
     NoNodeReachableError,
     NotAClusterError,
+    PermissionRefusedError,
     SlotMap,
     TopologyState,
     connection_kwargs,
     group_by_node,
     is_outage,
+    refused,
 )
 from .breaker import CLOSED, OPEN, Breaker, NodeUnavailableError
 
@@ -105,6 +107,8 @@ async def _async_readonly_on_connect(connection: redis.asyncio.Connection) -> No
 
 
 def _check_cluster_reply(error: ResponseError, node: NodeAddress) -> None:
+    if isinstance(error, PermissionRefusedError):
+        raise error  # the user may not read the slot map: every node will say so, and it is no outage
     if "cluster support disabled" in str(error).lower():
         raise NotAClusterError(
             f"{node} is a Redis server without cluster mode; LOCATION must name Redis Cluster nodes"
@@ -389,15 +393,17 @@ class _TopologyCommon:
         if layout is None:
             acked = []
             for i, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, REDIRECT_ERRORS):
-                    redo.append((positions[i], reply, node))
-                else:
-                    results[positions[i]] = reply
-                    if calls[i].repairable:
-                        if not isinstance(reply, Exception):
-                            acked.append(calls[i])
-                        elif is_outage(reply):
-                            state.note_unsynced(calls[i], node)
+                if isinstance(reply, ResponseError):  # one test for the common case, a plain reply
+                    if isinstance(reply, REDIRECT_ERRORS):
+                        redo.append((positions[i], reply, node))
+                        continue
+                    reply = refused(reply, calls[i].args, calls[i].key)
+                results[positions[i]] = reply
+                if calls[i].repairable:
+                    if not isinstance(reply, Exception):
+                        acked.append(calls[i])
+                    elif is_outage(reply):
+                        state.note_unsynced(calls[i], node)
             if acked:
                 state.acked_calls(acked, node)
             return
@@ -410,6 +416,8 @@ class _TopologyCommon:
             if isinstance(reply, REDIRECT_ERRORS):
                 redo.append((positions[i], reply, node))
                 continue
+            if isinstance(reply, ResponseError):
+                reply = refused(reply, calls[i].args, calls[i].key)
             results[positions[i]] = reply
             if isinstance(reply, Exception):
                 if is_outage(reply):
@@ -570,6 +578,8 @@ class ClusterTopology(_TopologyCommon):
                 self.refresh()
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
+            except PermissionRefusedError as error:  # a foreground call raises it too, with its caller
+                logger.error("background slot map refresh refused: %s", error)
 
         _start_claimed(state.background_refresh, run, "distcache-topology-refresh")
 
@@ -597,7 +607,7 @@ class ClusterTopology(_TopologyCommon):
             except ResponseError as error:
                 pool.put(connection)
                 self._after_reply_error(call, node, breaker, error)
-                raise
+                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
             except OUTAGE_ERRORS as error:
                 connection.disconnect()
                 if not self._after_outage(call, node, breaker, error, retries):
@@ -671,9 +681,9 @@ class ClusterTopology(_TopologyCommon):
         try:
             connection.send_command(*args)
             result = connection.read_response()
-        except ResponseError:
+        except ResponseError as error:
             pool.put(connection)
-            raise
+            raise refused(error, args)  # noqa: B904 - the reply is its cause
         except BaseException:
             connection.disconnect()
             raise
@@ -840,9 +850,9 @@ class AsyncClusterTopology(_TopologyCommon):
         try:
             await connection.send_command(*args)
             result = await connection.read_response()
-        except ResponseError:
+        except ResponseError as error:
             pool.put(connection)
-            raise
+            raise refused(error, args)  # noqa: B904 - the reply is its cause
         except BaseException:
             await connection.disconnect()
             raise
@@ -876,6 +886,8 @@ class AsyncClusterTopology(_TopologyCommon):
                 await self.refresh()
             except OUTAGE_ERRORS as error:
                 logger.debug("background slot map refresh failed: %s", error)
+            except PermissionRefusedError as error:  # a foreground call raises it too, with its caller
+                logger.error("background slot map refresh refused: %s", error)
 
         self._refresh_task = asyncio.get_running_loop().create_task(run())
 
@@ -902,7 +914,7 @@ class AsyncClusterTopology(_TopologyCommon):
             except ResponseError as error:
                 pool.put(connection)
                 self._after_reply_error(call, node, breaker, error)
-                raise
+                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
             except OUTAGE_ERRORS as error:
                 if connection is not None:
                     await connection.disconnect()
