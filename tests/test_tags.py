@@ -25,6 +25,7 @@ def raw(cluster):
 
 
 def _wait_for_backplane(cache, timeout=10.0):
+    cache._backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
     deadline = time.monotonic() + timeout
     while not cache._backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
