@@ -360,9 +360,10 @@ class _NoSession(SessionBase):
         pass
 
 
-def _no_messages(request: HttpRequest) -> Any:
-    """request._messages of a render for the cache (django.contrib.messages): no messages; reading or
-    adding one shows in `touched`."""
+@functools.cache
+def _no_messages() -> type:
+    """The class of request._messages of a render for the cache (django.contrib.messages, imported only
+    when the visitor's request has messages): no messages; reading or adding one shows in `touched`."""
     from django.contrib.messages.storage.base import BaseStorage
 
     class NoMessages(BaseStorage):
@@ -379,7 +380,7 @@ def _no_messages(request: HttpRequest) -> Any:
             self.touched = True
             super().add(level, message, extra_tags)
 
-    return NoMessages(request)
+    return NoMessages
 
 
 def _credential_header_names() -> tuple[frozenset[str], frozenset[bytes]]:
@@ -467,7 +468,7 @@ class _Shadow:
             shadow.auser = auser
         self.messages = None
         if "_messages" in state:
-            self.messages = shadow._messages = _no_messages(shadow)
+            self.messages = shadow._messages = _no_messages()(shadow)
         self.request = shadow
 
     def private_input_used(self) -> str | None:

@@ -360,7 +360,7 @@ def accounts(db):
 
 @with_middleware
 @hypothesis_settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     visitors=st.lists(VISITOR, min_size=3, max_size=3),
