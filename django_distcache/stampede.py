@@ -64,6 +64,14 @@ MISS = Found("miss")
 
 
 @dataclass(frozen=True, slots=True)
+class Unstored:
+    """What a computation returns for a value that must be handed back but not stored (a page that may
+    not be shared): the callers get the wrapper, the cache gets nothing."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """How one call protects itself. `stale`: seconds an expired entry may still be served while it is
     refreshed; `beta`: XFetch's eagerness (0 turns early recomputation off, 1 is the paper's default);
@@ -342,7 +350,7 @@ def refresh_plan(
         started = time.monotonic()
         value = yield Compute(compute)
         elapsed = time.monotonic() - started
-        if stamps is not MISSING:
+        if stamps is not MISSING and not isinstance(value, Unstored):
             yield Guarded(
                 store_plan(cache, physical, key, value, timeout, policy.stale, stamps, elapsed), "set", False
             )
