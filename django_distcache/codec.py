@@ -321,8 +321,10 @@ class Codec:
         SignatureError or UndecodableValueError for a value a read would refuse."""
         if data[:2] != MAGIC or len(data) < _HEADER.size:
             return data
-        flags, _, _, _, _, _, _, offset = self._head(data)
+        flags, serializer_id, _, _, _, _, _, offset = self._head(data)
         if not flags & FLAG_SIGNED:
+            if self._sign or serializer_id == PickleSerializer.id:
+                raise SignatureError("unsigned payload refused")  # as a read refuses it
             return data  # what a read makes of it does not depend on the key
         head, mac, payload = data[:offset], data[offset : offset + MAC_SIZE], data[offset + MAC_SIZE :]
         if not self._verified(key, head, mac, payload):
