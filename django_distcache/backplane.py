@@ -7,10 +7,12 @@ dropped, reconnecting) nothing held in-process is trusted, so every read asks Re
 in-process is also never trusted for longer than its owner's bound (TAG_VERSION_TTL,
 NAMESPACE_CHECK_INTERVAL), in case a message is delayed.
 
-Each KEY_PREFIX has a channel of its own, `<KEY_PREFIX>:~invalidations` (keys.py), so the ACL pattern that
-gives a user its prefix's keys gives it its channel too, and nothing of another prefix. Sharded pub/sub
-(SSUBSCRIBE/SPUBLISH, Redis >= 7.0) is used where the server has it, so a channel lives on one shard
-instead of being broadcast over the whole cluster bus; classic PUBLISH otherwise.
+Each KEY_PREFIX has a channel of its own, `<KEY_PREFIX>:~{invalidations}` (keys.py), so the ACL pattern
+that gives a user its prefix's keys gives it its channel too, and nothing of another prefix. The hash tag
+puts every prefix's channel in one slot, so one connection and one thread per process listen to all of
+them, however many prefixes it uses. Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7.0) is used where
+the server has it, so the channels live on one shard instead of being broadcast over the whole cluster
+bus; classic PUBLISH otherwise.
 """
 
 from __future__ import annotations
@@ -36,28 +38,26 @@ RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # backoff while the channel's node
 
 Listener = Callable[[str, str, str, int | str], None]  # kind, key prefix, name, new version
 
-_all_backplanes: weakref.WeakSet[Backplane] = weakref.WeakSet()
+_all_subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     # The subscriber thread does not survive fork(): nothing held in-process may be trusted until the
-    # child has a subscription of its own (started by the first trusts() call).
-    for backplane in list(_all_backplanes):
-        backplane.connected = False
-        backplane.epoch += 1
-        backplane._thread = None
-        backplane._connection = None
+    # child has a subscription of its own (started by the child's first fetch).
+    for subscriber in list(_all_subscribers):
+        subscriber.forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Backplane:
-    """One subscriber thread per cluster and KEY_PREFIX; listeners are the in-process tag and namespace
-    caches of that prefix."""
+    """The channel of one KEY_PREFIX on one cluster; its listeners are the in-process tag and namespace
+    caches of that prefix. The subscription itself is the Subscriber's, shared by every prefix whose
+    channel is in the same slot (all of them, unless a KEY_PREFIX holds a hash tag of its own)."""
 
-    def __init__(self, topology: Any, channel: bytes) -> None:
-        self.topology = topology
+    def __init__(self, subscriber: Subscriber, channel: bytes) -> None:
+        self.subscriber = subscriber
         self.channel = channel
         self.connected = False
         self.connected_since = 0.0
@@ -65,11 +65,7 @@ class Backplane:
         self.messages = 0
         self.drops = 0
         self._listeners: list[Listener] = []
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._connection: Any = None
-        self._sharded: bool | None = None
-        _all_backplanes.add(self)
         renew_locks_after_fork(self, "_lock")
 
     # -- trust -----------------------------------------------------------------------------------------
@@ -81,9 +77,7 @@ class Backplane:
 
     def ensure_started(self) -> None:
         """Called whenever a value is fetched to be held in-process: the subscription must exist."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            self.start()
+        self.subscriber.want(self)
 
     def add_listener(self, listener: Listener) -> None:
         """Register an in-process cache; the subscription starts with the first read that would trust it
@@ -95,15 +89,59 @@ class Backplane:
     # -- publishing --------------------------------------------------------------------------------------
     def publish_call(self, kind: str, key_prefix: str, name: str, version: int | str) -> Call:
         message = json.dumps([kind, key_prefix, name, version])
-        command = "SPUBLISH" if self._sharded is not False else "PUBLISH"
+        command = "SPUBLISH" if self.subscriber.sharded is not False else "PUBLISH"
         return Call(self.channel, (command, self.channel, message))
 
-    # -- the subscriber thread -----------------------------------------------------------------------------
-    def start(self) -> None:
+    # -- what the subscriber reports -----------------------------------------------------------------------
+    def subscribed(self) -> None:
+        self.connected_since = time.monotonic()
+        self.epoch += 1
+        self.connected = True
+
+    def dropped(self) -> None:
+        if self.connected:
+            self.drops += 1
+        self.connected = False
+        self.epoch += 1
+
+    def deliver(self, payload: bytes) -> None:
+        self.epoch += 1
+        self.messages += 1
+        what, key_prefix, name, version = json.loads(payload)
+        for listener in list(self._listeners):
+            listener(what, key_prefix, name, version)
+
+
+class Subscriber:
+    """One connection and one thread that listen to the channels of every KEY_PREFIX whose channel is in
+    one slot: the number of prefixes a process uses costs no threads and no connections."""
+
+    def __init__(self, topology: Any) -> None:
+        self.topology = topology
+        self.sharded: bool | None = None  # SSUBSCRIBE (Redis >= 7.0), or classic pub/sub; None: not known yet
+        self._wanted: dict[bytes, Backplane] = {}
+        self._thread: threading.Thread | None = None
+        self._connection: Any = None
+        self._lock = threading.Lock()
+        renew_locks_after_fork(self, "_lock")
+        _all_subscribers.add(self)
+
+    def want(self, backplane: Backplane) -> None:
+        """Listen to `backplane`'s channel from now on (the thread subscribes to it within a moment)."""
+        thread = self._thread
+        if backplane.channel in self._wanted and thread is not None and thread.is_alive():
+            return
         with self._lock:
+            self._wanted[backplane.channel] = backplane
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="distcache-backplane", daemon=True)
                 self._thread.start()
+
+    def forget_after_fork(self) -> None:
+        self._thread = None
+        self._connection = None
+        for backplane in list(self._wanted.values()):
+            backplane.dropped()
 
     def _run(self) -> None:
         failures = 0
@@ -114,13 +152,12 @@ class Backplane:
             except NoPermissionError as error:
                 if failures == 0:
                     logger.error(
-                        "invalidation channel %s refused: %s. Until the cache's Redis user has what "
+                        "invalidation channel refused: %s. Until the cache's Redis user has what "
                         "docs/security.md lists, nothing is held in-process: every read asks Redis",
-                        self.channel.decode(errors="replace"),
                         error,
                     )
             except Exception as error:  # the thread must outlive any failure; each outage is logged once
-                was_connected = self.connected
+                was_connected = any(backplane.connected for backplane in list(self._wanted.values()))
                 if was_connected or failures == 0:
                     logger.warning(
                         "invalidation channel %s (%s: %s); in-process versions are not trusted until it is back",
@@ -133,39 +170,48 @@ class Backplane:
             time.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
 
     def _drop(self) -> None:
-        if self.connected:
-            self.drops += 1
-        self.connected = False
-        self.epoch += 1
+        for backplane in list(self._wanted.values()):
+            backplane.dropped()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.disconnect()
 
-    def _subscribe_and_listen(self) -> None:
-        connection = self.topology.dedicated_connection(self.channel)
-        self._connection = connection
-        subscribe = "SSUBSCRIBE" if self._sharded is not False else "SUBSCRIBE"
-        connection.send_command(subscribe, self.channel)
+    def _subscribe(self, connection: Any, channels: list[bytes]) -> None:
+        """Ask for `channels`; their confirmations come back as replies the listening loop handles."""
+        connection.send_command("SSUBSCRIBE" if self.sharded is not False else "SUBSCRIBE", *channels)
+
+    def _first_subscription(self, connection: Any, channels: list[bytes]) -> None:
+        """The first SSUBSCRIBE on a connection, read here: a server without sharded pub/sub (before Redis
+        7.0) answers it with an error, and classic pub/sub is used from then on."""
+        self._subscribe(connection, channels)
         try:
-            confirmation = connection.read_response(push_request=True)
+            reply = connection.read_response(push_request=True)
         except ResponseError as error:
-            if self._sharded is not None or "unknown command" not in str(error).lower():
+            if self.sharded is not None or "unknown command" not in str(error).lower():
                 raise
-            self._sharded = False  # a server before Redis 7.0: classic pub/sub
-            subscribe = "SUBSCRIBE"
-            connection.send_command(subscribe, self.channel)
-            confirmation = connection.read_response(push_request=True)
-        if self._sharded is None:
-            self._sharded = True
-        if not confirmation or confirmation[0].lower() not in (b"ssubscribe", b"subscribe"):
-            raise ResponseError(f"unexpected reply to {subscribe}: {confirmation!r}")
-        self.connected_since = time.monotonic()
-        self.epoch += 1
-        self.connected = True
+            self.sharded = False
+            self._subscribe(connection, channels)
+            reply = connection.read_response(push_request=True)
+        if self.sharded is None:
+            self.sharded = True
+        if not isinstance(reply, list) or not reply or reply[0].lower() not in (b"ssubscribe", b"subscribe"):
+            raise ResponseError(f"unexpected reply to a subscription: {reply!r}")
+        self._handle(reply)
+
+    def _subscribe_and_listen(self) -> None:
+        channels = list(self._wanted)
+        connection = self.topology.dedicated_connection(channels[0])
+        self._connection = connection
+        self._first_subscription(connection, channels)
+        subscribed = set(channels)
         logger.info("invalidation channel live on %s:%s", connection.host, connection.port)
         silent_since = time.monotonic()
         ping_sent_at: float | None = None
         while True:
+            if len(self._wanted) > len(subscribed):  # a prefix used for the first time since
+                added = [channel for channel in list(self._wanted) if channel not in subscribed]
+                self._subscribe(connection, added)
+                subscribed.update(added)
             if connection.can_read(timeout=PING_EVERY / 4):
                 reply = connection.read_response(push_request=True)
                 silent_since, ping_sent_at = time.monotonic(), None  # anything heard proves it is alive
@@ -177,15 +223,16 @@ class Backplane:
                 ping_sent_at = time.monotonic()
 
     def _handle(self, reply: Any) -> None:
-        if not isinstance(reply, list) or not reply:
+        if not isinstance(reply, list) or len(reply) < 2:
             return
         kind = reply[0].lower() if isinstance(reply[0], bytes) else reply[0]
+        backplane = self._wanted.get(reply[1])
         if kind in (b"message", b"smessage") and len(reply) >= 3:
-            self.epoch += 1
-            self.messages += 1
-            what, key_prefix, name, version = json.loads(reply[2])
-            for listener in list(self._listeners):
-                listener(what, key_prefix, name, version)
+            if backplane is not None:
+                backplane.deliver(reply[2])
+        elif kind in (b"ssubscribe", b"subscribe"):
+            if backplane is not None:
+                backplane.subscribed()
         elif kind in (b"sunsubscribe", b"unsubscribe"):
             # The server moved the channel's slot (resharding/failover): resubscribe where it lives now.
             raise ConnectionError("unsubscribed by the server")

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey, default_key_func
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from . import stampede
-from .backplane import Backplane
+from .backplane import Backplane, Subscriber
 from .codec import EXPIRED, SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, expiry_ms, parse_settings
 from .forksafe import renew_locks_after_fork
@@ -174,6 +175,7 @@ class _Shared:
     topology: ClusterTopology
     purger: Purger
     backplanes: dict[str, Backplane] = field(default_factory=dict)
+    subscribers: dict[int, Subscriber] = field(default_factory=dict)  # by the slot of their channels
     failure_counts: dict[str, int] = field(default_factory=dict)
     async_topologies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     namespaces: dict[tuple[str, float], Namespace] = field(default_factory=dict)
@@ -291,7 +293,10 @@ class RedisClusterCache(BaseCache):
         shared = self._shared
         with shared.lock:
             if self.key_prefix not in shared.backplanes:
-                shared.backplanes[self.key_prefix] = Backplane(shared.topology, self._keys.channel)
+                slot = key_slot(self._keys.channel)
+                if slot not in shared.subscribers:
+                    shared.subscribers[slot] = Subscriber(shared.topology)
+                shared.backplanes[self.key_prefix] = Backplane(shared.subscribers[slot], self._keys.channel)
             self._backplane = shared.backplanes[self.key_prefix]
             namespace_id = (self.key_prefix, self._settings.namespace_check_interval)
             if namespace_id not in shared.namespaces:

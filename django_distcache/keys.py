@@ -42,7 +42,8 @@ class KeyLayout:
         self._made_from = len(self.start) if strips_prefix else 0
         # Where an entry's physical key continues after `<KEY_PREFIX>:<generation>:`.
         self.identity_at = len(self.start.encode()) + GENERATION_LENGTH + 1
-        self.channel = self.internal("invalidations")
+        # The hash tag gives every prefix's channel one slot: one subscription carries them all (backplane.py).
+        self.channel = self.internal("{invalidations}")
 
     def head(self, generation: str) -> bytes:
         """What every entry key of `generation` starts with."""

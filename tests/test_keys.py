@@ -107,7 +107,7 @@ def test_every_key_and_the_channel_of_a_cache_start_with_its_key_prefix(cache, r
     # may be gone already; invalidating "other", which nothing carries, created no key)
     assert len(found) >= 4
     assert all(key.startswith(f"{cache.key_prefix}:".encode()) for key in found), found
-    assert cache._backplane.channel == f"{cache.key_prefix}:~invalidations".encode()
+    assert cache._backplane.channel == f"{cache.key_prefix}:~{{invalidations}}".encode()
     generation = cache._namespace.head.split(b":")[1]
     assert cache.physical_key("after") == f"{cache.key_prefix}:{generation.decode()}:1:after".encode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -465,3 +466,33 @@ def test_too_many_tags_on_cached_functions_views_and_models_are_refused(cache, c
     with pytest.raises(ValueError, match="MAX_TAGS_PER_VALUE"):
         per_row.row_tags(Product(pk=1))  # a tags callable's answer is checked like a list given upfront
     assert tag_keys(cluster, cache) == set()
+
+
+def test_every_prefix_of_a_process_is_listened_to_over_one_subscription(raw):
+    """Each KEY_PREFIX has its own channel, and one connection and one thread carry them all: a process
+    with many prefixes (a test run makes hundreds) does not pay a subscriber thread for each."""
+    threads_before = sum(1 for t in threading.enumerate() if t.name == "distcache-backplane")
+    caches = [make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0}) for _ in range(12)]
+    for cache in caches:
+        cache.set("k", "v", tags=["t"])
+        assert cache.get("k") == "v"  # the tag's version is now held in-process for 30 s
+    for cache in caches:
+        _wait_for_backplane(cache)
+    assert len({cache._backplane.subscriber for cache in caches}) == 1
+    threads_after = sum(1 for t in threading.enumerate() if t.name == "distcache-backplane")
+    assert threads_after - threads_before <= 1
+    for cache in caches[::3]:  # another process invalidates: a new version, pushed on the prefix's channel
+        raw.set(cache._tags.tag_key("t"), 12345)
+        message = json.dumps(["tag", cache.key_prefix, "t", 12345])
+        raw.execute_command(
+            "SPUBLISH",
+            cache._backplane.channel,
+            message,
+            target_nodes=raw.get_node_from_key(cache._backplane.channel),
+        )
+    for cache in caches:
+        deadline = time.monotonic() + 10
+        expected = None if cache in caches[::3] else "v"
+        while cache.get("k") != expected:
+            assert time.monotonic() < deadline, f"{cache.key_prefix} still reads {cache.get('k')!r}"
+            time.sleep(0.01)
