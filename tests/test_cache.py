@@ -427,8 +427,8 @@ def test_no_round_trip_carries_more_than_one_slice_of_a_huge_batch(cache, monkey
     assert sizes and max(sizes) <= 50
 
 
-def test_a_quarter_million_keys_in_one_get_many_all_come_back(cache):
-    keys = [f"many:{i}" for i in range(250_000)]
+def test_a_hundred_thousand_keys_in_one_get_many_all_come_back(cache):
+    keys = [f"many:{i}" for i in range(100_000)]
     stored = {key: i for i, key in enumerate(keys[::5])}
     cache.set_many(stored)
     assert cache.get_many(keys) == stored

@@ -166,7 +166,7 @@ def _same(ours, theirs) -> bool:
 
 
 CacheAgainstLocMem.TestCase.settings = hypothesis_settings(
-    max_examples=40,
+    max_examples=25,
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
