@@ -105,9 +105,17 @@ class Backplane:
         self.epoch += 1
 
     def deliver(self, payload: bytes) -> None:
-        self.epoch += 1
+        self.epoch += 1  # whatever it says, a fetch that spans it is not held
         self.messages += 1
-        what, key_prefix, name, version = json.loads(payload)
+        try:
+            what, key_prefix, name, version = json.loads(payload)
+        except (ValueError, TypeError):
+            # Not one of ours (anyone allowed to publish on the channel can send anything): ignored, so that
+            # it cannot drop the subscription that every prefix of this process shares.
+            logger.warning(
+                "ignored a message on %s that is not an invalidation: %r", self.channel, payload[:80]
+            )
+            return
         for listener in list(self._listeners):
             listener(what, key_prefix, name, version)
 

@@ -549,11 +549,15 @@ class RedisClusterCache(BaseCache):
         """set() and add(): one SET (NX for add) of the encoded value, stamped with its tags' versions."""
         made = self._made_key(key, version)
         expiry_ms = self._expiry_ms(timeout)
+        prepared = None
         if stamps is None:
-            stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
+            tags = validate_tags(tags)
+            if tags:
+                prepared = self._prepared(value, key)
+            stamps = yield from self._stamps(tags, expiry_ms)
         head = yield from self._namespace.current()
         physical = self._keys.entry(head, made)
-        data = self._encode(value, key, physical, stamps)
+        data = self._encode(value, key, physical, stamps, prepared)
         if expiry_ms == 0 and only_new:
             # Django: add() with timeout 0 succeeds only if the key was absent, and keeps nothing.
             added = yield Call(physical, ("SET", physical, data, "NX"), repairable=True)
@@ -623,10 +627,26 @@ class RedisClusterCache(BaseCache):
             found.update(computed)
         return {key: found[key] for key in keys if key in found}
 
-    def _encode(self, value: Any, key: Any, physical: bytes, stamps: dict[str, int] | None = None) -> bytes:
+    def _encode(
+        self,
+        value: Any,
+        key: Any,
+        physical: bytes,
+        stamps: dict[str, int] | None = None,
+        prepared: tuple[bytes, int] | None = None,
+    ) -> bytes:
         """The bytes to store under `physical` (the signature binds it); `key` names it in errors."""
         try:
-            return self._codec.encode(value, self._keys.identity(physical), tags=stamps)
+            return self._codec.encode(value, self._keys.identity(physical), tags=stamps, prepared=prepared)
+        except Exception as error:
+            error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
+            raise
+
+    def _prepared(self, value: Any, key: Any) -> tuple[bytes, int]:
+        """What _encode needs of `value`, made before a tagged write touches its tag keys: a value that
+        cannot be stored is refused with nothing written, tag keys included."""
+        try:
+            return self._codec.prepare(value)
         except Exception as error:
             error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
             raise
@@ -668,12 +688,17 @@ class RedisClusterCache(BaseCache):
     ) -> Plan:
         made = [(self._made_key(key, version), key) for key in data]
         expiry_ms = self._expiry_ms(timeout)
+        prepared: list[Any] = [None] * len(made)
         if stamps is None:
-            stamps = yield from self._stamps(validate_tags(tags), expiry_ms)
+            tags = validate_tags(tags)
+            if tags:
+                prepared = [self._prepared(data[key], key) for _, key in made]
+            stamps = yield from self._stamps(tags, expiry_ms)
         head = yield from self._namespace.current()
         physical = [self._keys.entry(head, m) for m, _ in made]
         encoded = [
-            self._encode(data[key], key, p, stamps) for (_, key), p in zip(made, physical, strict=True)
+            self._encode(data[key], key, p, stamps, ready)
+            for (_, key), p, ready in zip(made, physical, prepared, strict=True)
         ]
         calls = []
         for location, value in zip(physical, encoded, strict=True):

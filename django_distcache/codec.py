@@ -266,19 +266,13 @@ class Codec:
         recompute_time: float | None = None,
         tags: dict[str, int] | None = None,
         now: float | None = None,
+        prepared: tuple[bytes, int] | None = None,
     ) -> bytes:
         """Return the bytes to store under `key`; raises the serializer's own error (e.g. PicklingError) on
-        bad input, ValueTooLargeError over the size cap."""
+        bad input, ValueTooLargeError over the size cap. `prepared`: what prepare(value) gave."""
         if type(value) is int and _INT64_MIN <= value <= _INT64_MAX and soft_expiry is None and not tags:
             return b"%d" % value
-        payload = self.serializer.dumps(value)
-        if len(payload) > self.max_decoded_size:
-            raise ValueTooLargeError(f"Serialized value is {len(payload)} bytes, {self._over_the_cap()}")
-        compressor_id = 0
-        if len(payload) >= self.compress_min_size and self.compressor.id:
-            compressed = self.compressor.compress(payload)
-            if len(compressed) < len(payload):
-                payload, compressor_id = compressed, self.compressor.id
+        payload, compressor_id = self.prepare(value) if prepared is None else prepared
         flags = FLAG_SIGNED if self._sign else 0
         extra = b""
         if soft_expiry is not None:
@@ -305,6 +299,19 @@ class Codec:
         if self.max_value_size is not None and len(data) > self.max_value_size:
             raise ValueTooLargeError(f"Encoded value is {len(data)} bytes, {self._over_the_cap()}")
         return data
+
+    def prepare(self, value: Any) -> tuple[bytes, int]:
+        """The payload of `value` (serialized, compressed when that pays) and its compressor id: the part of
+        encode() that can refuse a value, for a caller that must refuse it before any I/O (a tagged write
+        reads its tags' versions, creating their keys, before it can encode)."""
+        payload = self.serializer.dumps(value)
+        if len(payload) > self.max_decoded_size:
+            raise ValueTooLargeError(f"Serialized value is {len(payload)} bytes, {self._over_the_cap()}")
+        if len(payload) >= self.compress_min_size and self.compressor.id:
+            compressed = self.compressor.compress(payload)
+            if len(compressed) < len(payload):
+                return compressed, self.compressor.id
+        return payload, 0
 
     def _over_the_cap(self) -> str:
         if self.max_value_size is None:

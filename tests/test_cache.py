@@ -377,6 +377,23 @@ def test_a_bad_timeout_is_refused_clearly_before_anything_is_written(cache, raw,
     assert sorted(_keys_of(cache, raw)) == before  # no entry, no tag key
 
 
+def test_a_value_that_cannot_be_stored_creates_no_tag_key(cache, raw):
+    """A tagged write reads (and creates) its tags' versions before it writes the entry: the value is
+    serialized first, so a value refused leaves no tag key behind."""
+    from django_distcache.codec import ValueTooLargeError
+
+    small = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"MAX_VALUE_SIZE": 1000})
+    for call, error in (
+        (lambda: cache.set("k", lambda: None, tags=["fresh"]), Exception),
+        (lambda: cache.set_many({"a": 1, "k": threading.Lock()}, tags=["fresh"]), TypeError),
+        (lambda: small.set("k", "x" * 5000, tags=["fresh"]), ValueTooLargeError),
+    ):
+        with pytest.raises(error):
+            call()
+    assert _keys_of(cache, raw) == []
+    assert cache.get("a") is None
+
+
 def test_huge_and_infinite_timeouts_mean_never_expire(cache):
     """As Django's own backends treat them; Redis itself refuses an expiry past its 64-bit clock."""
     for timeout in (float("inf"), 10**20, 1e300):

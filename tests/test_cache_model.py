@@ -143,6 +143,12 @@ class CacheAgainstLocMem(RuleBasedStateMachine):
     def set_unpicklable(self, key, value):
         self.refused(lambda cache: cache.set(key, value), Exception)
         self.refused(lambda cache: cache.set_many({"a": 1, key: value}), Exception)
+        # With tags: refused before their versions are read, so no tag key is created or extended either.
+        self.refused(lambda cache: cache.set(key, value, tags=["tag-for-bad-value"]), Exception)
+        self.refused(lambda cache: cache.add(key, value, tags=["tag-for-bad-value"]), Exception)
+        self.refused(
+            lambda cache: cache.set_many({"a": 1, key: value}, tags=["tag-for-bad-value"]), Exception
+        )
 
     @rule(key=KEYS, value=VALUES, tags=BAD_TAGS)
     def set_bad_tags(self, key, value, tags):

@@ -496,3 +496,23 @@ def test_every_prefix_of_a_process_is_listened_to_over_one_subscription(raw):
         while cache.get("k") != expected:
             assert time.monotonic() < deadline, f"{cache.key_prefix} still reads {cache.get('k')!r}"
             time.sleep(0.01)
+
+
+def test_a_malformed_message_on_the_channel_is_ignored_not_a_dropped_subscription(cache, raw):
+    """Anyone allowed to publish on a prefix's channel can send anything; the one subscription every
+    prefix of the process shares must not drop (and stop trusting everything held) for it."""
+    cache.set("k", "v", tags=["t"])
+    _wait_for_backplane(cache)
+    backplane = cache._backplane
+    drops, messages = backplane.drops, backplane.messages
+    for junk in (b"not json", b"[1, 2]", b"{}", b"null"):
+        raw.execute_command(
+            "SPUBLISH", backplane.channel, junk, target_nodes=raw.get_node_from_key(backplane.channel)
+        )
+    deadline = time.monotonic() + 10
+    while backplane.messages < messages + 4:
+        assert time.monotonic() < deadline, "the messages never arrived"
+        time.sleep(0.01)
+    assert backplane.drops == drops and backplane.connected
+    cache.invalidate_tags("t")  # and a real invalidation still works after them
+    assert cache.get("k") is None
