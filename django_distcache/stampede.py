@@ -278,6 +278,13 @@ def fetch_plan(
     while True:
         token = new_token()
         acquired = yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", None)
+        if acquired:
+            # Looked at again now that the lease is ours: a holder that stored the value and released the
+            # lease between our read (a miss) and our acquire has done the work (the lease orders the two).
+            found = yield Guarded(read_plan(cache, physical, 0.0), "get", MISS)
+            if found.state == "fresh":
+                yield Guarded(release_plan(lease, token), "lease", None)
+                return found.value
         if acquired is not False:  # ours, or the cache is down (then everyone computes: nothing to share)
             return (
                 yield from refresh_plan(

@@ -68,6 +68,24 @@ def test_fifty_misses_across_two_processes_run_the_loader_once(cache):
     assert cache.get("loader-calls") == 1
 
 
+def test_a_value_stored_between_a_miss_and_taking_the_lease_is_served_not_recomputed(cache, monkeypatch):
+    """Another process's holder can store its value and release the lease between this caller's read (a
+    miss) and its acquire; the caller then holds a free lease on a fresh entry and must not compute again.
+    (Across two loaded processes this made the loader run twice now and then.)"""
+    real_acquire = stampede.acquire_plan
+
+    def acquire_just_after_another_holder_finished(lease, token, timeout):
+        cache.set("raced", "theirs")  # the other holder stored its value and released the lease
+        return (yield from real_acquire(lease, token, timeout))
+
+    monkeypatch.setattr(stampede, "acquire_plan", acquire_just_after_another_holder_finished)
+    calls = []
+    assert cache.get_or_set("raced", lambda: calls.append(1) or "ours", timeout=60) == "theirs"
+    assert calls == []
+    made = cache.make_and_validate_key("raced")
+    assert cache._run(stampede.held_plan(stampede.lease_key(cache, made)), "test") is False  # released
+
+
 def test_a_crashed_lease_holder_blocks_nobody_past_the_lease_timeout():
     cache = make_cache(OPTIONS={"STAMPEDE_LEASE_TIMEOUT": 0.5})
     made = cache.make_and_validate_key("orphan")
