@@ -97,8 +97,13 @@ class ModelCacheConfig:
         return f"model:{self.label}:{model_fingerprint(self.model)}:{lookup}:{{{digest}}}"
 
     def pending_key(self, pk: Any) -> str:
-        """Write-behind: the newest queued change of this row not yet in the database (same slot as pk)."""
-        return self.entry_key("pk", pk).replace(":pk:{", ":pending:{")
+        """Write-behind: the row's patch, the queued changes the database does not have yet, which readers
+        lay over the row (a hash, in the slot of the pk entry)."""
+        return self.entry_key("pk", pk).replace(":pk:{", ":patch:{")
+
+    def drained_key(self, pk: Any) -> str:
+        """Write-behind: the newest stream id whose changes the pk entry holds (same slot as the entry)."""
+        return self.entry_key("pk", pk).replace(":pk:{", ":drained:{")
 
     def lookup_value(self, instance: models.Model, lookup: str) -> Any:
         return (
