@@ -72,9 +72,9 @@ def observed_fingerprint(observed: bytes | None) -> str:
 
 
 def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
-    """A hit (an instance or MISSING_ROW), or a Miss saying what the key held. For a write-behind model the
-    row's patch (its queued changes) is read too, in the same round trip for a pk lookup, and laid over
-    the row."""
+    """A hit (an instance or MISSING_ROW), or a Miss saying what the key held. For a write-behind model
+    (cached by pk only) the row's patch, its queued changes, is read in the same round trip (the same
+    slot) and laid over the row."""
     head = yield from cache._namespace.current()
     physical = cache._physical_of(head, config.entry_key(lookup, value))
     patch_key = None
@@ -95,10 +95,6 @@ def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, u
         found = yield from cache._valid_values({0: (physical, data)})
         if 0 in found:
             result = config.instance_from(found[0], lookup, value, using)
-    if result is not None and config.write == "behind" and result is not MISSING_ROW and patch_key is None:
-        # Found by another lookup: the patch lives next to the pk entry.
-        patch_key = cache._physical_of(head, config.pending_key(result.pk))
-        raw_patch = yield Call(patch_key, ("HGETALL", patch_key), read=True)
     patch = behind.patch_fields(cache, patch_key, raw_patch) if raw_patch else None
     if result is None:
         return Miss(physical, data, patch)
@@ -164,8 +160,7 @@ def fill_plan(
     expiry = "" if expiry_ms is None else expiry_ms
     marker = None
     if config.write == "behind" and found is not MISSING_ROW:
-        # The pk entry is refused while the row has queued changes (its patch): the drain writes it after
-        # its commit. Other lookups' keys are in other slots; their readers lay the patch over them.
+        # Refused while the row has queued changes (its patch): the drain writes the entry after its commit.
         marker = cache._physical_of(head, config.pending_key(found.pk))
     calls = []
     for name, target in physical.items():
@@ -176,7 +171,7 @@ def fill_plan(
             cache._failures.count("model_unencodable")
             logger.warning("%s rows cannot be cached with this cache's serializer: %s", config.label, error)
             return False
-        script_keys = (target, marker) if marker is not None and name == "pk" else (target,)
+        script_keys = (target, marker) if marker is not None else (target,)
         calls.append(
             Call(
                 target,
