@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.apps import apps
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured, ValidationError
 from django.db import models
@@ -201,6 +202,11 @@ def _validate(model: Any, lookups: Any, write: Any, timeout: Any, tags: Any, neg
         raise ImproperlyConfigured(
             "cache_model(): write='behind' models are cached by pk only (lookups=('pk',)); "
             "see docs/write-behind.md"
+        )
+    if write == "behind" and apps.apps_ready and not apps.is_installed("django_distcache"):
+        raise ImproperlyConfigured(
+            "cache_model(): write='behind' needs 'django_distcache' in INSTALLED_APPS (and `manage.py "
+            "migrate`): the drain keeps each row's applied mark in a table of its own"
         )
     if (
         timeout is not DEFAULT_TIMEOUT
