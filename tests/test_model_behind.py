@@ -728,3 +728,36 @@ def test_flushbehind_fails_and_says_why_when_the_database_refuses(capsys):
     call_command("flushbehind")
     assert "applied 3 change(s)" in capsys.readouterr().out
     assert stored_views(counter.pk) == 2
+
+
+def test_a_database_lost_right_after_each_commit_does_not_stop_the_drain(monkeypatch):
+    """The database connection goes away right after every batch's commit (a terminated backend): the
+    drain does not need it again before its next transaction, so every batch is cleaned up and every
+    shard drained (before, the re-read of the rows after the commit raised and the rest of the drain,
+    other shards included, was skipped)."""
+    rows = [PageCounter.objects.create(name=f"r{n}") for n in range(12)]
+    for row in rows:
+        row.views = 5
+        django_distcache.save_behind(row, update_fields=["views"])
+    real = behind._apply_transaction
+    lost = []
+
+    def commit_then_lose_the_database(config, batch, db):
+        while lost:
+            lost.pop().__exit__(None, None, None)  # the next transaction connects again
+        real(config, batch, db)
+        refusing = _database_refusing()
+        refusing.__enter__()  # from here on, a query would fail
+        lost.append(refusing)
+
+    monkeypatch.setattr(behind, "_apply_transaction", commit_then_lose_the_database)
+    try:
+        report = django_distcache.flush_behind()
+    finally:
+        while lost:
+            lost.pop().__exit__(None, None, None)
+    assert report.complete, report.problems
+    assert report.changes_applied == 12
+    assert django_distcache.behind_metrics()["backlog"] == 0
+    assert all(stored_views(row.pk) == 5 for row in rows)
+    assert all(django_distcache.get_cached(PageCounter, pk=row.pk).views == 5 for row in rows)

@@ -55,7 +55,7 @@ from redis.crc import key_slot
 
 from ..cache import CacheUnavailable, Guarded
 from ..keys import BEHIND_CHANGE_IDENTITY
-from ..topology import Call
+from ..topology import OUTAGE_ERRORS, Call
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
 
@@ -87,7 +87,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1
 return 1
 """
 
-# Undo of a patch whose change could not be queued: only what this change still owns is taken back.
+# Undo of a patch whose change could not be queued: only what this change still owns is taken back
+# (ARGV[1] the change's token, then the patch's triples with each increment negated).
 _UNPATCH_SCRIPT = """
 local i = 2
 while i <= #ARGV do
@@ -97,7 +98,7 @@ while i <= #ARGV do
       redis.call('HDEL', KEYS[1], 'v:' .. name, 't:' .. name)
     end
   elseif redis.call('HEXISTS', KEYS[1], 'd:' .. name) == 1 then
-    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, -tonumber(ARGV[i + 2])) == 0 then
+    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, ARGV[i + 2]) == 0 then
       redis.call('HDEL', KEYS[1], 'd:' .. name)
     end
   end
@@ -111,8 +112,9 @@ return 1
 # stream id done for the row (applied, found applied, dropped or dead-lettered), ARGV[2] the row as the
 # database holds it ('' = the row is gone), ARGV[3] its TTL ('' = none), ARGV[4] the marks' TTL, then
 # the count of set fields and pairs (field, newest token of a done set), then the count of added fields and
-# for each: field, token of the last done set of it ('' = none), count, pairs (stream id, amount) of the
-# done increments after that set. Returns 0 if a drain did this already (or a newer one).
+# for each: field, token of the last done set of it ('' = none), count, pairs (stream id, minus the amount)
+# of the done increments after that set (Redis adds them: exact 64-bit sums, which Lua's doubles are not).
+# Returns 0 if a drain did this already (or a newer one).
 _REFRESH_SCRIPT = """
 local function newer(a, b)
   local am, as = string.match(a, '(%d+)-(%d+)')
@@ -137,16 +139,18 @@ local adds = tonumber(ARGV[i]); i = i + 1
 for _ = 1, adds do
   local name, last_set, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
-  local total = 0
+  local todo = {}
   for _ = 1, count do
-    if not drained or newer(ARGV[i], drained) then total = total + tonumber(ARGV[i + 1]) end
+    if not drained or newer(ARGV[i], drained) then table.insert(todo, ARGV[i + 1]) end
     i = i + 2
   end
   -- a set queued after these increments (still in the patch) already dropped them from it
   local pending_set = redis.call('HGET', KEYS[2], 't:' .. name)
   local superseded = pending_set and (last_set == '' or pending_set > last_set)
-  if total ~= 0 and not superseded and redis.call('HEXISTS', KEYS[2], 'd:' .. name) == 1 then
-    if redis.call('HINCRBY', KEYS[2], 'd:' .. name, -total) == 0 then redis.call('HDEL', KEYS[2], 'd:' .. name) end
+  if #todo > 0 and not superseded and redis.call('HEXISTS', KEYS[2], 'd:' .. name) == 1 then
+    local left = 0
+    for _, taken in ipairs(todo) do left = redis.call('HINCRBY', KEYS[2], 'd:' .. name, taken) end
+    if left == 0 then redis.call('HDEL', KEYS[2], 'd:' .. name) end
   end
 end
 if redis.call('HLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
@@ -412,7 +416,8 @@ def _queue_plan(
     if isinstance(queued, BaseException):
         if not isinstance(patched, BaseException):
             # Not queued, so readers must not see it: take back what this change still owns of the patch.
-            undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *ops), idempotent=False)
+            undone = [-item if isinstance(item, int) else item for item in ops]
+            undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *undone), idempotent=False)
             yield Guarded(_one(undo), "save_behind_cache", None)
         raise queued
     for reply in replies[1:-1]:
@@ -429,7 +434,11 @@ def _queue_plan(
         )
     if isinstance(patched, BaseException):
         # Queued, but readers of the cached row cannot see it: its row tag is invalidated (through the
-        # outbox if that node is unreachable), so they read the database until the drain refreshes it.
+        # outbox if that node is unreachable), so they read the database until the drain refreshes it. A
+        # refusal (an ACL without the hash commands) is a deployment error: said loudly, but the change is
+        # queued, so raising would invite a second, duplicate call.
+        if not isinstance(patched, OUTAGE_ERRORS):
+            logger.error("write-behind change %s queued, but its patch was refused: %s", stream_id, patched)
         cache._failures.note(
             "behind_unpatched", "write-behind change %s not laid on the cache: %s", stream_id, patched
         )
@@ -1053,7 +1062,7 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
                 last_set[name] = change.token
                 added[name] = []  # increments before a set are folded into nothing: the set replaced them
             for name, delta in change.increments.items():
-                added.setdefault(name, []).extend([_text(change.id), delta])
+                added.setdefault(name, []).extend([_text(change.id), -delta])
         args: list[Any] = [_text(done[-1].id), data, "" if expiry_ms is None else expiry_ms, PATCH_TTL_MS]
         args.append(len(newest_set))
         for name, token in newest_set.items():
