@@ -701,8 +701,12 @@ def _apply_transaction(config: ModelCacheConfig, rows: list[_Row], db: str) -> N
             moved = []
             for row in rows:
                 mark = marks[row.key]
-                newer = [change for change in row.changes if _sortable(change.id) > mark.stream_id]
-                row.found_applied = [change for change in row.changes if change not in newer]
+                # In stream order: what the mark covers is a prefix, the rest is newer.
+                cut = next(
+                    (i for i, change in enumerate(row.changes) if _sortable(change.id) > mark.stream_id),
+                    len(row.changes),
+                )
+                row.found_applied, newer = row.changes[:cut], row.changes[cut:]
                 if not newer:
                     continue
                 mark.stream_id = _sortable(newer[-1].id)
