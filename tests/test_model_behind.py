@@ -761,3 +761,31 @@ def test_a_database_lost_right_after_each_commit_does_not_stop_the_drain(monkeyp
     assert django_distcache.behind_metrics()["backlog"] == 0
     assert all(stored_views(row.pk) == 5 for row in rows)
     assert all(django_distcache.get_cached(PageCounter, pk=row.pk).views == 5 for row in rows)
+
+
+def test_a_terminated_database_backend_costs_one_shard_not_the_drain():
+    """PostgreSQL terminates the drain's backend: the shard whose transaction it was waits for the next
+    drain, and the other shards are drained on a new connection (before, the broken connection failed
+    every shard after it)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("terminating a backend (pg_terminate_backend) needs PostgreSQL; CI runs on it")
+    rows = [PageCounter.objects.create(name=f"t{n}") for n in range(40)]
+    for row in rows:
+        row.views = 3
+        django_distcache.save_behind(row, update_fields=["views"])
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    killer = connections.create_connection("default")
+    try:
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        killer.close()
+    report = django_distcache.flush_behind()
+    assert report.database_errors == 1 and not report.complete
+    assert 0 < report.changes_applied < 40  # the other shards were drained
+    report = django_distcache.flush_behind()
+    assert report.complete
+    assert all(stored_views(row.pk) == 3 for row in rows)

@@ -728,6 +728,11 @@ def _apply_transaction(config: ModelCacheConfig, rows: list[_Row], db: str) -> N
     except (OperationalError, InterfaceError) as error:
         for row in rows:
             row.applied, row.found_applied, row.dropped = [], [], []
+        connection = connections[db]
+        if not connection.in_atomic_block:
+            # A terminated backend leaves the connection broken: the next drain in this process (a Celery
+            # worker lives long) must open a new one rather than fail on the old one forever.
+            connection.close_if_unusable_or_obsolete()
         raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
     except Exception:
         for row in rows:
