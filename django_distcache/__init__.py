@@ -13,6 +13,7 @@ _MODEL_API = {
     "invalidate_model",
     "ainvalidate_model",
     "save_behind",
+    "incr_behind",
     "flush_behind",
     "behind_metrics",
 }

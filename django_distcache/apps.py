@@ -3,6 +3,7 @@ from django.apps import AppConfig
 
 class DistcacheConfig(AppConfig):
     name = "django_distcache"
+    default_auto_field = "django.db.models.BigAutoField"
     verbose_name = "django-distcache"
 
     def ready(self) -> None:

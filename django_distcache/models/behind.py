@@ -1,18 +1,29 @@
-"""Write-behind: `save_behind` updates the cache now and queues the change; a drain applies it later.
+"""Write-behind: `save_behind` and `incr_behind` change the cache now and queue the change; a drain applies
+it to the database later.
 
 Queue: BEHIND_SHARDS Redis Streams, each with a hash tag chosen so that the shards' slots are spread evenly
 over the 16384 slots (so over the primaries). A row always maps to the same shard, so its changes stay in
-order. A drain (`flush_behind()`, or the Celery task of the same name) takes a shard's lock, reads with a
-consumer group (first whatever a dead drainer left unacknowledged, then new entries), coalesces per row
-(last write wins in stream order; only the fields that were changed), applies the batch in one database
-transaction with `bulk_update`, then acknowledges and deletes the entries, so a stream holds exactly the
-changes not yet in the database. A drainer killed mid-batch leaves its entries pending and its lock to
-expire after BEHIND_IDLE_TIMEOUT; the next drainer applies them again (at-least-once; applying a value twice
-is harmless). A row that keeps failing moves to the dead-letter stream after BEHIND_MAX_ATTEMPTS drains.
+order. A call is one round trip: the change is appended to its stream and laid onto the row's *patch* (a
+hash next to the row's cache entry) in the same batch, each node's commands sent before any reply is read.
 
-While a row has queued changes, a marker next to its cache entry (same slot) holds the newest queued stream
-id: fills from the (older) database are refused, and after the drain commits it replaces the entry with the
-database's row and removes the marker, unless a newer change was queued meanwhile.
+Readers (`get_cached`) lay the patch over the row they read (from the entry or the database), so they see
+every acknowledged change at once: sets replace a field, increments add to it. The entry itself only ever
+holds the database's row.
+
+A drain (`flush_behind()`, or the Celery task) takes a shard's lock, reads the stream from its head and,
+per model, applies the changes in one database transaction. Inside that transaction it locks each row's
+`BehindApplied` mark and applies only the changes with a newer stream id than the mark, then moves the mark
+on. So a change is applied at most once and a row never moves back to an older value, whatever dies or
+stalls where: a drain killed after its commit, or one whose lock expired while it waited on the database,
+finds its changes already applied and only cleans up. After the commit it rewrites the entry with the row
+as the transaction left it and takes the applied changes off the patch (one script per row, guarded by the
+row's drained mark, so it happens once), then deletes the entries from the stream. A stream thus holds
+exactly the changes whose cleanup is not done.
+
+A change that fails on its own (a unique clash, a value the column refuses) is isolated: the row's other
+changes are applied around it, in order, and only that change is retried by the next drains, then moved to
+the dead-letter stream after BEHIND_MAX_ATTEMPTS failures. Later changes of that row wait behind it, so
+order is kept. A database that refuses everything (down, locked) charges nothing to any change.
 """
 
 from __future__ import annotations
@@ -20,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -39,48 +49,72 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models.expressions import Combinable
+from django.db.models import F, Value
+from django.db.models.expressions import Combinable, CombinedExpression
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
 
-from ..cache import CacheUnavailable, Compute, Guarded
+from ..cache import CacheUnavailable, Guarded
 from ..keys import BEHIND_CHANGE_IDENTITY
-from ..topology import Call
+from ..topology import OUTAGE_ERRORS, Call
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
 
 logger = logging.getLogger("django_distcache.behind")
 
-GROUP = b"distcache"
-MARKER_TTL_MS = 24 * 3600 * 1000
-CAS_ATTEMPTS = 5
-PASS_FACTOR = 10  # a drain coalesces up to this many reads of BEHIND_BATCH_SIZE entries per transaction
+PATCH_TTL_MS = 24 * 3600 * 1000
+READ_FACTOR = 10  # a drain reads up to this many BEHIND_BATCH_SIZE entries per transaction
 _SLOTS = 16384
+_INT64 = 2**63
 
-# save_behind's cache update: compare-and-set the entry (ARGV[1]: sha1 of what was read, '-' = absent),
-# and raise the row's marker to the newest queued stream id (ARGV[4]).
-_SAVE_SCRIPT = """
-local function newer(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
+# The patch of a row: 'v:<field>' the newest value set (encoded), 't:<field>' the set's order token,
+# 'd:<field>' the sum of increments queued after it. ARGV[1]: TTL, ARGV[2]: the change's token, then
+# triples (op, field, value) with op 'v' (set: replaces the value, drops earlier increments) or 'd' (add).
+_PATCH_SCRIPT = """
+local i = 3
+while i <= #ARGV do
+  local op, name = ARGV[i], ARGV[i + 1]
+  if op == 'v' then
+    redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[i + 2], 't:' .. name, ARGV[2])
+    redis.call('HDEL', KEYS[1], 'd:' .. name)
+  else
+    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, ARGV[i + 2]) == 0 then
+      redis.call('HDEL', KEYS[1], 'd:' .. name)
+    end
+  end
+  i = i + 3
 end
-local current = redis.call('GET', KEYS[1])
-local ok = true
-if current then ok = redis.sha1hex(current) == ARGV[1] else ok = ARGV[1] == '-' end
-local marker = redis.call('GET', KEYS[2])
-if not marker or newer(ARGV[4], marker) then redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
-if not ok then
-  if ARGV[6] == '1' then redis.call('DEL', KEYS[1]) end
-  return 0
-end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """
 
-# After a drain commits: replace the entry with the database's row and drop the marker, unless the marker
-# says a newer change (> ARGV[1]) is still queued.
+# Undo of a patch whose change could not be queued: only what this change still owns is taken back
+# (ARGV[1] the change's token, then the patch's triples with each increment negated).
+_UNPATCH_SCRIPT = """
+local i = 2
+while i <= #ARGV do
+  local op, name = ARGV[i], ARGV[i + 1]
+  if op == 'v' then
+    if redis.call('HGET', KEYS[1], 't:' .. name) == ARGV[1] then
+      redis.call('HDEL', KEYS[1], 'v:' .. name, 't:' .. name)
+    end
+  elseif redis.call('HEXISTS', KEYS[1], 'd:' .. name) == 1 then
+    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, ARGV[i + 2]) == 0 then
+      redis.call('HDEL', KEYS[1], 'd:' .. name)
+    end
+  end
+  i = i + 3
+end
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# After a drain's commit, once per row and stream id: KEYS entry, patch, drained mark. ARGV[1] the newest
+# stream id done for the row (applied, found applied, dropped or dead-lettered), ARGV[2] the row as the
+# database holds it ('' = the row is gone), ARGV[3] its TTL ('' = none), ARGV[4] the marks' TTL, then
+# the count of set fields and pairs (field, newest token of a done set), then the count of added fields and
+# for each: field, token of the last done set of it ('' = none), count, pairs (stream id, minus the amount)
+# of the done increments after that set (Redis adds them: exact 64-bit sums, which Lua's doubles are not).
+# Returns 0 if a drain did this already (or a newer one).
 _REFRESH_SCRIPT = """
 local function newer(a, b)
   local am, as = string.match(a, '(%d+)-(%d+)')
@@ -88,13 +122,60 @@ local function newer(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am > bm or (am == bm and as > bs)
 end
-local marker = redis.call('GET', KEYS[2])
-if marker then
-  if newer(marker, ARGV[1]) then return 0 end
-  redis.call('DEL', KEYS[2])
+local drained = redis.call('GET', KEYS[3])
+if drained and not newer(ARGV[1], drained) then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+elseif ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
+else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
+local i = 5
+local sets = tonumber(ARGV[i]); i = i + 1
+for _ = 1, sets do
+  local token = redis.call('HGET', KEYS[2], 't:' .. ARGV[i])
+  if token and token <= ARGV[i + 1] then redis.call('HDEL', KEYS[2], 'v:' .. ARGV[i], 't:' .. ARGV[i]) end
+  i = i + 2
 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) return 1 end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+local adds = tonumber(ARGV[i]); i = i + 1
+for _ = 1, adds do
+  local name, last_set, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  local todo = {}
+  for _ = 1, count do
+    if not drained or newer(ARGV[i], drained) then table.insert(todo, ARGV[i + 1]) end
+    i = i + 2
+  end
+  -- a set queued after these increments (still in the patch) already dropped them from it
+  local pending_set = redis.call('HGET', KEYS[2], 't:' .. name)
+  local superseded = pending_set and (last_set == '' or pending_set > last_set)
+  if #todo > 0 and not superseded and redis.call('HEXISTS', KEYS[2], 'd:' .. name) == 1 then
+    local left = 0
+    for _, taken in ipairs(todo) do left = redis.call('HINCRBY', KEYS[2], 'd:' .. name, taken) end
+    if left == 0 then redis.call('HDEL', KEYS[2], 'd:' .. name) end
+  end
+end
+if redis.call('HLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# The end of a batch, in the shard's slot: delete the entries, forget their failure counts and count them,
+# each id once (KEYS stream, attempts, stats). ARGV: applied, dropped, dead-lettered counts, rows written,
+# seconds, then the ids in that order.
+_DONE_SCRIPT = """
+local counts = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
+local names = {'changes_applied', 'dropped_deleted', 'dead_lettered'}
+local i = 6
+for c = 1, 3 do
+  local deleted = 0
+  for _ = 1, counts[c] do
+    deleted = deleted + redis.call('XDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    i = i + 1
+  end
+  if deleted > 0 then redis.call('HINCRBY', KEYS[3], names[c], deleted) end
+end
+redis.call('HINCRBY', KEYS[3], 'rows_written', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[3], 'apply_seconds', ARGV[5])
+redis.call('HINCRBY', KEYS[3], 'batches', 1)
 return 1
 """
 
@@ -132,16 +213,19 @@ class ShardKeys:
     stream: bytes
     lock: bytes
     attempts: bytes
+    stats: bytes
 
 
 def shard_keys(cache: Any, shard: int) -> ShardKeys:
-    """A shard's stream, lock and attempt counts: `<KEY_PREFIX>:~behind:{<tag>}` and alike, in one slot."""
+    """A shard's stream, lock, failure counts and counters: `<KEY_PREFIX>:~behind:{<tag>}` and alike, in
+    one slot."""
     tag = shard_tags(cache._settings.options["BEHIND_SHARDS"])[shard]
     internal = cache._keys.internal
     return ShardKeys(
         stream=internal(f"behind:{{{tag}}}"),
         lock=internal(f"behind-lock:{{{tag}}}"),
         attempts=internal(f"behind-attempts:{{{tag}}}"),
+        stats=internal(f"behind-stats:{{{tag}}}"),
     )
 
 
@@ -150,6 +234,7 @@ def dead_letter_key(cache: Any) -> bytes:
 
 
 def stats_key(cache: Any) -> bytes:
+    """Counters of earlier versions, which kept them in one key; still added into behind_metrics()."""
     return cache._keys.internal("behind-stats")
 
 
@@ -166,77 +251,150 @@ def _check(replies: Iterable[Any]) -> list[Any]:
     return replies
 
 
-# -- save_behind --------------------------------------------------------------------------------------
-def _changed_values(config: ModelCacheConfig, instance: models.Model, update_fields: Any) -> dict[str, Any]:
+def _sortable(stream_id: bytes | str) -> str:
+    """A stream id as text whose order is the stream's order."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    millis, _, sequence = text.partition("-")
+    return f"{int(millis):020d}-{int(sequence or 0):020d}"
+
+
+def _text(stream_id: bytes | str) -> str:
+    return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+
+
+_token_lock = threading.Lock()
+_last_token = [0]
+_process_tag = os.urandom(4).hex()
+
+
+def _order_token() -> str:
+    """Orders the sets of one field in a row's patch: microseconds, never repeated nor going back in this
+    process, then the process's random tag; fixed width, so text order is time order."""
+    with _token_lock:
+        now = max(time.time_ns() // 1000, _last_token[0] + 1)
+        _last_token[0] = now
+    return f"{now:016x}{_process_tag}"
+
+
+def _after_fork_in_child() -> None:
+    global _process_tag, _token_lock
+    _process_tag = os.urandom(4).hex()  # a forked child must not share its parent's tokens
+    _token_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- save_behind and incr_behind ----------------------------------------------------------------------
+def _column(config: ModelCacheConfig, name: str, caller: str) -> Any:
+    meta = config.model._meta
+    try:
+        model_field = meta.get_field(name)
+    except FieldDoesNotExist:
+        raise ValueError(f"{caller}(): {meta.label} has no field {name!r}") from None
+    if not getattr(model_field, "concrete", False) or model_field.many_to_many:
+        raise ValueError(f"{caller}(): {meta.label}.{name} is not a column")
+    if model_field.primary_key:
+        raise ValueError(f"{caller}(): the primary key {name!r} cannot be changed")
+    return model_field
+
+
+def _check_delta(config: ModelCacheConfig, model_field: Any, delta: Any, caller: str) -> int:
+    label = f"{config.label}.{model_field.name}"
+    if not isinstance(model_field, models.IntegerField):
+        raise ValueError(f"{caller}(): {label} is not an integer field; only integer fields count")
+    if type(delta) is not int:
+        raise TypeError(f"{caller}(): the increment of {label} must be an int, not {type(delta).__name__}")
+    if not -_INT64 < delta < _INT64:
+        raise ValueError(f"{caller}(): the increment {delta} of {label} is out of the 64-bit range")
+    return delta
+
+
+def _increment_of(model_field: Any, value: Any) -> int | None:
+    """The n of `F(field) + n`, `n + F(field)` or `F(field) - n` on the field itself; None for anything else."""
+    if not isinstance(value, CombinedExpression) or value.connector not in ("+", "-"):
+        return None
+    names = (model_field.name, model_field.attname)
+    lhs, rhs = value.lhs, value.rhs
+    if isinstance(lhs, F) and lhs.name in names and isinstance(rhs, Value) and type(rhs.value) is int:
+        return rhs.value if value.connector == "+" else -rhs.value
+    plus = value.connector == "+"
+    if (
+        plus
+        and isinstance(rhs, F)
+        and rhs.name in names
+        and isinstance(lhs, Value)
+        and type(lhs.value) is int
+    ):
+        return lhs.value
+    return None
+
+
+def _changed_values(
+    config: ModelCacheConfig, instance: models.Model, update_fields: Any
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """(values set, increments) of the fields to save; every value checked the way the database will."""
     meta = config.model._meta
     if update_fields is None:
         fields = [f for f in meta.concrete_fields if not f.primary_key]
     else:
         if isinstance(update_fields, str) or not isinstance(update_fields, Iterable):
             raise TypeError("update_fields must be a list of field names")
-        fields = []
-        for name in update_fields:
-            try:
-                model_field = meta.get_field(name)
-            except FieldDoesNotExist:
-                raise ValueError(f"save_behind(): {meta.label} has no field {name!r}") from None
-            if not getattr(model_field, "concrete", False) or model_field.many_to_many:
-                raise ValueError(f"save_behind(): {meta.label}.{name} is not a column")
-            if model_field.primary_key:
-                raise ValueError(f"save_behind(): the primary key {name!r} cannot be changed")
-            fields.append(model_field)
+        fields = [_column(config, name, "save_behind") for name in update_fields]
         if not fields:
             raise ValueError("save_behind(): update_fields is empty; nothing to save")
     connection = connections[router.db_for_write(config.model) or DEFAULT_DB_ALIAS]
-    values = {}
+    values: dict[str, Any] = {}
+    increments: dict[str, int] = {}
     for model_field in fields:
         value = getattr(instance, model_field.attname)
         if isinstance(value, Combinable):
-            raise ValueError(
-                f"save_behind(): {meta.label}.{model_field.name} holds an expression ({value!r}); "
-                "write-behind queues values, use save() for database expressions"
-            )
+            delta = _increment_of(model_field, value)
+            if delta is None:
+                raise ValueError(
+                    f"save_behind(): {meta.label}.{model_field.name} holds an expression ({value!r}); "
+                    "write-behind queues values and increments (F(field) + n), use save() for others"
+                )
+            increments[model_field.attname] = _check_delta(config, model_field, delta, "save_behind")
+            continue
         try:
             model_field.get_db_prep_save(value, connection)  # refuse now what the database would refuse later
         except (TypeError, ValueError) as error:
             raise ValueError(f"save_behind(): {meta.label}.{model_field.name}={value!r}: {error}") from error
         values[model_field.attname] = value
-    return values
+    return values, increments
 
 
-def _load_row(config: ModelCacheConfig, pk: Any) -> models.Model:
-    db = router.db_for_read(config.model) or DEFAULT_DB_ALIAS
-    return config.model._base_manager.using(db).get(pk=pk)
+def _field_identity(cache: Any, patch: bytes, name: str) -> bytes:
+    """What a patched value is signed for: this row's patch and this field, nothing else."""
+    return cache._keys.identity(patch) + b"\x00" + name.encode()
 
 
-def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, Any]) -> Any:
+def _queue_plan(
+    cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, Any], increments: dict[str, int]
+) -> Any:
+    """Append the change to its stream and lay it onto the row's patch: one batch, so one round trip."""
     options = cache._settings.options
     head = yield from cache._namespace.current()
-    entry = cache._physical_of(head, config.entry_key("pk", pk))
-    marker = cache._physical_of(head, config.pending_key(pk))
-    db = router.db_for_read(config.model) or DEFAULT_DB_ALIAS
-
-    def current_row() -> Any:
-        """(the bytes the entry holds, the row they hold if they are a live cached row)"""
-        observed = yield Call(entry, ("GET", entry))
-        if observed is not None:
-            found = yield from cache._valid_values({0: (entry, observed)})
-            row = config.instance_from(found[0], "pk", pk, db) if 0 in found else None
-            if isinstance(row, config.model):
-                return observed, row
-        return observed, None
-
-    # The cached row saves a database read; if its node (or one of its tags') is unreachable, the change
-    # can still be queued when the stream's node answers.
-    observed, row = yield Guarded(current_row(), "save_behind_cache", (None, None))
-    if row is None:
-        row = yield Compute(_load_row, (config, pk))  # DoesNotExist here: nothing queued yet
-    # Queue first: from here on the change reaches the database whatever happens to the cache.
+    patch = cache._physical_of(head, config.pending_key(pk))
     keys = shard_keys(cache, shard_of(cache, config.label, pk))
+    token = _order_token()
     payload = _encode_change(
         cache,
-        {"model": config.label, "pk": pk, "fields": values, "fingerprint": model_fingerprint(config.model)},
+        {
+            "model": config.label,
+            "pk": pk,
+            "fields": values,
+            "incr": increments,
+            "token": token,
+            "fingerprint": model_fingerprint(config.model),
+        },
     )
+    ops: list[Any] = []
+    for name, value in values.items():
+        ops += ["v", name, cache._codec.encode(value, _field_identity(cache, patch, name))]
+    for name, delta in increments.items():
+        ops += ["d", name, delta]
     calls = [
         Call(keys.stream, ("XADD", keys.stream, "*", "c", payload), idempotent=False),
         Call(keys.stream, ("XLEN", keys.stream)),
@@ -252,9 +410,20 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
             # the slot map does not list yet may still acknowledge within the millisecond.
             wait_ms = 1
         calls.append(Call(keys.stream, ("WAIT", wait_replicas, wait_ms)))
-    replies = _check((yield calls))
-    stream_id, backlog = replies[0], replies[1]
-    stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    calls.append(Call(patch, ("EVAL", _PATCH_SCRIPT, 1, patch, PATCH_TTL_MS, token, *ops), idempotent=False))
+    replies = yield calls
+    queued, patched = replies[0], replies[-1]
+    if isinstance(queued, BaseException):
+        if not isinstance(patched, BaseException):
+            # Not queued, so readers must not see it: take back what this change still owns of the patch.
+            undone = [-item if isinstance(item, int) else item for item in ops]
+            undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *undone), idempotent=False)
+            yield Guarded(_one(undo), "save_behind_cache", None)
+        raise queued
+    for reply in replies[1:-1]:
+        if isinstance(reply, BaseException):
+            raise reply
+    stream_id = _text(queued)
     if wait_replicas and int(replies[2]) < wait_replicas:
         cache._failures.note(
             "behind_unreplicated",
@@ -263,87 +432,71 @@ def _save_plan(cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, 
             replies[2],
             wait_replicas,
         )
-    # The change is queued: a cache outage from here on must not tell the caller it was not saved. The
-    # entry then keeps its old value until the drain refreshes it from the database.
-    updated = yield Guarded(
-        _update_entry_plan(cache, config, entry, marker, current_row, observed, row, values, stream_id),
-        "save_behind_cache",
-        False,
-    )
-    if not updated:
-        # The entry may still hold the old row when its node is back: its row tag is invalidated (through
-        # the outbox if that node is unreachable too), so readers load the row instead.
-        yield Guarded(cache._tags.invalidate(config.row_tags(row)), "save_behind_cache", None)
-    return stream_id, int(backlog), keys
-
-
-def _update_entry_plan(
-    cache: Any,
-    config: ModelCacheConfig,
-    entry: bytes,
-    marker: bytes,
-    current_row: Any,
-    observed: bytes | None,
-    row: models.Model,
-    values: dict[str, Any],
-    stream_id: str,
-) -> Any:
-    """Compare-and-set the cached row with the queued values merged in, and raise the row's marker."""
-    expiry_ms = cache._expiry_ms(config.timeout)
-    stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row)], expiry_ms)
-    expiry = "" if expiry_ms is None else expiry_ms
-    for attempt in range(CAS_ATTEMPTS):
-        for name, value in values.items():
-            setattr(row, name, value)
-        data = cache._encode(config.row_payload(row, cache), "save_behind", entry, stamps)
-        fingerprint = hashlib.sha1(observed).hexdigest() if observed is not None else "-"
-        last = "1" if attempt == CAS_ATTEMPTS - 1 else "0"
-        stored = yield Call(
-            entry,
-            (
-                "EVAL",
-                _SAVE_SCRIPT,
-                2,
-                entry,
-                marker,
-                fingerprint,
-                data,
-                expiry,
-                stream_id,
-                MARKER_TTL_MS,
-                last,
-            ),
-            idempotent=False,
+    if isinstance(patched, BaseException):
+        # Queued, but readers of the cached row cannot see it: its row tag is invalidated (through the
+        # outbox if that node is unreachable), so they read the database until the drain refreshes it. A
+        # refusal (an ACL without the hash commands) is a deployment error: said loudly, but the change is
+        # queued, so raising would invite a second, duplicate call.
+        if not isinstance(patched, OUTAGE_ERRORS):
+            logger.error("write-behind change %s queued, but its patch was refused: %s", stream_id, patched)
+        cache._failures.note(
+            "behind_unpatched", "write-behind change %s not laid on the cache: %s", stream_id, patched
         )
-        if stored == 1:
-            return True
-        observed, cached_row = yield from current_row()  # another writer got there first: merge onto theirs
-        if cached_row is not None:
-            row = cached_row
-    return True  # the last attempt removes the entry (readers load the row) rather than fail
+        yield Guarded(cache._tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
+    return stream_id, int(replies[1]), keys
 
 
-def save_behind(instance: models.Model, update_fields: Iterable[str] | None = None) -> str:
-    """Update the cached row now and queue the change for the database; returns the change's stream id.
+def _one(call: Call) -> Any:
+    return (yield call)
 
-    Readers through `get_cached` see the new values at once. The database gets them when a drain runs
-    (Celery beat, the backlog trigger, or `flush_behind()`). Raises CacheUnavailable when the change cannot
-    be queued (nothing is then changed), ValueError for values the database would refuse."""
-    config = config_for(instance)
+
+def _registered_behind(model: Any, caller: str) -> ModelCacheConfig:
+    config = config_for(model)
     if config.write != "behind":
         raise ImproperlyConfigured(
-            f"{config.label} is registered with write={config.write!r}; save_behind needs write='behind'"
+            f"{config.label} is registered with write={config.write!r}; {caller} needs write='behind'"
         )
-    if instance.pk is None:
-        raise ValueError("save_behind() needs a row that exists (its pk is None); create rows with save()")
-    pk = config.normalize("pk", instance.pk)
-    values = _changed_values(config, instance, update_fields)
+    return config
+
+
+def _queue(config: ModelCacheConfig, pk: Any, values: dict[str, Any], increments: dict[str, int]) -> str:
     cache = config.cache
-    stream_id, backlog, keys = cache._run_strict(_save_plan(cache, config, pk, values), "save_behind")
+    stream_id, backlog, _ = cache._run_strict(
+        _queue_plan(cache, config, pk, values, increments), "save_behind"
+    )
     threshold = cache._settings.options["BEHIND_TRIGGER_BACKLOG"]
     if threshold and backlog >= threshold:
         _trigger_drain(config.cache_alias, shard_of(cache, config.label, pk))
     return stream_id
+
+
+def save_behind(instance: models.Model, update_fields: Iterable[str] | None = None) -> str:
+    """Change the cached row now and queue the change for the database; returns the change's stream id.
+
+    Readers through `get_cached` see the new values at once. The database gets them when a drain runs
+    (Celery beat, the backlog trigger, or `flush_behind()`). A field set to `F(field) + n` is an increment
+    (see `incr_behind`). One round trip, no database access: a row that does not exist is found out by the
+    drain, which drops the change. Raises CacheUnavailable when the change cannot be queued (nothing is
+    then changed), ValueError for values the database would refuse."""
+    config = _registered_behind(instance, "save_behind")
+    if instance.pk is None:
+        raise ValueError("save_behind() needs a row that exists (its pk is None); create rows with save()")
+    pk = config.normalize("pk", instance.pk)
+    values, increments = _changed_values(config, instance, update_fields)
+    return _queue(config, pk, values, increments)
+
+
+def incr_behind(model: Any, pk: Any, field: str, delta: int = 1) -> str:
+    """Add `delta` to an integer field of a row, written behind; returns the change's stream id.
+
+    Concurrent calls never lose an increment: the cache adds each one atomically to the row's pending
+    increments (readers through `get_cached` see the sum at once), and the drain applies their sum to the
+    database as `field = field + n`, each change exactly once."""
+    config = _registered_behind(model, "incr_behind")
+    model_field = _column(config, field, "incr_behind")
+    delta = _check_delta(config, model_field, delta, "incr_behind")
+    pk = config.normalize("pk", pk)
+    return _queue(config, pk, {}, {model_field.attname: delta})
 
 
 _last_trigger: dict[tuple[str, int], float] = {}
@@ -364,11 +517,61 @@ def _trigger_drain(alias: str, shard: int) -> None:
         logger.warning("could not queue a write-behind drain of shard %s: %s", shard, error)
 
 
+# -- reading the patch --------------------------------------------------------------------------------
+def patch_fields(cache: Any, patch: bytes, reply: Any) -> dict[str, tuple]:
+    """{attname: ("set", value, n added since) or ("add", n)} from a patch's HGETALL; a value that does not
+    verify (not written by this cache for this row and field) is left out and logged."""
+    pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+    sets: dict[str, Any] = {}
+    adds: dict[str, int] = {}
+    for raw_name, raw_value in pairs:
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        kind, _, attname = name.partition(":")
+        if kind == "v":
+            try:
+                sets[attname] = cache._codec.decode(raw_value, _field_identity(cache, patch, attname))
+            except Exception as error:  # noqa: BLE001 - a forged or corrupt value is not laid on the row
+                cache._failures.count("behind_patch_refused")
+                logger.warning("a queued value of %r in %r does not verify: %s", attname, patch, error)
+        elif kind == "d":
+            try:
+                adds[attname] = int(raw_value)
+            except (TypeError, ValueError):
+                logger.warning("a queued increment of %r in %r is not a number", attname, patch)
+    fields: dict[str, tuple] = {name: ("set", value, adds.pop(name, 0)) for name, value in sets.items()}
+    fields.update((name, ("add", delta)) for name, delta in adds.items())
+    return fields
+
+
+def lay_patch(config: ModelCacheConfig, instance: models.Model, fields: dict[str, Any]) -> models.Model:
+    """The row with its queued changes: sets replace a value, increments add to it."""
+    for name, entry in fields.items():
+        if name not in config.field_names:
+            continue  # a field a migration removed
+        kind = entry[0]
+        try:
+            if kind == "set":
+                model_field = config.model._meta.get_field(name)
+                value = entry[1]
+                value = None if value is None else model_field.to_python(value)
+                if entry[2]:
+                    value = value + entry[2]
+                setattr(instance, name, value)
+            elif kind == "add":
+                current = getattr(instance, name)
+                if current is not None:
+                    setattr(instance, name, current + entry[1])
+        except Exception as error:  # noqa: BLE001 - the database will refuse it too; show the row as it is
+            logger.warning("queued change of %s.%s cannot be shown: %s", config.label, name, error)
+    return instance
+
+
 # -- the drain ----------------------------------------------------------------------------------------
 @dataclass
 class DrainReport:
     changes_read: int = 0
-    changes_applied: int = 0
+    changes_applied: int = 0  # applied by this drain
+    changes_found_applied: int = 0  # applied by an earlier drain that died before its cleanup
     rows_written: int = 0
     dropped_deleted: int = 0
     dead_lettered: int = 0
@@ -378,11 +581,18 @@ class DrainReport:
     seconds: float = 0.0
     shards_busy: list[int] = field(default_factory=list)
     shards_unreachable: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # why changes that could be applied were not
+
+    @property
+    def complete(self) -> bool:
+        """True if nothing was left behind for a reason other than a change's own failure."""
+        return not self.problems
 
     def add(self, other: DrainReport) -> None:
         for name in (
             "changes_read",
             "changes_applied",
+            "changes_found_applied",
             "rows_written",
             "dropped_deleted",
             "dead_lettered",
@@ -394,28 +604,216 @@ class DrainReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.shards_busy.extend(other.shards_busy)
         self.shards_unreachable.extend(other.shards_unreachable)
+        self.problems.extend(other.problems)
 
 
 @dataclass
-class _RowChange:
+class _Change:
+    id: bytes
+    payload: bytes | None
+    token: str
+    values: dict[str, Any]
+    increments: dict[str, int]
+
+
+@dataclass
+class _Row:
     label: str
     pk: Any
-    fields: dict[str, Any] = field(default_factory=dict)
-    ids: list[bytes] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
-    deleted: bool = False  # the row was gone when the change was applied: the change is dropped
+    changes: list[_Change] = field(default_factory=list)
+    # what became of them
+    applied: list[_Change] = field(default_factory=list)
+    found_applied: list[_Change] = field(default_factory=list)
+    dropped: list[_Change] = field(default_factory=list)
+    dead: list[tuple[_Change, str, int]] = field(default_factory=list)
+    fresh: Any = None  # the row as the database holds it after the last transaction, if one ran
+    read: bool = False  # whether `fresh` was read (None then means the row is gone)
+
+    @property
+    def key(self) -> str:
+        return str(self.pk)
+
+    def done(self) -> list[_Change]:
+        """Changes the database has (or will never get), in stream order: the patch lets go of these."""
+        changes = [*self.applied, *self.found_applied, *self.dropped, *(c for c, _, _ in self.dead)]
+        return sorted(changes, key=lambda change: _sortable(change.id))
 
 
-def _consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+_ZERO = _sortable("0-0")
 
 
-def _ensure_group_plan(keys: ShardKeys) -> Any:
+def _lock_marks(label: str, keys: list[str], db: str) -> dict[str, Any]:
+    """The rows' applied marks, created if new and locked until the transaction ends."""
+    from .applied import BehindApplied
+
+    manager = BehindApplied.objects.using(db)
+    manager.bulk_create(
+        [BehindApplied(model=label, pk_value=key, stream_id=_ZERO) for key in keys], ignore_conflicts=True
+    )
+    marks = manager.select_for_update().filter(model=label, pk_value__in=keys).order_by("pk_value")
+    return {mark.pk_value: mark for mark in marks}
+
+
+def _coalesce(
+    config: ModelCacheConfig, pk: Any, changes: list[_Change]
+) -> tuple[models.Model, tuple[str, ...]]:
+    """One instance holding what `changes` do to a row, in stream order: the last value set wins, and
+    increments after it add to it (or, with no value set, become `field + n`)."""
+    meta = config.model._meta
+    state: dict[str, list[Any]] = {}
+    for change in changes:
+        for name, value in change.values.items():
+            state[name] = ["set", value, 0]
+        for name, delta in change.increments.items():
+            current = state.setdefault(name, ["add", 0, 0])
+            current[2] += delta
+    instance = config.model(**{meta.pk.attname: pk})
+    for name, (kind, value, added) in state.items():
+        # The field as it is now: a field a migration removed (FieldDoesNotExist) or retyped so that the
+        # queued value no longer fits (ValidationError) fails this change, not the batch.
+        model_field = meta.get_field(name)
+        if kind == "set":
+            value = None if value is None else model_field.to_python(value)
+            if added:
+                value = value + added
+        else:
+            value = F(model_field.name) + added
+        setattr(instance, name, value)
+    return instance, tuple(sorted(state))
+
+
+def _apply_transaction(config: ModelCacheConfig, rows: list[_Row], db: str) -> None:
+    """Apply the rows' changes not applied yet, in one transaction; raises DatabaseUnavailable if the
+    database failed as a whole, the row's own error otherwise (nothing is then applied)."""
+    from .applied import BehindApplied
+
+    model = config.model
+    meta = model._meta
+    rows = sorted(rows, key=lambda row: row.key)  # one lock order for every drain: no deadlock
+    for row in rows:
+        row.applied, row.found_applied, row.dropped = [], [], []
+    pks = [row.pk for row in rows]
     try:
-        yield Call(keys.stream, ("XGROUP", "CREATE", keys.stream, GROUP, "0", "MKSTREAM"))
-    except ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
+        with transaction.atomic(using=db):
+            marks = _lock_marks(config.label, [row.key for row in rows], db)
+            existing = set(model._base_manager.using(db).filter(pk__in=pks).values_list("pk", flat=True))
+            groups: dict[tuple[str, ...], list[models.Model]] = {}
+            moved = []
+            for row in rows:
+                mark = marks[row.key]
+                # In stream order: what the mark covers is a prefix, the rest is newer.
+                cut = next(
+                    (i for i, change in enumerate(row.changes) if _sortable(change.id) > mark.stream_id),
+                    len(row.changes),
+                )
+                row.found_applied, newer = row.changes[:cut], row.changes[cut:]
+                if not newer:
+                    continue
+                mark.stream_id = _sortable(newer[-1].id)
+                moved.append(mark)
+                if row.pk not in existing:
+                    row.dropped = newer
+                    continue
+                row.applied = newer
+                instance, names = _coalesce(config, row.pk, newer)
+                if names:
+                    groups.setdefault(names, []).append(instance)
+            for names, instances in groups.items():
+                fields = [meta.get_field(name).name for name in names]
+                model._base_manager.using(db).bulk_update(instances, fields)
+            if moved:
+                BehindApplied.objects.using(db).bulk_update(moved, ["stream_id"])
+            # The rows as this transaction leaves them (its updates hold their locks until the commit).
+            fresh = {obj.pk: obj for obj in model._base_manager.using(db).filter(pk__in=pks)}
+    except (OperationalError, InterfaceError) as error:
+        for row in rows:
+            row.applied, row.found_applied, row.dropped = [], [], []
+        connection = connections[db]
+        if not connection.in_atomic_block:
+            # A terminated backend leaves the connection broken: the next drain in this process (a Celery
+            # worker lives long) must open a new one rather than fail on the old one forever.
+            connection.close_if_unusable_or_obsolete()
+        raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
+    except Exception:
+        for row in rows:
+            row.applied, row.found_applied, row.dropped = [], [], []
+        raise
+    for row in rows:
+        row.fresh, row.read = fresh.get(row.pk), True
+
+
+def _apply_model_rows(
+    cache: Any, keys: ShardKeys, config: ModelCacheConfig, rows: list[_Row], held: set, report: DrainReport
+) -> None:
+    """All rows in one transaction; if one of them fails, each row alone; if a row fails, its changes one
+    by one, so that only the change at fault is held back (and dead-lettered after BEHIND_MAX_ATTEMPTS)."""
+    db = router.db_for_write(config.model) or DEFAULT_DB_ALIAS
+    try:
+        _apply_transaction(config, rows, db)
+        return
+    except DatabaseUnavailable:
+        raise
+    except Exception:  # noqa: BLE001, S110 - isolate the changes that fail, apply the others
+        pass
+    for row in rows:
+        if len(rows) > 1:
+            try:
+                _apply_transaction(config, [row], db)
+                continue
+            except DatabaseUnavailable:
+                raise
+            except Exception:  # noqa: BLE001, S110 - this row has a failing change: find it
+                pass
+        _apply_change_by_change(cache, keys, config, row, db, held, report)
+
+
+def _apply_change_by_change(
+    cache: Any, keys: ShardKeys, config: ModelCacheConfig, row: _Row, db: str, held: set, report: DrainReport
+) -> None:
+    applied: list[_Change] = []
+    found: list[_Change] = []
+    dropped: list[_Change] = []
+    try:
+        for change in row.changes:
+            single = _Row(row.label, row.pk, [change])
+            try:
+                _apply_transaction(config, [single], db)
+            except DatabaseUnavailable:
+                raise
+            except Exception as error:  # noqa: BLE001 - this change is at fault
+                if _charge(cache, keys, row, change, f"{type(error).__name__}: {error}", held, report):
+                    continue
+                return
+            applied += single.applied
+            found += single.found_applied
+            dropped += single.dropped
+            row.fresh, row.read = single.fresh, True
+    finally:
+        row.applied, row.found_applied, row.dropped = applied, found, dropped
+
+
+def _charge(
+    cache: Any, keys: ShardKeys, row: _Row, change: _Change, error: str, held: set, report: DrainReport
+) -> bool:
+    """Count a failure of one change of the row. True if it goes to the dead letters (the row's later
+    changes go on), False if it is held back, with the row's later changes, for the next drain."""
+    attempts = int(
+        _call(cache, Call(keys.attempts, ("HINCRBY", keys.attempts, _text(change.id), 1), idempotent=False))
+    )
+    if attempts >= cache._settings.options["BEHIND_MAX_ATTEMPTS"]:
+        row.dead.append((change, error, attempts))
+        return True
+    held.add((row.label, row.pk))
+    report.failed_rows += 1
+    logger.warning(
+        "write-behind change %s of %s pk=%r failed (attempt %s), the row's later changes wait: %s",
+        _text(change.id),
+        row.label,
+        row.pk,
+        attempts,
+        error,
+    )
+    return False
 
 
 def _run(cache: Any, plan: Any, operation: str) -> Any:
@@ -423,10 +821,7 @@ def _run(cache: Any, plan: Any, operation: str) -> Any:
 
 
 def _call(cache: Any, call: Call, operation: str = "flush_behind") -> Any:
-    def plan() -> Any:
-        return (yield call)
-
-    return _run(cache, plan(), operation)
+    return _run(cache, _one(call), operation)
 
 
 def _batch(cache: Any, calls: list[Call], operation: str = "flush_behind") -> list[Any]:
@@ -436,17 +831,8 @@ def _batch(cache: Any, calls: list[Call], operation: str = "flush_behind") -> li
     return _run(cache, plan(), operation)
 
 
-def _stream_entries(reply: Any) -> Any:
-    """The entry list of a one-stream XREADGROUP reply (a map in RESP3, a list of pairs in RESP2)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return next(iter(reply.values()))
-    return reply[0][1]
-
-
 def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
-    """[(id, payload)] from XAUTOCLAIM/XREADGROUP entry lists; deleted entries come back as None."""
+    """[(id, payload)] from an XRANGE reply."""
     result = []
     for item in reply or []:
         if not item:
@@ -463,7 +849,10 @@ def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
 def flush_behind(
     using: str = "default", shards: Iterable[int] | None = None, max_batches: int | None = None
 ) -> DrainReport:
-    """Apply queued write-behind changes to the database now (deploys, tests, the Celery task)."""
+    """Apply queued write-behind changes to the database now (deploys, tests, the Celery task).
+
+    Every shard is tried whatever happens to the others; `report.problems` says what could not be applied
+    and why (`report.complete` is False then). Raises CacheUnavailable only if no shard could be read."""
     cache = caches[using]
     count = cache._settings.options["BEHIND_SHARDS"]
     report = DrainReport()
@@ -480,6 +869,7 @@ def flush_behind(
             # One unreachable stream must not hold up the others: its changes wait there for the next drain.
             failure = error
             report.shards_unreachable.append(int(shard))
+            report.problems.append(f"shard {shard}: its node is unreachable: {error}")
             logger.warning("write-behind shard %s not drained, its node is unreachable: %s", shard, error)
     report.seconds = time.monotonic() - started
     if failure is not None and len(report.shards_unreachable) == len(wanted):
@@ -491,75 +881,40 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
     options = cache._settings.options
     keys = shard_keys(cache, shard)
     report = DrainReport()
-    _run(cache, _ensure_group_plan(keys), "flush_behind")
     token = os.urandom(8).hex()
     idle_ms = max(1, int(options["BEHIND_IDLE_TIMEOUT"] * 1000))
     if not _call(cache, Call(keys.lock, ("SET", keys.lock, token, "NX", "PX", idle_ms))):
         report.shards_busy.append(shard)
         return report
-    consumer = _consumer_name()
-    batch_size = options["BEHIND_BATCH_SIZE"]
-    failed_rows: set[tuple[str, Any]] = set()
+    read_count = options["BEHIND_BATCH_SIZE"] * READ_FACTOR
+    held: set[tuple[str, Any]] = set()
+    start = "-"
     try:
-        # Whatever a previous drainer read and did not acknowledge comes first, in stream order. Holding the
-        # lock means that drainer is gone (its lock expired), so its entries are claimed at once.
-        cursor = b"0-0"
-        while True:
-            if max_batches is not None and report.batches >= max_batches:
-                return report
-            reply = _call(
-                cache,
-                Call(
-                    keys.stream, ("XAUTOCLAIM", keys.stream, GROUP, consumer, 0, cursor, "COUNT", batch_size)
-                ),
-            )
-            cursor, claimed = reply[0], _entries(reply[1])
-            if claimed:
-                if not _still_ours(cache, keys, token, idle_ms):
-                    return report
-                _apply_batch(cache, shard, keys, claimed, failed_rows, report)
-            if cursor in (b"0-0", "0-0"):
-                break
+        # From the head: the stream holds exactly the changes whose cleanup is not done, in order.
         while max_batches is None or report.batches < max_batches:
-            # Read until caught up (or PASS_FACTOR reads' worth), then coalesce everything read into one
-            # transaction: the fewer, larger batches, the more changes of a hot row become one write.
-            entries: list[tuple[bytes, bytes | None]] = []
-            for _ in range(PASS_FACTOR):
-                reply = _call(
-                    cache,
-                    Call(
-                        keys.stream,
-                        (
-                            "XREADGROUP",
-                            "GROUP",
-                            GROUP,
-                            consumer,
-                            "COUNT",
-                            batch_size,
-                            "STREAMS",
-                            keys.stream,
-                            ">",
-                        ),
-                    ),
-                )
-                read = _entries(_stream_entries(reply))
-                entries.extend(read)
-                if len(read) < batch_size:
-                    break
+            reply = _call(cache, Call(keys.stream, ("XRANGE", keys.stream, start, "+", "COUNT", read_count)))
+            entries = _entries(reply)
             if not entries:
                 break
             if not _still_ours(cache, keys, token, idle_ms):
-                return report
-            _apply_batch(cache, shard, keys, entries, failed_rows, report)
+                break  # another drainer goes on from the head; nothing here depends on the lock for safety
+            _apply_batch(cache, shard, keys, entries, held, report)
+            if len(entries) < read_count:
+                break
+            start = "(" + _text(entries[-1][0])
     except DatabaseUnavailable as error:
         report.database_errors += 1
+        report.problems.append(f"shard {shard}: the database failed: {error}")
         logger.warning(
             "write-behind drain of shard %s stopped, the database failed: %s (retried by the next drain)",
             shard,
             error,
         )
     finally:
-        _call(cache, Call(keys.lock, ("EVAL", _RELEASE_SCRIPT, 1, keys.lock, token)))
+        try:
+            _call(cache, Call(keys.lock, ("EVAL", _RELEASE_SCRIPT, 1, keys.lock, token)))
+        except CacheUnavailable:
+            pass  # the lock expires by itself
     return report
 
 
@@ -588,6 +943,8 @@ def _decode_change(cache: Any, payload: bytes | None) -> dict[str, Any]:
     change = cache._codec.decode(payload, BEHIND_CHANGE_IDENTITY)
     if not isinstance(change, dict) or not {"model", "pk", "fields"} <= set(change):
         raise BehindError("the stream entry is not a write-behind change")
+    if not isinstance(change["fields"], dict) or not isinstance(change.get("incr") or {}, dict):
+        raise BehindError("the stream entry is not a write-behind change")
     return change
 
 
@@ -596,224 +953,177 @@ def _apply_batch(
     shard: int,
     keys: ShardKeys,
     entries: list[tuple[bytes, bytes | None]],
-    failed_rows: set[tuple[str, Any]],
+    held: set[tuple[str, Any]],
     report: DrainReport,
 ) -> None:
     started = time.monotonic()
     report.batches += 1
     report.changes_read += len(entries)
-    rows: dict[tuple[str, Any], _RowChange] = {}
-    done_ids: list[bytes] = []  # acknowledged whatever happens (dropped or dead-lettered)
-    held_ids: list[bytes] = []  # left pending: their row failed earlier in this drain
+    rows: dict[tuple[str, Any], _Row] = {}
+    letters: list[tuple[bytes, bytes | None, str, int]] = []  # (id, payload, error, attempts)
     for entry_id, payload in entries:
         try:
             change = _decode_change(cache, payload)
         except Exception as error:  # noqa: BLE001 - a corrupt or forged entry goes to the dead letters
-            _dead_letter(
-                cache, shard, [(entry_id, payload)], f"undecodable: {type(error).__name__}: {error}", 0
-            )
-            report.dead_lettered += 1
-            done_ids.append(entry_id)
+            letters.append((entry_id, payload, f"undecodable: {type(error).__name__}: {error}", 0))
             continue
         row_id = (change["model"], change["pk"])
-        if row_id in failed_rows:
-            held_ids.append(entry_id)
-            continue
-        row = rows.setdefault(row_id, _RowChange(change["model"], change["pk"]))
-        row.fields.update(change["fields"])  # stream order: the later value wins
-        row.ids.append(entry_id)
-        row.payloads.append(payload)
-    by_model: dict[str, list[_RowChange]] = {}
+        if row_id in held:
+            continue  # behind a failing change of its row: stays in the stream, in order
+        rows.setdefault(row_id, _Row(change["model"], change["pk"])).changes.append(
+            _Change(
+                entry_id, payload, str(change.get("token") or ""), change["fields"], change.get("incr") or {}
+            )
+        )
+    by_model: dict[str, list[_Row]] = {}
     for row in rows.values():
         by_model.setdefault(row.label, []).append(row)
-    applied: list[_RowChange] = []
+    settled: list[tuple[ModelCacheConfig, _Row]] = []
+    stop: DatabaseUnavailable | None = None
     for label, model_rows in by_model.items():
         config = config_for_label(label)
         if config is None:
             for row in model_rows:
-                _dead_letter(
-                    cache,
-                    shard,
-                    list(zip(row.ids, row.payloads, strict=True)),
-                    f"{label} is not registered with cache_model()",
-                    0,
-                )
-                report.dead_lettered += len(row.ids)
-                done_ids.extend(row.ids)
+                letters += [
+                    (c.id, c.payload, f"{label} is not registered with cache_model()", 0) for c in row.changes
+                ]
             continue
-        ok, bad = _apply_rows(config, model_rows)
-        applied.extend((config, row) for row in ok)
-        done_ids.extend(i for row in ok for i in row.ids)
-        for row, error in bad:
-            attempts = int(
-                _call(
-                    cache,
-                    Call(
-                        keys.attempts,
-                        ("HINCRBY", keys.attempts, f"{row.label}:{row.pk!r}", 1),
-                        idempotent=False,
-                    ),
-                )
-            )
-            if attempts >= cache._settings.options["BEHIND_MAX_ATTEMPTS"]:
-                _dead_letter(cache, shard, list(zip(row.ids, row.payloads, strict=True)), error, attempts)
-                _call(cache, Call(keys.attempts, ("HDEL", keys.attempts, f"{row.label}:{row.pk!r}")))
-                _forget_cached_row(cache, config, row.pk)
-                report.dead_lettered += len(row.ids)
-                done_ids.extend(row.ids)
-            else:
-                failed_rows.add((row.label, row.pk))
-                report.failed_rows += 1
-                logger.warning(
-                    "write-behind change of %s pk=%r failed (attempt %s): %s",
-                    row.label,
-                    row.pk,
-                    attempts,
-                    error,
-                )
-    if done_ids:
-        _batch(
-            cache,
-            [
-                Call(keys.stream, ("XACK", keys.stream, GROUP, *done_ids)),
-                Call(keys.stream, ("XDEL", keys.stream, *done_ids)),
-            ],
-        )
-    _refresh_cached_rows(cache, [(config, row) for config, row in applied if not row.deleted])
-    for config, row in applied:
-        if row.deleted:
-            _forget_cached_row(cache, config, row.pk)
-    changes = sum(len(row.ids) for _, row in applied if not row.deleted)
-    written = sum(1 for _, row in applied if not row.deleted)
-    dropped = sum(len(row.ids) for _, row in applied if row.deleted)
-    report.changes_applied += changes
-    report.rows_written += written
-    report.dropped_deleted += dropped
-    elapsed = time.monotonic() - started
-    stats = stats_key(cache)
-
-    def count_stats() -> Any:
-        yield [
-            Call(stats, ("HINCRBY", stats, "changes_applied", changes), idempotent=False),
-            Call(stats, ("HINCRBY", stats, "rows_written", written), idempotent=False),
-            Call(stats, ("HINCRBY", stats, "dropped_deleted", dropped), idempotent=False),
-            Call(stats, ("HINCRBYFLOAT", stats, "apply_seconds", f"{elapsed:.6f}"), idempotent=False),
-            Call(stats, ("HINCRBY", stats, "batches", 1), idempotent=False),
-        ]
-
-    try:  # metrics only: the batch is applied and acknowledged, an unreachable stats node must not stop it
-        cache._run(count_stats(), "flush_behind_stats", None)
-    except CacheUnavailable:  # FAILURE_POLICY "raise"
-        pass
-
-
-def _apply_rows(
-    config: ModelCacheConfig, rows: list[_RowChange]
-) -> tuple[list[_RowChange], list[tuple[_RowChange, str]]]:
-    """Apply in one transaction; if it fails, row by row to find the ones that fail. Returns (ok, failed)."""
-    db = router.db_for_write(config.model) or DEFAULT_DB_ALIAS
-    try:
-        with transaction.atomic(using=db):
-            _write_rows(config, rows, db)
-        return rows, []
-    except (OperationalError, InterfaceError) as error:
-        # The database is down, locked or deadlocked: no row is at fault, none is charged an attempt.
-        raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
-    except Exception as first_error:  # noqa: BLE001 - isolate the rows that fail, apply the others
-        if len(rows) == 1:
-            return [], [(rows[0], f"{type(first_error).__name__}: {first_error}")]
-    ok, bad = [], []
-    for row in rows:
-        try:
-            with transaction.atomic(using=db):
-                _write_rows(config, [row], db)
-            ok.append(row)
-        except (OperationalError, InterfaceError) as error:
-            raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
-        except Exception as error:  # noqa: BLE001 - recorded with the row, dead-lettered after N attempts
-            bad.append((row, f"{type(error).__name__}: {error}"))
-    return ok, bad
-
-
-def _write_rows(config: ModelCacheConfig, rows: list[_RowChange], db: str) -> None:
-    model = config.model
-    meta = model._meta
-    pks = [row.pk for row in rows]
-    existing = set(model._base_manager.using(db).filter(pk__in=pks).values_list("pk", flat=True))
-    groups: dict[tuple[str, ...], list[models.Model]] = {}
-    for row in rows:
-        row.deleted = row.pk not in existing
-        if row.deleted:
+        if stop is None:
+            try:
+                _apply_model_rows(cache, keys, config, model_rows, held, report)
+            except DatabaseUnavailable as error:
+                stop = error  # what was committed before is still cleaned up below
+        settled += [(config, row) for row in model_rows]
+    row_letters = [
+        (change.id, change.payload, error, attempts)
+        for _, row in settled
+        for change, error, attempts in row.dead
+    ]
+    if letters or row_letters:
+        _dead_letter(cache, shard, letters + row_letters)
+    refreshed = _refresh_cached_rows(cache, [(config, row) for config, row in settled if row.done()])
+    applied_ids: list[bytes] = []
+    dropped_ids: list[bytes] = []
+    dead_ids = [letter[0] for letter in letters]
+    report.dead_lettered += len(letters)
+    written = 0
+    for _, row in settled:
+        written += bool(row.applied)
+        report.changes_applied += len(row.applied)
+        report.dropped_deleted += len(row.dropped)
+        report.dead_lettered += len(row.dead)
+        if row.dropped:
             logger.warning(
-                "dropped %d write-behind change(s) of %s pk=%r: the row no longer exists",
-                len(row.ids),
+                "dropped %d write-behind change(s) of %s pk=%r: the row does not exist",
+                len(row.dropped),
                 row.label,
                 row.pk,
             )
-            continue
-        names = tuple(sorted(row.fields))
-        instance = model(**{meta.pk.attname: row.pk})
-        for name, value in row.fields.items():
-            # The field as it is now: a field a migration removed (FieldDoesNotExist) or retyped so that the
-            # queued value no longer fits (ValidationError) fails this row, not the batch.
-            model_field = meta.get_field(name)
-            setattr(instance, name, None if value is None else model_field.to_python(value))
-        groups.setdefault(names, []).append(instance)
-    for names, instances in groups.items():
-        fields = [meta.get_field(name).name for name in names]
-        model._base_manager.using(db).bulk_update(instances, fields)
+        if (row.label, row.pk) not in refreshed:
+            continue  # its cleanup is not done: its entries stay for the next drain, which finds them applied
+        report.changes_found_applied += len(row.found_applied)
+        applied_ids += [c.id for c in row.applied] + [c.id for c in row.found_applied]
+        dropped_ids += [c.id for c in row.dropped]
+        dead_ids += [c.id for c, _, _ in row.dead]
+    report.rows_written += written
+    _delete_entries(cache, keys, applied_ids, dropped_ids, dead_ids, written, time.monotonic() - started)
+    if stop is not None:
+        raise stop
 
 
-def _refresh_cached_rows(cache: Any, applied: list[tuple[ModelCacheConfig, _RowChange]]) -> None:
-    """After the commit: each applied row's entry becomes the database's row, unless newer changes wait."""
-    by_config: dict[Any, tuple[ModelCacheConfig, list[_RowChange]]] = {}
-    for config, row in applied:
-        by_config.setdefault(config.model, (config, []))[1].append(row)
-    for config, rows in by_config.values():
-        db = router.db_for_read(config.model) or DEFAULT_DB_ALIAS
-        fresh = {
-            obj.pk: obj
-            for obj in config.model._base_manager.using(db).filter(pk__in=[row.pk for row in rows])
-        }
-        cache._run(_refresh_plan(cache, config, rows, fresh), "flush_behind_refresh", None)
+def _refresh_cached_rows(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> set[tuple[str, Any]]:
+    """After the commit: each row's entry becomes the row as the transaction left it, and the patch lets
+    go of the changes done. Returns the rows whose cleanup is done (now or by an earlier drain)."""
+    if not settled:
+        return set()
+    replies = cache._run(_refresh_plan(cache, settled), "flush_behind_refresh", None)
+    if replies is None:
+        return set()
+    done = set()
+    for (_, row), reply in zip(settled, replies, strict=True):
+        if not isinstance(reply, BaseException):
+            done.add((row.label, row.pk))
+    return done
 
 
-def _refresh_plan(cache: Any, config: ModelCacheConfig, rows: list[_RowChange], fresh: dict[Any, Any]) -> Any:
+def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> Any:
     head = yield from cache._namespace.current()
-    expiry_ms = cache._expiry_ms(config.timeout)
-    expiry = "" if expiry_ms is None else expiry_ms
     calls = []
-    for row in rows:
-        instance = fresh.get(row.pk)
+    for config, row in settled:
+        expiry_ms = cache._expiry_ms(config.timeout)
         entry = cache._physical_of(head, config.entry_key("pk", row.pk))
-        marker = cache._physical_of(head, config.pending_key(row.pk))
-        data = b""
-        if instance is not None:
-            stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(instance)], expiry_ms)
-            data = cache._encode(config.row_payload(instance, cache), "flush_behind", entry, stamps)
-        last_id = row.ids[-1].decode() if isinstance(row.ids[-1], bytes) else str(row.ids[-1])
+        patch = cache._physical_of(head, config.pending_key(row.pk))
+        drained = cache._physical_of(head, config.drained_key(row.pk))
+        if not row.read:
+            data: bytes | str = "-"  # no transaction read the row (its only change was dead-lettered)
+        elif row.fresh is None:
+            data = ""
+        else:
+            stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row.fresh)], expiry_ms)
+            data = cache._encode(config.row_payload(row.fresh, cache), "flush_behind", entry, stamps)
+        done = row.done()
+        newest_set: dict[str, str] = {}
+        last_set: dict[str, str] = {}
+        added: dict[str, list[Any]] = {}
+        for change in done:
+            for name in change.values:
+                newest_set[name] = max(newest_set.get(name, ""), change.token)
+                last_set[name] = change.token
+                added[name] = []  # increments before a set are folded into nothing: the set replaced them
+            for name, delta in change.increments.items():
+                added.setdefault(name, []).extend([_text(change.id), -delta])
+        args: list[Any] = [_text(done[-1].id), data, "" if expiry_ms is None else expiry_ms, PATCH_TTL_MS]
+        args.append(len(newest_set))
+        for name, token in newest_set.items():
+            args += [name, token]
+        increments = {name: pairs for name, pairs in added.items() if pairs}
+        args.append(len(increments))
+        for name, pairs in increments.items():
+            args += [name, last_set.get(name, ""), len(pairs) // 2, *pairs]
         calls.append(
-            Call(entry, ("EVAL", _REFRESH_SCRIPT, 2, entry, marker, last_id, data, expiry), idempotent=False)
+            Call(entry, ("EVAL", _REFRESH_SCRIPT, 3, entry, patch, drained, *args), idempotent=False)
         )
-    if calls:
-        yield calls
+    return (yield calls)
 
 
-def _forget_cached_row(cache: Any, config: ModelCacheConfig, pk: Any) -> None:
-    """A dead-lettered row: its cache entry holds values the database never got; let readers load the row."""
-
-    def plan() -> Any:
-        head = yield from cache._namespace.current()
-        entry = cache._physical_of(head, config.entry_key("pk", pk))
-        marker = cache._physical_of(head, config.pending_key(pk))
-        yield [Call(entry, ("DEL", entry)), Call(marker, ("DEL", marker))]
-
-    cache._run(plan(), "flush_behind_refresh", None)
-
-
-def _dead_letter(
-    cache: Any, shard: int, entries: list[tuple[bytes, bytes | None]], error: str, attempts: int
+def _delete_entries(
+    cache: Any,
+    keys: ShardKeys,
+    applied: list[bytes],
+    dropped: list[bytes],
+    dead: list[bytes],
+    rows_written: int,
+    seconds: float,
 ) -> None:
+    """Delete the done entries from the stream and count them, each once, in one script."""
+    if not (applied or dropped or dead):
+        return
+    _call(
+        cache,
+        Call(
+            keys.stream,
+            (
+                "EVAL",
+                _DONE_SCRIPT,
+                3,
+                keys.stream,
+                keys.attempts,
+                keys.stats,
+                len(applied),
+                len(dropped),
+                len(dead),
+                rows_written,
+                f"{seconds:.6f}",
+                *applied,
+                *dropped,
+                *dead,
+            ),
+            idempotent=False,
+        ),
+    )
+
+
+def _dead_letter(cache: Any, shard: int, letters: list[tuple[bytes, bytes | None, str, int]]) -> None:
     key = dead_letter_key(cache)
     calls = [
         Call(
@@ -837,10 +1147,10 @@ def _dead_letter(
             ),
             idempotent=False,
         )
-        for entry_id, payload in entries
+        for entry_id, payload, error, attempts in letters
     ]
     _batch(cache, calls)
-    logger.error("moved %d write-behind change(s) to the dead-letter stream: %s", len(entries), error)
+    logger.error("moved %d write-behind change(s) to the dead-letter stream: %s", len(letters), letters[0][2])
 
 
 # -- dead letters and metrics ---------------------------------------------------------------------------
@@ -921,22 +1231,30 @@ def behind_metrics(using: str = "default") -> dict[str, Any]:
         calls += [
             Call(keys.stream, ("XLEN", keys.stream)),
             Call(keys.stream, ("XRANGE", keys.stream, "-", "+", "COUNT", 1)),
+            Call(keys.stats, ("HGETALL", keys.stats)),
         ]
     calls.append(Call(stats_key(cache), ("HGETALL", stats_key(cache))))
     calls.append(Call(dead_letter_key(cache), ("XLEN", dead_letter_key(cache))))
     replies = _batch(cache, calls, "behind_metrics")
     oldest_lag = 0.0
+    stats: dict[str, float] = {}
+
+    def add_counters(raw: Any) -> None:
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        for name, value in pairs:
+            key = name.decode()
+            stats[key] = stats.get(key, 0.0) + float(value)
+
     for shard in range(count):
-        backlog, first = replies[2 * shard], replies[2 * shard + 1]
+        backlog, first, counters = replies[3 * shard : 3 * shard + 3]
         lag = 0.0
         if first:
             millis = int(first[0][0].split(b"-")[0])
             lag = max(0.0, (now_ms - millis) / 1000)
         oldest_lag = max(oldest_lag, lag)
         shards.append({"shard": shard, "backlog": int(backlog), "lag_seconds": lag})
-    raw = replies[-2] or {}
-    pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
-    stats = {name.decode(): float(value) for name, value in pairs}
+        add_counters(counters or {})
+    add_counters(replies[-2] or {})
     applied = stats.get("changes_applied", 0.0)
     rows = stats.get("rows_written", 0.0)
     seconds = stats.get("apply_seconds", 0.0)

@@ -26,6 +26,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from ..topology import Call
+from . import behind
 from .registry import MISSING_ROW, ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
@@ -57,6 +58,7 @@ def bump_epoch_plan(cache: Any, config: ModelCacheConfig) -> Any:
 class Miss:
     physical: bytes
     observed: bytes | None  # what the key held when the reader looked (a dead entry), or None
+    patch: dict[str, tuple] | None = None  # write-behind: queued changes of the row, laid over the load
 
 
 @dataclass(slots=True)
@@ -70,16 +72,35 @@ def observed_fingerprint(observed: bytes | None) -> str:
 
 
 def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
-    """A hit (an instance or MISSING_ROW), or a Miss saying what the key held."""
-    physical = yield from cache._physical_key(config.entry_key(lookup, value), None)
-    data = yield Call(physical, ("GET", physical), read=True)
+    """A hit (an instance or MISSING_ROW), or a Miss saying what the key held. For a write-behind model
+    (cached by pk only) the row's patch, its queued changes, is read in the same round trip (the same
+    slot) and laid over the row."""
+    head = yield from cache._namespace.current()
+    physical = cache._physical_of(head, config.entry_key(lookup, value))
+    patch_key = None
+    if config.write == "behind" and lookup == "pk":
+        patch_key = cache._physical_of(head, config.pending_key(value))
+        data, raw_patch = yield [
+            Call(physical, ("GET", physical), read=True),
+            Call(patch_key, ("HGETALL", patch_key), read=True),
+        ]
+        for reply in (data, raw_patch):
+            if isinstance(reply, BaseException):
+                raise reply
+    else:
+        data = yield Call(physical, ("GET", physical), read=True)
+        raw_patch = None
+    result = None
     if data is not None:
         found = yield from cache._valid_values({0: (physical, data)})
         if 0 in found:
             result = config.instance_from(found[0], lookup, value, using)
-            if result is not None:
-                return result
-    return Miss(physical, data)
+    patch = behind.patch_fields(cache, patch_key, raw_patch) if raw_patch else None
+    if result is None:
+        return Miss(physical, data, patch)
+    if patch and result is not MISSING_ROW:
+        result = behind.lay_patch(config, result, patch)
+    return result
 
 
 def lease_plan(cache: Any, config: ModelCacheConfig) -> Any:
@@ -139,6 +160,7 @@ def fill_plan(
     expiry = "" if expiry_ms is None else expiry_ms
     marker = None
     if config.write == "behind" and found is not MISSING_ROW:
+        # Refused while the row has queued changes (its patch): the drain writes the entry after its commit.
         marker = cache._physical_of(head, config.pending_key(found.pk))
     calls = []
     for name, target in physical.items():
@@ -214,6 +236,14 @@ async def _aload(config: ModelCacheConfig, using: str, lookup: str, value: Any) 
         return MISSING_ROW
 
 
+def _patched(config: ModelCacheConfig, found: Any, miss: Miss) -> Any:
+    """A row loaded from the database, with the queued changes the reader saw laid over it (the fill
+    stored the row as the database has it)."""
+    if miss.patch and found is not MISSING_ROW:
+        return behind.lay_patch(config, found, miss.patch)
+    return found
+
+
 def _found_or_raise(config: ModelCacheConfig, found: Any, lookup: str, value: Any) -> Any:
     if found is MISSING_ROW:
         raise config.model.DoesNotExist(
@@ -243,7 +273,7 @@ def get_cached(model: Any, **lookup: Any) -> Any:
     found = _load(config, using, name, value)
     if lease is not None:
         cache._run(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
-    return _found_or_raise(config, found, name, value)
+    return _found_or_raise(config, _patched(config, found, result), name, value)
 
 
 async def aget_cached(model: Any, **lookup: Any) -> Any:
@@ -261,4 +291,4 @@ async def aget_cached(model: Any, **lookup: Any) -> Any:
     found = await _aload(config, using, name, value)
     if lease is not None:
         await cache._arun(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
-    return _found_or_raise(config, found, name, value)
+    return _found_or_raise(config, _patched(config, found, result), name, value)

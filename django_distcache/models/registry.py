@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.apps import apps
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured, ValidationError
 from django.db import models
@@ -97,8 +98,13 @@ class ModelCacheConfig:
         return f"model:{self.label}:{model_fingerprint(self.model)}:{lookup}:{{{digest}}}"
 
     def pending_key(self, pk: Any) -> str:
-        """Write-behind: the newest queued change of this row not yet in the database (same slot as pk)."""
-        return self.entry_key("pk", pk).replace(":pk:{", ":pending:{")
+        """Write-behind: the row's patch, the queued changes the database does not have yet, which readers
+        lay over the row (a hash, in the slot of the pk entry)."""
+        return self.entry_key("pk", pk).replace(":pk:{", ":patch:{")
+
+    def drained_key(self, pk: Any) -> str:
+        """Write-behind: the newest stream id whose changes the pk entry holds (same slot as the entry)."""
+        return self.entry_key("pk", pk).replace(":pk:{", ":drained:{")
 
     def lookup_value(self, instance: models.Model, lookup: str) -> Any:
         return (
@@ -196,6 +202,11 @@ def _validate(model: Any, lookups: Any, write: Any, timeout: Any, tags: Any, neg
         raise ImproperlyConfigured(
             "cache_model(): write='behind' models are cached by pk only (lookups=('pk',)); "
             "see docs/write-behind.md"
+        )
+    if write == "behind" and apps.apps_ready and not apps.is_installed("django_distcache"):
+        raise ImproperlyConfigured(
+            "cache_model(): write='behind' needs 'django_distcache' in INSTALLED_APPS (and `manage.py "
+            "migrate`): the drain keeps each row's applied mark in a table of its own"
         )
     if (
         timeout is not DEFAULT_TIMEOUT

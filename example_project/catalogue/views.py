@@ -5,7 +5,7 @@ The product list and each product's page are whole responses cached by django_di
 tagged (see keys.py): the tags' versions are read before the page renders, so an invalidation that lands
 while a page is being built makes that entry miss at once instead of hiding it until its timeout. What
 changes on every request stays out of the cached page: thin outer views fill in the footer's badge, and
-on a product's page its view count, which `save_behind` writes behind. The categories page caches its
+on a product's page its view count, which `incr_behind` writes behind. The categories page caches its
 parts with get_or_set instead, one entry per category.
 """
 
@@ -22,7 +22,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils.html import format_html
 
-from django_distcache import cached_view, get_cached, invalidate_tags, save_behind
+from django_distcache import cached_view, get_cached, incr_behind, invalidate_tags
 from django_distcache.cache import CacheUnavailable
 
 from .keys import category_key, category_tags, list_tags, product_row_tag, product_tags
@@ -139,22 +139,22 @@ def build_product_page(slug: str) -> dict[str, Any]:
 def count_view(product_id: int) -> int | None:
     """Add one to the product's view count and return it; None if the cache cannot take the count.
 
-    The counter is written behind: get_cached reads it from the cache, save_behind stores the new count
-    there at once and queues it, and a drain (the Celery beat task, see shop/celery.py) writes the queued
-    counts to the database in batches. Two requests counting the same product at the same instant may
-    store the same number (the later write wins), a loss a view counter can afford."""
+    The counter is written behind: `incr_behind` adds one in the cache at once, atomically, and queues the
+    increment; a drain (the Celery beat task, see shop/celery.py) adds the queued increments to the
+    database in batches. No view is lost, however many requests count the same product at once. The
+    number shown is the count read just before plus this view (two visitors at the same instant may see
+    the same number; both views are counted)."""
     try:
         counter = get_cached(ProductViews, pk=product_id)
     except ProductViews.DoesNotExist:
         # The first view: write-behind queues changes of rows that exist, so the row is created now.
         counter, _ = ProductViews.objects.get_or_create(product_id=product_id)
-    counter.views += 1
     try:
-        save_behind(counter, update_fields=["views"])
+        incr_behind(ProductViews, counter.pk, "views")
     except CacheUnavailable as error:
         logger.warning("view of product %s not counted: %s", product_id, error)
         return None
-    return counter.views
+    return counter.views + 1
 
 
 def summarise_category(pk: int) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-# Loaded with Django, so that tasks sent from the shop (save_behind's backlog trigger) go to its broker.
+# Loaded with Django, so that tasks sent from the shop (incr_behind's backlog trigger) go to its broker.
 from .celery import app as celery_app
 
 __all__ = ["celery_app"]

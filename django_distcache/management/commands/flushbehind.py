@@ -62,11 +62,23 @@ class Command(BaseCommand):
             metrics = behind.behind_metrics(using)
             self.stdout.write(json.dumps(metrics, indent=2))
             return
-        report = behind.flush_behind(using, shards=options["shard"])
+        try:
+            report = behind.flush_behind(using, shards=options["shard"])
+        except behind.CacheUnavailable as error:
+            raise CommandError(f"nothing drained, no shard's node could be reached: {error}") from error
         self.stdout.write(
             f"applied {report.changes_applied} change(s) as {report.rows_written} row write(s) in "
             f"{report.batches} batch(es), {report.seconds:.3f}s; dropped (row deleted) {report.dropped_deleted}; "
             f"dead-lettered {report.dead_lettered}; failing rows left for retry {report.failed_rows}"
             + (f"; shards busy with another drainer: {report.shards_busy}" if report.shards_busy else "")
             + (f"; shards unreachable: {report.shards_unreachable}" if report.shards_unreachable else "")
+            + (
+                f"; found applied by an earlier drain {report.changes_found_applied}"
+                if report.changes_found_applied
+                else ""
+            )
         )
+        if not report.complete:
+            raise CommandError(
+                "changes were left in the queue: " + "; ".join(report.problems) + " (run it again once fixed)"
+            )
