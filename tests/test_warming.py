@@ -600,6 +600,89 @@ def test_a_scheduled_warmer_runs_on_celery_beat(cache, broker):
         worker.stop()
 
 
+# -- pages -------------------------------------------------------------------------------------------------
+RENDERS: list[str] = []
+
+
+def _catalogue_page(request, slug):
+    from django.http import HttpResponse
+
+    RENDERS.append(slug)
+    return HttpResponse(f"<h1>{slug}</h1>")
+
+
+def _page_setting_a_cookie(request):
+    from django.http import HttpResponse
+
+    response = HttpResponse("welcome")
+    response.set_cookie("seen", "1")
+    return response
+
+
+def _urlpatterns():
+    from django.urls import path
+
+    from django_distcache import cached_view
+
+    return [
+        path("page/<slug:slug>/", cached_view(timeout=60)(_catalogue_page)),
+        path("welcome/", cached_view(timeout=60)(_page_setting_a_cookie)),
+    ]
+
+
+urlpatterns = _urlpatterns()
+with_pages = override_settings(
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["*", ".shop.example", "other.example"],
+    MIDDLEWARE=[
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+    ],
+)
+
+
+@with_pages
+def test_a_page_warmer_stores_pages_under_the_key_of_a_visitors_first_get(cache):
+    from django.test import Client
+
+    from django_distcache.warming import page_warmer
+
+    @page_warmer("shop-pages")  # the host: the first ALLOWED_HOSTS entry naming one, "shop.example"
+    def shop_pages():
+        yield "/page/mug/"
+        yield "/page/kettle/?utm_source=mail"  # a tracking parameter: the same page as /page/kettle/
+        yield "/welcome/"
+        yield "/nowhere/"
+
+    RENDERS.clear()
+    result = run_warmer("shop-pages")
+    assert (result.entries, result.skipped, result.errors) == (2, 0, 2)
+    assert "/welcome/ (not stored by @cached_view: pass)" in result.error
+    assert "/nowhere/ (answered 404)" in result.error
+    assert RENDERS == ["mug", "kettle"]
+    visitor = Client(HTTP_HOST="shop.example")
+    assert visitor.get("/page/mug/").cache_status == "hit"
+    assert visitor.get("/page/kettle/").cache_status == "hit"
+    assert RENDERS == ["mug", "kettle"]  # the visitors' first GETs rendered nothing
+    assert Client(HTTP_HOST="other.example").get("/page/mug/").cache_status == "miss"  # the host is keyed
+    again = run_warmer("shop-pages")
+    assert (again.entries, again.skipped) == (0, 2)  # in the cache already: left as they are
+    assert run_warmer("shop-pages", dry_run=True).entries == 3  # /nowhere/ resolves to no view
+
+    @page_warmer("elsewhere-pages", host="www.elsewhere.example:8443", secure=True)
+    def elsewhere_pages():
+        return ["/page/teapot/"]
+
+    with override_settings(ALLOWED_HOSTS=["www.elsewhere.example"]):
+        assert run_warmer("elsewhere-pages").entries == 1
+        secure_visitor = Client(HTTP_HOST="www.elsewhere.example:8443")
+        assert secure_visitor.get("/page/teapot/", secure=True).cache_status == "hit"
+        assert secure_visitor.get("/page/teapot/").cache_status == "miss"  # http is another page
+    with override_settings(ALLOWED_HOSTS=["*"]):
+        assert "give page_warmer(host=...)" in run_warmer("shop-pages").error
+
+
 # -- the example shop ----------------------------------------------------------------------------------------
 EXAMPLE = ROOT / "example_project"
 
