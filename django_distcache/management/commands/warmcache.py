@@ -329,20 +329,6 @@ class Command(BaseCommand):
                     display.done(_outcome(result))
             if not following:
                 break
-            for name, followed in following.items():
-                lost = followed.lost(now, lost_after)
-                if lost:
-                    send_again(name, lost, f"its worker's heartbeat stopped {lost_after:g}s ago")
-            if now - max(last_change, last_quiet_check) >= lost_after:
-                # Nothing moved for a while: chunks no worker runs may sit unacknowledged with a worker
-                # that died, prefetched. If a worker is there to run them, send them again.
-                last_quiet_check = now
-                answered, _ = self._ping(warm_task.app)
-                if answered:
-                    for name, followed in following.items():
-                        waiting = followed.waiting(time.monotonic(), lost_after)
-                        if waiting:
-                            send_again(name, waiting, f"no progress for {lost_after:g}s, a worker is up")
             if now - last_change >= stall or now > deadline:
                 answered, ping_error = self._ping(warm_task.app)
                 queue = options["queue"] or warm_task.app.conf.task_default_queue
@@ -358,6 +344,20 @@ class Command(BaseCommand):
                     )
                     display.done(_outcome(result))
                 break
+            for name, followed in following.items():
+                lost = followed.lost(now, lost_after)
+                if lost:
+                    send_again(name, lost, f"its worker's heartbeat stopped {lost_after:g}s ago")
+            if now - max(last_change, last_quiet_check) >= lost_after:
+                # Nothing moved for a while: chunks no worker runs may sit unacknowledged with a worker
+                # that died, prefetched. If a worker is there to run them, send them again.
+                last_quiet_check = now
+                answered, _ = self._ping(warm_task.app)
+                if answered:
+                    for name, followed in following.items():
+                        waiting = followed.waiting(time.monotonic(), lost_after)
+                        if waiting:
+                            send_again(name, waiting, f"no progress for {lost_after:g}s, a worker is up")
             entries = sum(result.entries for result in results.values())
             display.update(
                 f"{_bar(tasks_done, total_tasks)}{tasks_done}/{total_tasks} tasks, {entries:,} entries, "
