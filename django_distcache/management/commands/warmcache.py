@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 from django_distcache import warming
 from django_distcache.warming import WarmResult
 
-POLL_INTERVAL = 0.2  # seconds between two readings of the --async tasks' progress
+POLL_INTERVAL = 0.1  # seconds between two readings of the --async tasks' progress
 STALL_TIMEOUT = 60.0  # --stall-timeout's default: seconds without any progress or heartbeat of a run
 PING_SECONDS = 1.0  # how long the workers are given to answer a ping
 MIN_LOST_AFTER = 3 * warming.HEARTBEAT_SECONDS  # a heartbeat missed this long is not a scheduling hiccup
