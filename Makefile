@@ -47,6 +47,9 @@ cluster-down: venv
 	$(PY) -m django_distcache.devcluster broker-down $(DEMO_BROKER_ARGS)
 	$(PY) -m django_distcache.devcluster down --base-port $(DEMO_PORT) --data-dir $(DEMO_DATA)
 
+# The worker is started through the `celery` script with absolute paths: on SIGHUP it re-executes its own
+# command line from the directory --workdir moved it to (`python -m celery` re-runs as a plain script and
+# fails on a relative import).
 demo: cluster-up
 	$(PY) -m django_distcache.devcluster broker-up $(DEMO_BROKER_ARGS)
 	cd example_project && $(DEMO_ENV) ../$(PY) manage.py migrate --noinput
@@ -56,8 +59,8 @@ demo: cluster-up
 	if [ -n "$$pid" ] && ps -o args= -p $$pid 2>/dev/null | grep -q celery; then \
 	  echo "The demo's Celery worker is already running (pid $$pid)"; \
 	else \
-	  $(DEMO_ENV) nohup $(PY) -m celery --workdir example_project -A shop worker -B -P solo -l info \
-	    -s $(CURDIR)/.devcluster/demo-beat-schedule >$(DEMO_WORKER_LOG) 2>&1 & \
+	  $(DEMO_ENV) nohup $(CURDIR)/$(VENV)/bin/celery --workdir $(CURDIR)/example_project -A shop worker -B -P solo \
+	    -l info -s $(CURDIR)/.devcluster/demo-beat-schedule >$(DEMO_WORKER_LOG) 2>&1 & \
 	  echo $$! >$(DEMO_WORKER_PID); \
 	  echo "Started a Celery worker with beat (pid $$!): it writes the view counts to the database."; \
 	fi

@@ -18,7 +18,7 @@ _MODEL_API = {
     "behind_metrics",
 }
 # Warming imports the ORM too (QuerySet warmers), so its names are loaded the same way.
-_WARMING_API = {"warmer", "run_warmer", "warm_queryset"}
+_WARMING_API = {"warmer", "page_warmer", "run_warmer", "warm_queryset"}
 
 
 def __getattr__(name: str) -> Any:

@@ -43,8 +43,16 @@ def refresh_task(name: str, args: list[Any], kwargs: dict[str, Any], token: str 
     refresh_by_name(name, args, kwargs, token)
 
 
-@shared_task(name="django_distcache.warm", ignore_result=True)
+# Late acknowledgement: a chunk's message is acknowledged when the chunk has run, not when a worker takes
+# it, so a worker killed with chunks running or prefetched leaves them unacknowledged for the broker to
+# deliver again; a pool child that dies mid-chunk has its chunk put back at once (reject_on_worker_lost).
+# Running a chunk twice writes the same entries, and a chunk of a followed run that is done already is
+# skipped (warming.run_task).
+@shared_task(
+    name="django_distcache.warm", ignore_result=True, bind=True, acks_late=True, reject_on_worker_lost=True
+)
 def warm_task(
+    self: Any,
     name: str,
     chunk_index: int = 0,
     chunk_count: int = 1,
@@ -54,12 +62,13 @@ def warm_task(
     using: str | None = None,
 ) -> dict[str, Any]:
     """Run the warmer `name`, or one chunk of it (see docs/warming.md): `manage.py warmcache --async`
-    sends one group of these per warmer and follows `run_id`'s progress; beat sends whole runs."""
+    sends one of these per chunk and follows `run_id`'s progress; beat sends whole runs."""
     from dataclasses import asdict
 
     from .warming import run_task
 
-    return asdict(run_task(name, chunk_index, chunk_count, chunk_size, pks, run_id, using))
+    worker = getattr(self.request, "hostname", None) or ""
+    return asdict(run_task(name, chunk_index, chunk_count, chunk_size, pks, run_id, using, worker))
 
 
 def warmer_beat_schedule() -> dict[str, dict[str, Any]]:

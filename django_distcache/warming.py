@@ -78,6 +78,7 @@ class Warmer:
     schedule: Any
     using: str
     takes_chunk: bool  # the function has a parameter: it is given its Chunk and yields only that share
+    pages: PageRequests | None = None  # a page warmer: the function yields URLs, requested as a visitor would
 
     def source(self, chunk: Chunk) -> Any:
         return self.function(chunk) if self.takes_chunk else self.function()
@@ -106,6 +107,14 @@ def _check_schedule(name: str, schedule: Any) -> None:
         raise ImproperlyConfigured(f"warmer {name!r}: schedule must be a positive interval, got {schedule!r}")
 
 
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ImproperlyConfigured(
+            f"warmer name must be 1-100 characters of letters, digits and _ . : - (starting with a letter "
+            f"or digit), got {name!r}"
+        )
+
+
 def warmer(
     name: str,
     *,
@@ -121,11 +130,7 @@ def warmer(
     `tags` are stamped on every entry, their versions read before the function runs; `schedule` (seconds,
     a timedelta or a Celery schedule) puts the warmer in `tasks.warmer_beat_schedule()`; `using` is the
     cache alias written to."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ImproperlyConfigured(
-            f"warmer name must be 1-100 characters of letters, digits and _ . : - (starting with a letter "
-            f"or digit), got {name!r}"
-        )
+    _check_name(name)
     if (
         timeout is not DEFAULT_TIMEOUT
         and timeout is not None
@@ -147,6 +152,17 @@ def warmer(
     if not isinstance(using, str) or not using:
         raise ImproperlyConfigured(f"warmer {name!r}: using must be a cache alias, got {using!r}")
 
+    def build(function: Callable[..., Any], takes_chunk: bool) -> Warmer:
+        return Warmer(name, function, timeout, checked_tags, schedule, using, takes_chunk)
+
+    return _registration(name, build)
+
+
+def _registration(
+    name: str, build: Callable[[Callable[..., Any], bool], Warmer]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The decorator that checks a warmer function's shape and registers `build(function, takes_chunk)`."""
+
     def register(function: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(function):
             raise TypeError(f"@warmer({name!r}) decorates a function, got {function!r}")
@@ -162,7 +178,7 @@ def warmer(
                 f"warmer {name!r}: {function.__qualname__} takes {len(parameters)} arguments; a warmer takes "
                 "none, or one (its Chunk)"
             )
-        entry = Warmer(name, function, timeout, checked_tags, schedule, using, takes_chunk=bool(parameters))
+        entry = build(function, bool(parameters))
         existing = _registry.get(name)
         # The same function registered again is its module imported again (a reload): keep the new one.
         if existing is not None and existing.origin != entry.origin:
@@ -173,6 +189,79 @@ def warmer(
         return function
 
     return register
+
+
+@dataclass(frozen=True)
+class PageRequests:
+    """How a page warmer's URLs are requested: the Host header, the scheme and any extra headers."""
+
+    host: str | None  # None: the first ALLOWED_HOSTS entry that names a host, looked up when it runs
+    secure: bool
+    headers: tuple[tuple[str, str], ...]
+
+    def resolved_host(self) -> str:
+        return self.host if self.host is not None else default_page_host()
+
+
+def default_page_host() -> str:
+    """The Host a page warmer sends when not told: the first ALLOWED_HOSTS entry that names one host
+    ("*" is skipped; ".example.com" gives "example.com"), or "localhost" under DEBUG with none."""
+    from django.conf import settings
+
+    for allowed in settings.ALLOWED_HOSTS:
+        host = allowed.lstrip(".")
+        if host and "*" not in host:
+            return host
+    if settings.DEBUG and not settings.ALLOWED_HOSTS:
+        return "localhost"
+    raise ImproperlyConfigured(
+        "a page warmer needs the host visitors use (the Host header is part of a cached page's key): "
+        f"ALLOWED_HOSTS ({settings.ALLOWED_HOSTS!r}) names none, so give page_warmer(host=...)"
+    )
+
+
+def page_warmer(
+    name: str,
+    *,
+    host: str | None = None,
+    secure: bool = False,
+    headers: Mapping[str, str] | None = None,
+    schedule: Any = None,
+    using: str = "default",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as the warmer `name` of pages: it yields (or returns) URLs, a path
+    with any query string ("/", "/p/mug/?page=2"), and each is requested with an anonymous GET through
+    Django's whole stack (URL resolution, middleware, the view), so that `@cached_view` stores the page
+    under exactly the key a visitor's GET maps to. The key holds the scheme and the Host header: `host`
+    (with the port visitors use, if any; default: the first ALLOWED_HOSTS entry that names a host) and
+    `secure` (https) must be the ones visitors send; `headers` adds request headers (those a view's
+    `vary_on` names). The pages' timeouts and tags are their views'. `using` is the cache the progress of
+    `warmcache --async` is reported to; pages go where their views store them."""
+    _check_name(name)
+    if host is not None and (not isinstance(host, str) or not host or "/" in host or " " in host):
+        raise ImproperlyConfigured(
+            f"page warmer {name!r}: host must be a host name with an optional port, got {host!r}"
+        )
+    if not isinstance(secure, bool):
+        raise ImproperlyConfigured(f"page warmer {name!r}: secure must be True or False, got {secure!r}")
+    pairs = tuple((headers or {}).items())
+    for header, value in pairs:
+        if not isinstance(header, str) or not isinstance(value, str) or not header:
+            raise ImproperlyConfigured(f"page warmer {name!r}: headers must map names to strings")
+        if header.lower() in {"cookie", "authorization", "proxy-authorization", "host"}:
+            raise ImproperlyConfigured(
+                f"page warmer {name!r}: header {header!r} is not sent: warmed pages are anonymous visits "
+                "(and the host is given with host=)"
+            )
+    _check_schedule(name, schedule)
+    if not isinstance(using, str) or not using:
+        raise ImproperlyConfigured(f"warmer {name!r}: using must be a cache alias, got {using!r}")
+    pages = PageRequests(host, secure, pairs)
+
+    def build(function: Callable[..., Any], takes_chunk: bool) -> Warmer:
+        return Warmer(name, function, DEFAULT_TIMEOUT, (), schedule, using, takes_chunk, pages)
+
+    return _registration(name, build)
 
 
 def discover() -> None:
@@ -284,7 +373,20 @@ def run_warmer(
         # written after it born stale, instead of leaving them current.
         stamps = _stamps_before_computing(cache, entry.tags, entry.timeout, dry_run)
         source = entry.source(chunk)
-        if isinstance(source, QuerySet):
+        if entry.pages is not None:
+            if using is not None and using != entry.using:
+                raise ImproperlyConfigured(
+                    f"page warmer {entry.name!r}: pages are stored in the caches their views' @cached_view "
+                    f"names, not in CACHES[{using!r}]"
+                )
+            items = _urls(entry.name, source)
+            if chunk.count > 1 and not entry.takes_chunk:
+                items = (url for position, url in enumerate(items) if chunk.owns(position))
+            failures = _warm_pages(items, entry.pages, chunk.size, dry_run, progress)
+            if failures:
+                shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
+                result.error = f"{len(failures)} page(s) not warmed: {shown}"
+        elif isinstance(source, QuerySet):
             from .models.registry import config_for
 
             row_pks = queryset_pks(source) if pks is None else pks
@@ -414,6 +516,101 @@ def _metered(plan: Any, meter: _Meter) -> Any:
             for call, answer in zip(request, reply, strict=True):
                 if call.args[0] == "SET" and not isinstance(answer, BaseException):
                     meter.bytes += len(call.args[2])
+
+
+# -- pages -----------------------------------------------------------------------------------------------
+# Set in the WSGI environ of a page warmer's requests: a view can tell a warming visit from a visitor's
+# (to leave it out of a view count, say). No HTTP header can set it.
+WARMING_ENVIRON_KEY = "django_distcache.warming"
+
+
+def is_warming_request(request: Any) -> bool:
+    """Whether `request` is a page warmer's visit rather than a visitor's."""
+    return bool(request.META.get(WARMING_ENVIRON_KEY))
+
+
+def _urls(name: str, source: Any) -> Iterator[str]:
+    if isinstance(source, str | bytes) or not isinstance(source, Iterable):
+        raise TypeError(f"page warmer {name!r} returned {type(source).__name__}; it yields URLs (paths)")
+    for url in source:
+        if not isinstance(url, str) or not url.startswith("/"):
+            raise TypeError(f"page warmer {name!r} yielded {url!r}; expected a path such as '/p/mug/'")
+        yield url
+
+
+def _warm_pages(
+    urls: Iterable[str], pages: PageRequests, chunk_size: int, dry_run: bool, progress: Progress
+) -> list[str]:
+    """GET each URL through Django's handler, `chunk_size` at a time between progress reports; return
+    why each page that is not in the cache afterwards is not.
+
+    The request is built as a visitor's anonymous GET (no cookie, no credentials) and goes through the
+    middleware and the URL resolver, so the view's @cached_view computes the key a visitor's request
+    maps to. The handler's get_response is called directly: the request_started/finished signals, which
+    would close this process's database connections and caches after every page, are not sent."""
+    from django.core.handlers.base import BaseHandler
+    from django.test.client import RequestFactory
+    from django.urls import Resolver404, resolve
+    from django.utils import translation
+
+    host = pages.resolved_host()
+    factory = RequestFactory()
+    handler = None
+    failures: list[str] = []
+    batch: list[str] = []
+
+    def visit(url: str) -> dict[str, int]:
+        nonlocal handler
+        if dry_run:
+            try:
+                resolve(url.split("?", 1)[0])
+            except Resolver404:
+                failures.append(f"{url} (no URL pattern matches it)")
+                return {"errors": 1}
+            return {"entries": 1}
+        if handler is None:
+            handler = BaseHandler()
+            handler.load_middleware()
+        request = factory.get(url, secure=pages.secure, headers=dict(pages.headers), HTTP_HOST=host)
+        request.META[WARMING_ENVIRON_KEY] = True
+        # The language a visitor's request starts with: none activated (LocaleMiddleware activates its own).
+        language = translation.get_language()
+        translation.deactivate()
+        try:
+            response = handler.get_response(request)
+        finally:
+            if language:
+                translation.activate(language)
+        status = getattr(response, "cache_status", None)
+        if response.status_code != 200 or response.streaming:
+            streaming = ", streaming" if response.streaming else ""
+            failures.append(f"{url} (answered {response.status_code}{streaming})")
+            return {"errors": 1}
+        if status == "miss":
+            return {"entries": 1, "bytes": len(response.content)}
+        if status == "hit":
+            return {"skipped": 1}  # in the cache already: left as it is, its own timeout and tags apply
+        if status is None:
+            # Not a @cached_view page: it was rendered once, which fills what its view caches on the way.
+            return {"entries": 1}
+        failures.append(f"{url} (not stored by @cached_view: {status})")
+        return {"errors": 1}
+
+    def flush() -> None:
+        counts: dict[str, int] = {}
+        for url in batch:
+            for field_name, value in visit(url).items():
+                counts[field_name] = counts.get(field_name, 0) + value
+        batch.clear()
+        progress(counts)
+
+    for url in urls:
+        batch.append(url)
+        if len(batch) >= chunk_size:
+            flush()
+    if batch:
+        flush()
+    return failures
 
 
 # -- QuerySets of cache_model models ----------------------------------------------------------------------
@@ -586,7 +783,9 @@ def task_arguments(
     computes every value in every task, so it gets one task unless `tasks` says otherwise."""
     _check_chunk_size(chunk_size)
     common = {"name": entry.name, "chunk_size": chunk_size, "run_id": run_id, "using": using}
-    source = None if inspect.isgeneratorfunction(entry.function) else entry.source(Chunk(0, 1, chunk_size))
+    source = None
+    if entry.pages is None and not inspect.isgeneratorfunction(entry.function):
+        source = entry.source(Chunk(0, 1, chunk_size))
     if isinstance(source, QuerySet):
         pks = [pk if isinstance(pk, int | str) else str(pk) for pk in queryset_pks(source)]
         chunks = [pks[start : start + chunk_size] for start in range(0, len(pks), chunk_size)] or [[]]
@@ -604,51 +803,155 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+# A run's progress, one hash per warmer (`progress_key`), one set of fields per chunk, so that a chunk run
+# again (its worker died) replaces its own figures instead of adding to a total:
+#   started:<i>  how many times a task began chunk i (a chunk begun MAX_CHUNK_STARTS times is given up)
+#   running:<i>  JSON of the attempt under way: its worker, a heartbeat counter bumped every
+#                HEARTBEAT_SECONDS, and its counts so far
+#   done:<i>     JSON of the chunk's final counts and error; a task finding it set skips the chunk
+HEARTBEAT_SECONDS = 1.0
+MAX_CHUNK_STARTS = 3
+
+
 def progress_key(cache: Any, run_id: str, name: str) -> bytes:
     return cache._keys.internal(f"warm:{run_id}:{name}")
 
 
-def _record_plan(key: bytes, delta: Mapping[str, int], error: str | None, done: bool) -> Any:
-    calls = [Call(key, ("HINCRBY", key, name, delta[name])) for name in _COUNTS if delta.get(name)]
-    if done:
-        calls.append(Call(key, ("HINCRBY", key, "chunks_done", 1)))
-    if error:
-        calls.append(Call(key, ("HSETNX", key, "error", error[:1000])))
-    if calls:
-        calls.append(Call(key, ("EXPIRE", key, PROGRESS_TTL)))
-        replies = yield calls
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
+def _hash_plan(key: bytes, fields: Mapping[str, Any], delete: Iterable[str] = ()) -> Any:
+    calls = [Call(key, ("HSET", key, *[part for pair in fields.items() for part in pair]))] if fields else []
+    deleted = list(delete)
+    if deleted:
+        calls.append(Call(key, ("HDEL", key, *deleted)))
+    calls.append(Call(key, ("EXPIRE", key, PROGRESS_TTL)))
+    replies = yield calls
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+
+
+def _begin_plan(key: bytes, index: int) -> Any:
+    """Whether chunk `index` is done already, and how many times it has been begun (this time included)."""
+    done, started, _ = yield [
+        Call(key, ("HEXISTS", key, f"done:{index}")),
+        Call(key, ("HINCRBY", key, f"started:{index}", 1), idempotent=False),
+        Call(key, ("EXPIRE", key, PROGRESS_TTL)),
+    ]
+    for reply in (done, started):
+        if isinstance(reply, BaseException):
+            raise reply
+    return bool(done), int(started)
 
 
 def _read_progress_plan(key: bytes) -> Any:
     return (yield Call(key, ("HGETALL", key)))
 
 
+def _counts_of(result: WarmResult) -> dict[str, int]:
+    return {name: getattr(result, name) for name in _COUNTS}
+
+
 @dataclass
 class TaskProgress:
-    """What the tasks of one warmer in one run reported so far (a hash in the warmer's cache)."""
+    """What the tasks of one warmer in one run reported so far (a hash in the warmer's cache): per chunk,
+    whether it is done (with its final counts), the attempt under way, and how often it was begun."""
 
-    entries: int = 0
-    bytes: int = 0
-    errors: int = 0
-    skipped: int = 0
-    batches: int = 0
-    chunks_done: int = 0
-    error: str | None = None
+    done: dict[int, dict[str, Any]]
+    running: dict[int, dict[str, Any]]
+    started: dict[int, int]
+
+    def counts(self) -> dict[str, int]:
+        """The counts of the finished chunks plus those of the attempts under way."""
+        totals = dict.fromkeys(_COUNTS, 0)
+        for index in {*self.done, *self.running}:
+            record = self.done.get(index) or self.running[index]  # a chunk done counts its final figures
+            for name in _COUNTS:
+                totals[name] += int(record.get(name, 0))
+        return totals
+
+    @property
+    def error(self) -> str | None:
+        errors = [
+            (index, record["error"]) for index, record in sorted(self.done.items()) if record.get("error")
+        ]
+        return errors[0][1] if errors else None
+
+    @property
+    def chunks_done(self) -> int:
+        return len(self.done)
 
 
 def read_progress(cache: Any, run_id: str, name: str) -> TaskProgress:
+    import json
+
     raw = cache._run(_read_progress_plan(progress_key(cache, run_id, name)), "warm_progress", {}) or {}
-    progress = TaskProgress()
+    progress = TaskProgress({}, {}, {})
     for field_name, value in raw.items():
-        name_text = field_name.decode() if isinstance(field_name, bytes) else field_name
-        if name_text == "error":
-            progress.error = value.decode(errors="replace") if isinstance(value, bytes) else value
-        elif hasattr(progress, name_text):
-            setattr(progress, name_text, int(value))
+        text = field_name.decode() if isinstance(field_name, bytes) else field_name
+        kind, _, index_text = text.partition(":")
+        if not index_text.isdigit():
+            continue
+        index = int(index_text)
+        try:
+            if kind == "done":
+                progress.done[index] = json.loads(value)
+            elif kind == "running":
+                progress.running[index] = json.loads(value)
+            elif kind == "started":
+                progress.started[index] = int(value)
+        except ValueError:
+            continue  # not written by this version: ignored rather than failing the run
     return progress
+
+
+class _Heartbeat:
+    """While a chunk runs, a thread writes its `running:<i>` field: at once when the chunk reports
+    progress, and every HEARTBEAT_SECONDS otherwise, so that the command following the run can tell a
+    slow chunk (the counter moves) from one whose worker died (it stops). The thread is the only writer
+    of the field while the chunk runs, so the field never goes back to older counts."""
+
+    def __init__(self, cache_alias: str, key: bytes, index: int, worker: str, attempt: int) -> None:
+        import threading
+
+        self.alias, self.key, self.index = cache_alias, key, index
+        self.state: dict[str, Any] = {
+            "worker": worker,
+            "attempt": attempt,
+            "beat": 0,
+            **dict.fromkeys(_COUNTS, 0),
+        }
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"distcache-warm-heartbeat-{index}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(10)
+
+    def add(self, delta: Mapping[str, int]) -> None:
+        with self.lock:
+            for name in _COUNTS:
+                self.state[name] += delta.get(name, 0)
+        self.wake.set()
+
+    def _run(self) -> None:
+        import json
+
+        cache = _cache_for(self.alias)  # this thread's instance (the connections are shared)
+        while not self.stopping:
+            with self.lock:
+                self.state["beat"] += 1
+                snapshot = json.dumps(self.state)
+            cache._run(_hash_plan(self.key, {f"running:{self.index}": snapshot}), "warm_progress")
+            self.wake.wait(HEARTBEAT_SECONDS)
+            self.wake.clear()
 
 
 def run_task(
@@ -659,10 +962,16 @@ def run_task(
     pks: list[Any] | None = None,
     run_id: str | None = None,
     using: str | None = None,
+    worker: str = "",
 ) -> WarmResult:
-    """The body of the `django_distcache.warm` Celery task: run one chunk, reporting its progress to the
-    run's hash after every batch (when `run_id` is given); raise WarmingError if the chunk failed. The
-    command passes `using`, so a worker that does not know the warmer can still say so in the hash."""
+    """The body of the `django_distcache.warm` Celery task: run one chunk; with `run_id`, skip it if it is
+    done already (a redelivered task), report its progress and heartbeat while it runs, and its result
+    when it ends; raise WarmingError if the chunk failed. Running a chunk again writes the same entries
+    (computed afresh), so a chunk whose worker died mid-way is simply run again. The command passes
+    `using`, so a worker that does not know the warmer can still say so in the run's hash."""
+    import json
+    import os
+
     cache = _cache_for(using) if using else None
     try:
         entry = get_warmer(name)
@@ -670,32 +979,49 @@ def run_task(
         message = f"{error}, in the worker"
         if run_id and cache is not None:
             key = progress_key(cache, run_id, name)
-            cache._run(_record_plan(key, {"errors": 1}, f"LookupError: {message}", True), "warm_progress")
+            record = {"errors": 1, "error": f"LookupError: {message}"}
+            cache._run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
         raise WarmingError(message) from None
-    cache = cache or _cache_for(entry.using)
-    key = progress_key(cache, run_id, name) if run_id else None
-
-    def report(delta: dict[str, int]) -> None:
-        if key is not None:
-            cache._run(_record_plan(key, delta, None, False), "warm_progress")
-
-    result = run_warmer(
-        entry,
-        chunk_size=chunk_size,
-        using=using,
-        chunk=Chunk(chunk_index, chunk_count, chunk_size),
-        pks=pks,
-        on_progress=report,
+    alias = using or entry.using
+    cache = cache or _cache_for(alias)
+    chunk = Chunk(chunk_index, chunk_count, chunk_size)
+    if not run_id:
+        result = run_warmer(entry, chunk_size=chunk_size, using=using, chunk=chunk, pks=pks)
+        return _finish(name, chunk, result)
+    key = progress_key(cache, run_id, name)
+    done, started = cache._run(_begin_plan(key, chunk_index), "warm_progress", (False, 1))
+    if done:
+        logger.info("warmer %r chunk %d of run %s is done already: skipped", name, chunk_index, run_id)
+        return WarmResult(name)
+    if started > MAX_CHUNK_STARTS:
+        message = (
+            f"chunk {chunk_index} was begun {started - 1} times and never finished (its worker died each "
+            "time): given up"
+        )
+        record = {"errors": 1, "error": message}
+        cache._run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
+        raise WarmingError(f"warmer {name!r} {message}")
+    holder = f"{worker or 'worker'} (pid {os.getpid()})"
+    with _Heartbeat(alias, key, chunk_index, holder, started) as heartbeat:
+        result = run_warmer(
+            entry, chunk_size=chunk_size, using=using, chunk=chunk, pks=pks, on_progress=heartbeat.add
+        )
+    record = {**_counts_of(result), "error": result.error}
+    if result.errors and not result.error:
+        record["error"] = f"{result.errors} entries could not be written"
+    cache._run(
+        _hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}, [f"running:{chunk_index}"]),
+        "warm_progress",
     )
-    if key is not None:
-        # The warmer's own failure (not its failed writes, already reported) and "this chunk is done".
-        own_error = {"errors": 1} if result.error else {}
-        cache._run(_record_plan(key, own_error, result.error, True), "warm_progress")
+    return _finish(name, chunk, result)
+
+
+def _finish(name: str, chunk: Chunk, result: WarmResult) -> WarmResult:
     logger.info(
         "warmer %r chunk %d/%d: %d entries, %d bytes, %.3fs, %d errors",
         name,
-        chunk_index + 1,
-        chunk_count,
+        chunk.index + 1,
+        chunk.count,
         result.entries,
         result.bytes,
         result.seconds,
@@ -703,7 +1029,7 @@ def run_task(
     )
     if not result.ok:
         raise WarmingError(
-            f"warmer {name!r} chunk {chunk_index + 1}/{chunk_count} failed: "
+            f"warmer {name!r} chunk {chunk.index + 1}/{chunk.count} failed: "
             f"{result.error or f'{result.errors} entries could not be written'}"
         )
     return result

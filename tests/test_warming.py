@@ -600,6 +600,89 @@ def test_a_scheduled_warmer_runs_on_celery_beat(cache, broker):
         worker.stop()
 
 
+# -- pages -------------------------------------------------------------------------------------------------
+RENDERS: list[str] = []
+
+
+def _catalogue_page(request, slug):
+    from django.http import HttpResponse
+
+    RENDERS.append(slug)
+    return HttpResponse(f"<h1>{slug}</h1>")
+
+
+def _page_setting_a_cookie(request):
+    from django.http import HttpResponse
+
+    response = HttpResponse("welcome")
+    response.set_cookie("seen", "1")
+    return response
+
+
+def _urlpatterns():
+    from django.urls import path
+
+    from django_distcache import cached_view
+
+    return [
+        path("page/<slug:slug>/", cached_view(timeout=60)(_catalogue_page)),
+        path("welcome/", cached_view(timeout=60)(_page_setting_a_cookie)),
+    ]
+
+
+urlpatterns = _urlpatterns()
+with_pages = override_settings(
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["*", ".shop.example", "other.example"],
+    MIDDLEWARE=[
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+    ],
+)
+
+
+@with_pages
+def test_a_page_warmer_stores_pages_under_the_key_of_a_visitors_first_get(cache):
+    from django.test import Client
+
+    from django_distcache.warming import page_warmer
+
+    @page_warmer("shop-pages")  # the host: the first ALLOWED_HOSTS entry naming one, "shop.example"
+    def shop_pages():
+        yield "/page/mug/"
+        yield "/page/kettle/?utm_source=mail"  # a tracking parameter: the same page as /page/kettle/
+        yield "/welcome/"
+        yield "/nowhere/"
+
+    RENDERS.clear()
+    result = run_warmer("shop-pages")
+    assert (result.entries, result.skipped, result.errors) == (2, 0, 2)
+    assert "/welcome/ (not stored by @cached_view: pass)" in result.error
+    assert "/nowhere/ (answered 404)" in result.error
+    assert RENDERS == ["mug", "kettle"]
+    visitor = Client(HTTP_HOST="shop.example")
+    assert visitor.get("/page/mug/").cache_status == "hit"
+    assert visitor.get("/page/kettle/").cache_status == "hit"
+    assert RENDERS == ["mug", "kettle"]  # the visitors' first GETs rendered nothing
+    assert Client(HTTP_HOST="other.example").get("/page/mug/").cache_status == "miss"  # the host is keyed
+    again = run_warmer("shop-pages")
+    assert (again.entries, again.skipped) == (0, 2)  # in the cache already: left as they are
+    assert run_warmer("shop-pages", dry_run=True).entries == 3  # /nowhere/ resolves to no view
+
+    @page_warmer("elsewhere-pages", host="www.elsewhere.example:8443", secure=True)
+    def elsewhere_pages():
+        return ["/page/teapot/"]
+
+    with override_settings(ALLOWED_HOSTS=["www.elsewhere.example"]):
+        assert run_warmer("elsewhere-pages").entries == 1
+        secure_visitor = Client(HTTP_HOST="www.elsewhere.example:8443")
+        assert secure_visitor.get("/page/teapot/", secure=True).cache_status == "hit"
+        assert secure_visitor.get("/page/teapot/").cache_status == "miss"  # http is another page
+    with override_settings(ALLOWED_HOSTS=["*"]):
+        assert "give page_warmer(host=...)" in run_warmer("shop-pages").error
+
+
 # -- the example shop ----------------------------------------------------------------------------------------
 EXAMPLE = ROOT / "example_project"
 
@@ -619,9 +702,31 @@ print(json.dumps({"rows": len(rows), "queries": len(queries)}))
 """
 
 
+# The first anonymous visit of each page, as a visitor of http://127.0.0.1:8000/ (what `make demo` serves)
+# makes it: the footer's badge says how the page was served, and the SQL it ran is counted.
+PAGES_CHECK = r"""
+import json, re
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from catalogue.models import Product
+
+visitor = Client(HTTP_HOST="127.0.0.1:8000")
+urls = ["/", "/categories/"] + [product.get_absolute_url() for product in Product.objects.order_by("pk")]
+seen = {}
+for url in urls:
+    with CaptureQueriesContext(connection) as queries:
+        response = visitor.get(url)
+    badge = re.search(r'class="badge (\w+)"', response.content.decode())
+    page_sql = [q["sql"] for q in queries.captured_queries if "productviews" not in q["sql"].lower()]
+    seen[url] = [response.status_code, badge and badge.group(1), len(page_sql)]
+print(json.dumps(seen))
+"""
+
+
 def test_the_example_shops_warmers_fill_its_catalogue(tmp_path):
     """`make demo` runs `warmcache --all` in the shop: afterwards every category and product page's rows
-    are read from the cache."""
+    are read from the cache, and the first anonymous visit of each page is a cache hit."""
     env = {
         **{k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}},
         "DJANGO_SETTINGS_MODULE": "shop.settings",
@@ -648,5 +753,12 @@ def test_the_example_shops_warmers_fill_its_catalogue(tmp_path):
     rows = summary_rows(manage("warmcache", "--all"))
     assert rows["catalogue-products"][0] == "60" and rows["catalogue-products"][-1] == "0"
     assert int(rows["catalogue-categories"][0].replace(",", "")) > 0
+    assert rows["catalogue-pages"][0] == "32" and rows["catalogue-pages"][-1] == "0"  # 2 + 30 products
     checked = json.loads(manage("shell", "-c", SHOP_CHECK).strip().splitlines()[-1])
     assert checked["rows"] > 30 and checked["queries"] == 0  # every get_cached, by pk and by slug, hits
+    pages = json.loads(manage("shell", "-c", PAGES_CHECK).strip().splitlines()[-1])
+    assert len(pages) == 32
+    # Each first visit: 200, a hit, no SQL but the category page's list of primary keys (the view counter
+    # of a product page, written behind, is left out).
+    expected = {url: [200, "hit", 1 if url == "/categories/" else 0] for url in pages}
+    assert pages == expected

@@ -11,6 +11,9 @@ from django_distcache import warming
 from django_distcache.warming import WarmResult
 
 POLL_INTERVAL = 0.1  # seconds between two readings of the --async tasks' progress
+STALL_TIMEOUT = 60.0  # --stall-timeout's default: seconds without any progress or heartbeat of a run
+PING_SECONDS = 1.0  # how long the workers are given to answer a ping
+MIN_LOST_AFTER = 3 * warming.HEARTBEAT_SECONDS  # a heartbeat missed this long is not a scheduling hiccup
 
 
 def _size(count: int) -> str:
@@ -170,12 +173,24 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="with --async: how long to follow the tasks before giving up (default 3600)",
         )
+        parser.add_argument(
+            "--stall-timeout",
+            type=float,
+            default=STALL_TIMEOUT,
+            metavar="SECONDS",
+            help=(
+                "with --async: fail when no chunk finished and no worker heartbeat was seen for this long, "
+                f"naming the chunks not completed (default {STALL_TIMEOUT:g})"
+            ),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["chunk_size"] < 1:
             raise CommandError("--chunk-size must be at least 1")
         if options["tasks"] is not None and options["tasks"] < 1:
             raise CommandError("--tasks must be at least 1")
+        if options["stall_timeout"] <= 0 or options["timeout"] <= 0:
+            raise CommandError("--timeout and --stall-timeout must be positive")
         if options["run_async"] and options["dry_run"]:
             raise CommandError("--dry-run counts in this process: leave out --async")
         selected = self._select(options["names"], options["all"])
@@ -238,8 +253,12 @@ class Command(BaseCommand):
     def _run_async(
         self, selected: list[warming.Warmer], options: dict[str, Any], display: ProgressDisplay
     ) -> list[WarmResult]:
-        """Send one group of tasks per warmer, then poll each warmer's progress hash until every task of
-        it reported done (or --timeout). A warmer that cannot be sent fails alone."""
+        """Send each warmer's chunks as tasks, then follow every chunk in the run's progress hashes until
+        all are done. A chunk whose worker stops beating, and the chunks nobody takes while the run is
+        quiet and a worker answers a ping, are sent again (a killed worker's running and prefetched
+        chunks come back only after the broker's visibility timeout); a run with no progress and no
+        heartbeat for --stall-timeout fails, naming the chunks not completed. A warmer that cannot be
+        sent fails alone."""
         try:
             from celery import group
 
@@ -250,7 +269,8 @@ class Command(BaseCommand):
             ) from None
         run_id = warming.new_run_id()
         results = {entry.name: WarmResult(entry.name) for entry in selected}
-        following: dict[str, tuple[Any, int, float]] = {}  # name -> (cache, tasks sent, started)
+        sending = {"queue": options["queue"]} if options["queue"] else {}
+        following: dict[str, _FollowedWarmer] = {}
         for entry in selected:
             started = time.perf_counter()
             try:
@@ -263,7 +283,6 @@ class Command(BaseCommand):
                     run_id=run_id,
                     using=alias,
                 )
-                sending = {"queue": options["queue"]} if options["queue"] else {}
                 group(warm_task.si(**kwargs) for kwargs in arguments).apply_async(**sending)
             except Exception as error:  # noqa: BLE001 - this warmer could not be sent; the others still are
                 result = results[entry.name]
@@ -271,43 +290,74 @@ class Command(BaseCommand):
                 result.seconds = time.perf_counter() - started
                 display.done(_outcome(result))
                 continue
-            following[entry.name] = (cache, len(arguments), started)
-        total_tasks = sum(sent for _, sent, _ in following.values())
+            following[entry.name] = _FollowedWarmer(cache, arguments, started)
+        total_tasks = sum(len(followed.arguments) for followed in following.values())
         display.done(f"run {run_id}: sent {total_tasks} task(s) for {len(following)} warmer(s)")
+
+        def send_again(name: str, indexes: list[int], why: str) -> None:
+            followed = following[name]
+            for index in indexes:
+                warm_task.apply_async(kwargs=followed.arguments[index], **sending)
+                followed.sent_at[index] = time.monotonic()
+            display.done(f"{name}: chunk(s) {_indexes(indexes)} sent again ({why})")
+
+        stall, lost_after = options["stall_timeout"], max(MIN_LOST_AFTER, options["stall_timeout"] / 4)
         deadline = time.monotonic() + options["timeout"]
+        last_change = last_quiet_check = time.monotonic()
         finished_tasks = 0  # the tasks of the warmers already finished
         while following:
+            now = time.monotonic()
             tasks_done = finished_tasks
-            for name, (cache, sent, started) in list(following.items()):
-                progress = warming.read_progress(cache, run_id, name)
+            for name, followed in list(following.items()):
+                progress = warming.read_progress(followed.cache, run_id, name)
+                if followed.observe(progress, now):
+                    last_change = now
                 result = results[name]
+                counts = progress.counts()
                 result.entries, result.bytes, result.errors = (
-                    progress.entries,
-                    progress.bytes,
-                    progress.errors,
+                    counts["entries"],
+                    counts["bytes"],
+                    counts["errors"],
                 )
-                result.skipped, result.batches, result.error = (
-                    progress.skipped,
-                    progress.batches,
-                    progress.error,
-                )
-                result.seconds = time.perf_counter() - started
-                tasks_done += min(progress.chunks_done, sent)
-                if progress.chunks_done >= sent:
+                result.skipped, result.batches = counts["skipped"], counts["batches"]
+                result.error = progress.error
+                result.seconds = time.perf_counter() - followed.started
+                tasks_done += len(followed.done)
+                if len(followed.done) >= len(followed.arguments):
                     del following[name]
-                    finished_tasks += sent
+                    finished_tasks += len(followed.arguments)
                     display.done(_outcome(result))
             if not following:
                 break
-            if time.monotonic() > deadline:
-                for name in following:
+            if now - last_change >= stall or now > deadline:
+                answered, ping_error = self._ping(warm_task.app)
+                queue = options["queue"] or warm_task.app.conf.task_default_queue
+                for name, followed in following.items():
                     result = results[name]
                     result.errors += 1
-                    result.error = (
-                        f"gave up after {options['timeout']:g}s waiting for its tasks (is a worker running?)"
+                    if now > deadline:
+                        why = f"gave up after {options['timeout']:g}s (--timeout)"
+                    else:
+                        why = f"no chunk finished and no heartbeat was seen for {stall:g}s (--stall-timeout)"
+                    result.error = f"{why}: {followed.describe_missing(now)}; " + _workers_seen(
+                        answered, ping_error, queue
                     )
                     display.done(_outcome(result))
                 break
+            for name, followed in following.items():
+                lost = followed.lost(now, lost_after)
+                if lost:
+                    send_again(name, lost, f"its worker's heartbeat stopped {lost_after:g}s ago")
+            if now - max(last_change, last_quiet_check) >= lost_after:
+                # Nothing moved for a while: chunks no worker runs may sit unacknowledged with a worker
+                # that died, prefetched. If a worker is there to run them, send them again.
+                last_quiet_check = now
+                answered, _ = self._ping(warm_task.app)
+                if answered:
+                    for name, followed in following.items():
+                        waiting = followed.waiting(time.monotonic(), lost_after)
+                        if waiting:
+                            send_again(name, waiting, f"no progress for {lost_after:g}s, a worker is up")
             entries = sum(result.entries for result in results.values())
             display.update(
                 f"{_bar(tasks_done, total_tasks)}{tasks_done}/{total_tasks} tasks, {entries:,} entries, "
@@ -315,3 +365,88 @@ class Command(BaseCommand):
             )
             time.sleep(POLL_INTERVAL)
         return [results[entry.name] for entry in selected]
+
+    @staticmethod
+    def _ping(app: Any) -> tuple[list[str], str | None]:
+        """The names of the workers that answered a ping within PING_SECONDS, and why none could be asked
+        (a broker without broadcast, remote control turned off)."""
+        try:
+            replies = app.control.ping(timeout=PING_SECONDS) or []
+        except Exception as error:  # noqa: BLE001 - a diagnosis only: the run's outcome does not depend on it
+            return [], f"{type(error).__name__}: {error}"
+        return sorted(name for reply in replies for name in reply), None
+
+
+def _indexes(indexes: list[int]) -> str:
+    return ", ".join(str(index) for index in sorted(indexes))
+
+
+def _workers_seen(answered: list[str], ping_error: str | None, queue: str) -> str:
+    if ping_error:
+        return f"the workers could not be pinged ({ping_error})"
+    if not answered:
+        return f"no worker answered a ping within {PING_SECONDS:g}s"
+    return (
+        f"worker(s) {', '.join(answered)} answered a ping but did not complete them (are they consuming "
+        f"queue {queue!r}? busy with other tasks?)"
+    )
+
+
+class _FollowedWarmer:
+    """What the command knows of one warmer's chunks in a run: the arguments each was sent with, which
+    are done, and for each attempt under way its heartbeat and when that last moved (on this machine's
+    clock: the workers' clocks are never compared with it)."""
+
+    def __init__(self, cache: Any, arguments: list[dict[str, Any]], started: float) -> None:
+        self.cache, self.arguments, self.started = cache, arguments, started
+        now = time.monotonic()
+        self.sent_at = dict.fromkeys(range(len(arguments)), now)
+        self.done: set[int] = set()
+        self.running: dict[int, dict[str, Any]] = {}
+        self.beat_moved: dict[int, tuple[Any, float]] = {}  # index -> ((attempt, beat), when it last changed)
+
+    def observe(self, progress: warming.TaskProgress, now: float) -> bool:
+        """Take in a reading of the run's hash; whether anything moved since the last one."""
+        moved = set(progress.done) != self.done
+        self.done = set(progress.done)
+        self.running = {index: record for index, record in progress.running.items() if index not in self.done}
+        for index, record in self.running.items():
+            beat = (record.get("attempt"), record.get("beat"))
+            if index not in self.beat_moved or self.beat_moved[index][0] != beat:
+                self.beat_moved[index] = (beat, now)
+                moved = True
+        return moved
+
+    def lost(self, now: float, lost_after: float) -> list[int]:
+        """Chunks whose attempt stopped beating `lost_after` ago and that were not sent since."""
+        return [
+            index
+            for index in self.running
+            if now - self.beat_moved[index][1] >= lost_after
+            and self.sent_at[index] < self.beat_moved[index][1]
+        ]
+
+    def waiting(self, now: float, lost_after: float) -> list[int]:
+        """Chunks not done, with no attempt beating, not sent in the last `lost_after`."""
+        return [
+            index
+            for index in range(len(self.arguments))
+            if index not in self.done
+            and (index not in self.running or now - self.beat_moved[index][1] >= lost_after)
+            and now - self.sent_at[index] >= lost_after
+        ]
+
+    def describe_missing(self, now: float) -> str:
+        missing = [index for index in range(len(self.arguments)) if index not in self.done]
+        text = f"chunk(s) {_indexes(missing)} of {len(self.arguments)} not completed"
+        begun = [
+            f"{index} on {self.running[index].get('worker', '?')}, last heartbeat "
+            f"{now - self.beat_moved[index][1]:.0f}s ago"
+            for index in missing
+            if index in self.running
+        ]
+        if begun:
+            text += f" (begun: {'; '.join(begun)})"
+        else:
+            text += " (none of them begun)"
+        return text
