@@ -136,13 +136,11 @@ def install_stall(seconds: float) -> None:
 
 
 def drainer_main(argv: list[str]) -> int:
-    """A drainer: `flush_behind()` in a loop until stdin closes (or, --until-empty, until the queue is
-    empty), then one line of JSON. Django's settings come from DJANGO_SETTINGS_MODULE and the run's
+    """A drainer: `flush_behind()` in a loop until stdin closes, then one line of JSON. Django's settings come from DJANGO_SETTINGS_MODULE and the run's
     environment, as for the process that started it."""
     parser = argparse.ArgumentParser(prog="python -m bench.behind_chaos drain")
     parser.add_argument("--kill-at", choices=STEPS)
     parser.add_argument("--stall", type=float, default=0.0)
-    parser.add_argument("--until-empty", action="store_true")
     parser.add_argument("--batch-size", type=int, default=0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
     parser.add_argument("--wait-go", action="store_true", help="start draining at a 'go' line on stdin")
@@ -153,7 +151,7 @@ def drainer_main(argv: list[str]) -> int:
     django.setup()
     from django.core.cache import caches
 
-    from django_distcache.models import behind_metrics, flush_behind
+    from django_distcache.models import flush_behind
 
     options = caches["default"]._settings.options
     if args.batch_size:
@@ -166,9 +164,8 @@ def drainer_main(argv: list[str]) -> int:
         install_stall(args.stall)
     print("ready", flush=True)
     stop = threading.Event()
-    if args.wait_go:
-        if sys.stdin.readline().strip() != "go":
-            return 0
+    if args.wait_go and sys.stdin.readline().strip() != "go":
+        return 0
 
     def wait_for_eof() -> None:
         sys.stdin.read()
@@ -176,23 +173,16 @@ def drainer_main(argv: list[str]) -> int:
 
     threading.Thread(target=wait_for_eof, daemon=True).start()
     drains = errors = 0
-    deadline = time.monotonic() + 90
-    status = 0
     while not stop.is_set():
         try:
-            report = flush_behind()
+            flush_behind()
             drains += 1
-            if args.until_empty and not report.shards_busy and behind_metrics()["backlog"] == 0:
-                break
         except Exception as error:  # noqa: BLE001 - a drain that failed is retried, as Celery beat would
             errors += 1
             print(f"drain failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        if args.until_empty and time.monotonic() > deadline:
-            status = 3
-            break
         stop.wait(args.interval)
     print(json.dumps({"drains": drains, "errors": errors}), flush=True)
-    return status
+    return 0
 
 
 class Drainer:
@@ -510,23 +500,39 @@ class BehindChaos:
         connection.close()
 
     # -- processes -------------------------------------------------------------------------------------
-    def drainer(self, *options: str, wait_go: bool = False) -> Drainer:
-        argv = ["--batch-size", str(self.batch_size), "--idle-timeout", str(self.idle_timeout), *options]
-        if wait_go:
-            argv.append("--wait-go")
+    def drainers(self, *option_lists: list[str]) -> list[Drainer]:
+        """Drainer processes started together (their start-up overlaps), each ready when returned;
+        every one waits for `go()` unless its options say otherwise."""
         log = self.log_dir / "behind-chaos-drainers.log" if self.log_dir else None
-        drainer = Drainer(self.env, *argv, log=log)
-        if not drainer.expect("ready", 60):
-            drainer.process.kill()
-            drainer.wait(10)
-            raise RuntimeError(f"a drainer did not start (options {argv}); see its log {log}")
-        return drainer
+        started = []
+        for options in option_lists:
+            argv = ["--batch-size", str(self.batch_size), "--idle-timeout", str(self.idle_timeout)]
+            started.append(Drainer(self.env, *argv, *options, log=log))
+        for drainer in started:
+            if not drainer.expect("ready", 60):
+                for other in started:
+                    other.process.kill()
+                    other.wait(10)
+                raise RuntimeError(f"a drainer did not start; see its log {log}")
+        return started
 
-    def drain_to_empty(self) -> tuple[int, int]:
-        """A normal drainer (no fault) until the queue is empty: (its exit status, drains that failed)."""
-        drainer = self.drainer("--until-empty")
-        status = drainer.wait(120)
-        return status, int(drainer.summary.get("errors", 0))
+    def drain_to_empty(self, timeout: float = 60.0) -> tuple[bool, int]:
+        """A normal drain, in this process, until the queue is empty (a dead drainer's shard locks expire
+        on the way): (whether it emptied the queue, drains that failed)."""
+        from django_distcache.models import behind_metrics, flush_behind
+
+        deadline = time.monotonic() + timeout
+        errors = 0
+        while time.monotonic() < deadline:
+            try:
+                report = flush_behind()
+                if not report.shards_busy and behind_metrics()["backlog"] == 0:
+                    return True, errors
+            except Exception as error:  # noqa: BLE001 - a drain that failed is retried, as Celery beat would
+                errors += 1
+                print(f"[behind-chaos] drain failed: {type(error).__name__}: {error}", file=sys.stderr)
+            time.sleep(0.05)
+        return False, errors
 
     # -- one case --------------------------------------------------------------------------------------
     def run_case(self, case: str, fault: Callable[[Writers], tuple[str, bool]], warmup: float) -> CaseResult:
@@ -545,23 +551,25 @@ class BehindChaos:
             fault_text, fault_ok = fault(writers)
         finally:
             writers.stop()
-        status, drain_errors = self.drain_to_empty()
-        if status != 0:
-            fault_text += f"; the final drainer exited with {status}"
+        emptied, drain_errors = self.drain_to_empty()
+        if not emptied:
+            fault_text += "; the final drain did not empty the queue"
         pks = [row.pk for row in rows + counters]
         in_db = dict(model.objects.filter(pk__in=pks).values_list("pk", "views"))
         committed = self.log.committed(pks)
         backward, examples = backward_steps(committed)
         lost = sum(1 for row in rows for value in writers.acknowledged[row.pk] if value > in_db[row.pk])
         not_last = sum(
-            1 for row in rows if writers.acknowledged[row.pk] and in_db[row.pk] != writers.acknowledged[row.pk][-1]
+            1
+            for row in rows
+            if writers.acknowledged[row.pk] and in_db[row.pk] != writers.acknowledged[row.pk][-1]
         )
         cache_mismatched = sum(1 for pk in pks if get_cached(model, pk=pk).views != in_db[pk])
         counting = incr_behind_function() is not None
         result = CaseResult(
             case=case,
             fault=fault_text,
-            fault_ok=fault_ok and status == 0,
+            fault_ok=fault_ok and emptied,
             acknowledged=writers.calls,
             lost=lost,
             backward=backward,
@@ -585,19 +593,18 @@ class BehindChaos:
 
         def fault(writers: Writers) -> tuple[str, bool]:
             reached = 0
-            survivor = None
             for number in range(kills):
-                victim = self.drainer("--kill-at", step)
+                if number < kills - 1:
+                    [victim] = self.drainers(["--kill-at", step, "--interval", "0.02"])
+                else:
+                    victim, survivor = self.drainers(["--kill-at", step, "--interval", "0.02"], ["--wait-go"])
                 if victim.expect(f"killed {step}", 30):
                     reached += 1
                 victim.wait(30)
-                if number == kills - 1:
-                    survivor = self.drainer(wait_go=True)
-            assert survivor is not None
             survivor.go()
             # The dead drainers' locks expire after the idle timeout; then the survivor re-applies their
             # entries in batches while the writers go on.
-            time.sleep(self.idle_timeout * 1.5 + 1.0)
+            time.sleep(self.idle_timeout + 0.8)
             survivor.stop()
             return f"{reached}/{kills} drainers killed at {step}", reached == kills
 
@@ -608,17 +615,18 @@ class BehindChaos:
         so the first drainer's shard locks expire and the second takes its shards over."""
 
         def fault(writers: Writers) -> tuple[str, bool]:
-            first = self.drainer(wait_go=True)
-            second = self.drainer(wait_go=True)
+            first, second = self.drainers(["--wait-go"], ["--wait-go"])
             with self.table_locked(hold):
                 first.go()
                 time.sleep(0.2)
                 second.go()
-            time.sleep(self.idle_timeout + 0.5)
+            time.sleep(self.idle_timeout + 0.3)
             first.stop()
             second.stop()
             errors = int(first.summary.get("errors", 0)) + int(second.summary.get("errors", 0))
-            text = f"table locked {hold:.1f} s (idle timeout {self.idle_timeout:g} s), {errors} drain(s) failed"
+            text = (
+                f"table locked {hold:.1f} s (idle timeout {self.idle_timeout:g} s), {errors} drain(s) failed"
+            )
             return text, True
 
         return fault
@@ -659,8 +667,7 @@ class BehindChaos:
         drainer takes its shard over when the lock expires, and commits newer values first."""
 
         def fault(writers: Writers) -> tuple[str, bool]:
-            second = self.drainer(wait_go=True)
-            first = self.drainer("--stall", str(stall))
+            second, first = self.drainers(["--wait-go"], ["--stall", str(stall)])
             stalled = first.expect("stalling", 30)
             time.sleep(self.idle_timeout * 1.2)  # the first drainer's shard lock expires
             second.go()
@@ -765,10 +772,15 @@ def main(argv: list[str] | None = None) -> int:
 
     problem = postgres_problem(args.pg_host, args.pg_port, args.pg_user)
     if problem:
-        print(f"write-behind chaos needs PostgreSQL at {args.pg_host}:{args.pg_port}: {problem}", file=sys.stderr)
+        print(
+            f"write-behind chaos needs PostgreSQL at {args.pg_host}:{args.pg_port}: {problem}",
+            file=sys.stderr,
+        )
         return 1
     cluster = DevCluster(
-        base_port=args.base_port, data_dir=ROOT / ".devcluster" / f"chaos-behind-{args.base_port}", node_timeout=1000
+        base_port=args.base_port,
+        data_dir=ROOT / ".devcluster" / f"chaos-behind-{args.base_port}",
+        node_timeout=1000,
     )
     urls = cluster.up()
     try:
