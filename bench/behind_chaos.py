@@ -600,7 +600,9 @@ class BehindChaos:
                     victim, survivor = self.drainers(["--kill-at", step, "--interval", "0.02"], ["--wait-go"])
                 if victim.expect(f"killed {step}", 30):
                     reached += 1
-                victim.wait(30)
+                    victim.wait(30)
+                else:  # never reached the step: stop it, the case reports the fault did not happen
+                    victim.stop(30)
             survivor.go()
             # The dead drainers' locks expire after the idle timeout; then the survivor re-applies their
             # entries in batches while the writers go on.
