@@ -412,6 +412,10 @@ class Writers:
 
 # --------------------------------------------------------------------------- the cases
 
+# A fault runs while the writers write: (what happened, whether it really happened, the drainers it left
+# running, which the case stops once the writers have stopped).
+Fault = Callable[["Writers"], tuple[str, bool, list["Drainer"]]]
+
 
 @dataclass
 class CaseResult:
@@ -430,6 +434,7 @@ class CaseResult:
     writer_errors: list[str]
     drain_errors: int
     backlog_left: int
+    seconds: float = 0.0  # the case's wall time, final drain included
 
     @property
     def lost_increments(self) -> int:
@@ -535,10 +540,11 @@ class BehindChaos:
         return False, errors
 
     # -- one case --------------------------------------------------------------------------------------
-    def run_case(self, case: str, fault: Callable[[Writers], tuple[str, bool]], warmup: float) -> CaseResult:
+    def run_case(self, case: str, fault: Fault, warmup: float) -> CaseResult:
         from django_distcache.models import behind_metrics, get_cached
 
         model = self.model
+        case_started = time.monotonic()
         tag = uuid.uuid4().hex[:6]
         rows = [model.objects.create(name=f"chaos-{tag}-v{n}") for n in range(self.value_rows)]
         counters = [model.objects.create(name=f"chaos-{tag}-c{n}") for n in range(self.counter_rows)]
@@ -546,12 +552,25 @@ class BehindChaos:
             get_cached(model, pk=row.pk)  # cached, as rows written behind are
         writers = Writers(rows, counters, self.writer_threads)
         writers.start()
+        running: list[Drainer] = []
         try:
             time.sleep(warmup)  # a queue longer than a batch before the first drain
-            fault_text, fault_ok = fault(writers)
+            fault_text, fault_ok, running = fault(writers)
         finally:
             writers.stop()
+            # Stopped after the writers: a drain finishes its pass only once it has caught up.
+            errors = sum(int(drainer.stop() != 0) for drainer in running)
+            errors += sum(int(drainer.summary.get("errors", 0)) for drainer in running)
+        if errors:
+            fault_text += f", {errors} drain(s) failed during it"
+        fault_ended = time.monotonic()
         emptied, drain_errors = self.drain_to_empty()
+        print(
+            f"[behind-chaos] {case}: {fault_ended - case_started:.1f} s of fault, final drain "
+            f"{time.monotonic() - fault_ended:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         if not emptied:
             fault_text += "; the final drain did not empty the queue"
         pks = [row.pk for row in rows + counters]
@@ -582,12 +601,13 @@ class BehindChaos:
             writer_errors=writers.errors,
             drain_errors=drain_errors,
             backlog_left=behind_metrics()["backlog"],
+            seconds=time.monotonic() - case_started,
         )
         self.results.append(result)
         return result
 
     # -- the faults ------------------------------------------------------------------------------------
-    def kill_fault(self, step: str, kills: int) -> Callable[[Writers], tuple[str, bool]]:
+    def kill_fault(self, step: str, kills: int) -> Fault:
         """`kills` drainers in turn, each killed at `step`; then a normal drainer, with the writers still
         writing, takes the dead drainers' shards over (after their locks expire) and re-applies."""
 
@@ -607,12 +627,11 @@ class BehindChaos:
             # The dead drainers' locks expire after the idle timeout; then the survivor re-applies their
             # entries in batches while the writers go on.
             time.sleep(self.idle_timeout + 0.8)
-            survivor.stop()
-            return f"{reached}/{kills} drainers killed at {step}", reached == kills
+            return f"{reached}/{kills} drainers killed at {step}", reached == kills, [survivor]
 
         return fault
 
-    def lock_fault(self, hold: float) -> Callable[[Writers], tuple[str, bool]]:
+    def lock_fault(self, hold: float) -> Fault:
         """Two drainers run; another connection locks the table for `hold` seconds (> the idle timeout),
         so the first drainer's shard locks expire and the second takes its shards over."""
 
@@ -623,13 +642,7 @@ class BehindChaos:
                 time.sleep(0.2)
                 second.go()
             time.sleep(self.idle_timeout + 0.3)
-            first.stop()
-            second.stop()
-            errors = int(first.summary.get("errors", 0)) + int(second.summary.get("errors", 0))
-            text = (
-                f"table locked {hold:.1f} s (idle timeout {self.idle_timeout:g} s), {errors} drain(s) failed"
-            )
-            return text, True
+            return f"table locked {hold:.1f} s (idle timeout {self.idle_timeout:g} s)", True, [first, second]
 
         return fault
 
@@ -664,7 +677,7 @@ class BehindChaos:
             locker.rollback()
             locker.close()
 
-    def stall_fault(self, stall: float) -> Callable[[Writers], tuple[str, bool]]:
+    def stall_fault(self, stall: float) -> Fault:
         """The first drainer's UPDATE stalls `stall` seconds inside its transaction (PostgreSQL); a second
         drainer takes its shard over when the lock expires, and commits newer values first."""
 
@@ -675,17 +688,16 @@ class BehindChaos:
             second.go()
             finished = first.expect("stalled", stall + 30)
             time.sleep(0.5)
-            first.stop()
-            second.stop()
             return (
                 f"first drainer's UPDATE stalled {stall:.1f} s (idle timeout {self.idle_timeout:g} s)",
                 stalled and finished,
+                [first, second],
             )
 
         return fault
 
     # -- all of them -----------------------------------------------------------------------------------
-    def cases(self, kills: int | None = None) -> list[tuple[str, Callable[[Writers], tuple[str, bool]]]]:
+    def cases(self, kills: int | None = None) -> list[tuple[str, Fault]]:
         from django.db import connection
 
         kills = self.kills if kills is None else kills
@@ -746,7 +758,7 @@ def table(results: list[CaseResult]) -> str:
         lines.append(
             f"  {result.case}: {result.updates_logged:,} committed updates logged, "
             f"{result.rows_not_last} row(s) not at their last acknowledged value, "
-            f"{result.drain_errors} failed drain(s) in the final drainer"
+            f"{result.drain_errors} failed drain(s) in the final drain; {result.seconds:.1f} s"
         )
     return "\n".join(lines)
 

@@ -63,8 +63,8 @@ def results(django_db_setup, django_db_blocker):
             counter_rows=4,
             writer_threads=2,
             kills=1,
-            idle_timeout=1.0,
-            batch_size=5,  # a dead drain's entries are re-applied in several batches
+            idle_timeout=0.8,  # the faults scale with it: a table lock of 2 s, a stall of 2.4 s
+            batch_size=20,  # a dead drain's entries are re-applied in several batches
             log_dir=ROOT / ".devcluster",
         ) as chaos:
             for name, fault in chaos.cases():
