@@ -89,8 +89,10 @@ test-newest-django:
 bench: venv
 	$(PY) -m bench.run_all
 
-# Node failures under load (kill -9, SIGSTOP, restart, reshard, invalidation during an outage); prints the
-# table of docs/failure.md. `make test` runs the short form (tests/test_chaos.py).
+# Node failures under load (kill -9, SIGSTOP, restart, reshard, invalidation during an outage), then the
+# write-behind drain faults on the machine's PostgreSQL (a database chaos_behind it creates and drops);
+# prints the tables of docs/failure.md and exits non-zero if a write was lost or a row went backwards.
+# `make test` runs the short forms (tests/test_chaos.py, tests/test_behind_chaos.py).
 chaos: venv
 	$(PY) -m bench.chaos
 

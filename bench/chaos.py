@@ -1,6 +1,6 @@
 """Chaos suite: node failures under load, against a real local cluster (`make chaos`; `--short` in tests).
 
-    python -m bench.chaos [--short] [--base-port 7550]
+    python -m bench.chaos [--short] [--base-port 7550] [--only nodes|behind]
 
 A 3+3 cluster of our own with `cluster-node-timeout` lowered (so failovers take ~1-2 s, not 15 s) takes a
 multi-threaded load through the Django cache API (get/set spread over every shard) plus a thread serving
@@ -14,6 +14,10 @@ a Django view through the test client. Scenarios:
 - reshard:   move 500 slots with `redis-cli --cluster reshard` while the load runs (ASK/MOVED).
 - invalidate: invalidate tags while the node holding them is down; after recovery no entry of those tags
              may be served.
+- write-behind drain faults (bench/behind_chaos.py, run afterwards in a process of its own, on
+             PostgreSQL): drains killed before the commit, after it, during the cache refresh; a table
+             locked and a transaction stalled past the shard lock. Exits 1 on a lost write, a backward
+             step or a lost increment.
 
 Each scenario reports: errors seen by callers, p50/p99/max latency of calls per shard (before and
 during), throughput of the healthy shards during the fault vs before, stale values served (each thread
@@ -958,14 +962,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="shorter load phases (used by the test suite)")
     parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    parser.add_argument(
+        "--only",
+        choices=("nodes", "behind"),
+        help="run only the node failures (this module) or only the write-behind drain faults "
+        "(bench/behind_chaos.py, on PostgreSQL); default: both",
+    )
     args = parser.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with Chaos(args.base_port, args.short) as chaos:
-        results = chaos.run_all()
-    print_table(results)
-    return 0
+    if args.only != "behind":
+        with Chaos(args.base_port, args.short) as chaos:
+            results = chaos.run_all()
+        print_table(results)
+    if args.only == "nodes":
+        return 0
+    # Its own process: it configures Django for PostgreSQL and a cluster of its own; it prints its table
+    # and exits 1 if a write was lost, a row went backwards or an increment went missing.
+    behind = [sys.executable, "-m", "bench.behind_chaos"] + (["--kills", "1"] if args.short else [])
+    return subprocess.run(behind, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ SCRIPTS = [
     "bench.bench_models",
     "bench.bench_warming",
     "bench.bench_views",
+    "bench.bench_shop",
 ]
 
 
