@@ -149,7 +149,18 @@ class Models:
     updated: Any  # not cached, counted with update(views=F("views") + 1): the baseline of incr_behind
 
     def all(self) -> list[Any]:
-        return [self.product, self.behind, self.plain, self.through, self.hot, self.counted, self.updated]
+        from django_distcache.models import BehindApplied  # the drain's applied marks
+
+        return [
+            self.product,
+            self.behind,
+            self.plain,
+            self.through,
+            self.hot,
+            self.counted,
+            self.updated,
+            BehindApplied,
+        ]
 
 
 def define_models() -> Models:

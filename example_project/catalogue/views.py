@@ -23,6 +23,7 @@ from django.shortcuts import render
 from django.utils.html import format_html
 
 from django_distcache import cached_view, get_cached, incr_behind, invalidate_tags
+from django_distcache.warming import is_warming_request
 from django_distcache.cache import CacheUnavailable
 
 from .keys import category_key, category_tags, list_tags, product_row_tag, product_tags
@@ -224,7 +225,8 @@ def product_detail(request: HttpRequest, slug: str) -> HttpResponse:
     response = with_badge(product_page(request, slug, product), start)
     del response["ETag"]
     if response.status_code == 200:
-        views = count_view(product.pk)
+        # A warming visit (manage.py warmcache) stores the page; it is nobody's view.
+        views = None if is_warming_request(request) else count_view(product.pk)
         fill(response, VIEWS_SLOT, "–" if views is None else str(views))
     return response
 
