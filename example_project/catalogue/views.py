@@ -23,8 +23,8 @@ from django.shortcuts import render
 from django.utils.html import format_html
 
 from django_distcache import cached_view, get_cached, incr_behind, invalidate_tags
-from django_distcache.warming import is_warming_request
 from django_distcache.cache import CacheUnavailable
+from django_distcache.warming import is_warming_request
 
 from .keys import category_key, category_tags, list_tags, product_row_tag, product_tags
 from .models import Category, Product, ProductViews
