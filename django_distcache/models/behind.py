@@ -420,16 +420,17 @@ def _queue_plan(
             undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *undone), idempotent=False)
             yield Guarded(_one(undo), "save_behind_cache", None)
         raise queued
-    for reply in replies[1:-1]:
-        if isinstance(reply, BaseException):
-            raise reply
+    # From here on the change is queued: nothing may say otherwise. A failed XLEN only skips the trigger; a
+    # failed WAIT counts as no replica reached.
     stream_id = _text(queued)
-    if wait_replicas and int(replies[2]) < wait_replicas:
+    backlog = 0 if isinstance(replies[1], BaseException) else int(replies[1])
+    reached = 0 if not wait_replicas or isinstance(replies[2], BaseException) else int(replies[2])
+    if wait_replicas and reached < wait_replicas:
         cache._failures.note(
             "behind_unreplicated",
             "write-behind change %s reached %s of %s replicas",
             stream_id,
-            replies[2],
+            reached,
             wait_replicas,
         )
     if isinstance(patched, BaseException):
@@ -443,7 +444,7 @@ def _queue_plan(
             "behind_unpatched", "write-behind change %s not laid on the cache: %s", stream_id, patched
         )
         yield Guarded(cache._tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
-    return stream_id, int(replies[1]), keys
+    return stream_id, backlog, keys
 
 
 def _one(call: Call) -> Any:
