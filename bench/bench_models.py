@@ -28,7 +28,7 @@ of its own) for `--hot-seconds` (15) on `--hot-rows` rows (default 100, chosen a
 drainer in a separate process (this script with --drainer) runs `flush_behind()` shard by shard, in a
 loop: continuously, or once per interval as Celery beat would (`--drain-intervals`, one run per value).
 Per shard pass the drainer notes PostgreSQL's n_tup_upd of the table (its own statistics flushed with
-pg_stat_force_next_flush() after each pass) and the consumer group's last-delivered id; the changes the
+pg_stat_force_next_flush() after each pass) and the newest stream id the pass read; the changes the
 writers queued between two passes' ids give the distinct rows each pass had to write. See
 docs/benchmarks.md for what each figure measures.
 
@@ -460,24 +460,33 @@ def _profiled(function: Any) -> tuple[Any, str]:
 
 def drainer_main() -> int:
     """Runs in its own process: drain every shard, over and over, until stdin closes; then print what it
-    did as JSON. Per shard and pass it notes when the pass ended and the consumer group's last-delivered
-    id: every change up to that id is in the database by then (a pass reads until the stream is empty)."""
+    did as JSON. Per shard and pass it notes when the pass ended and the newest stream id the drain read:
+    every change up to that id is in the database by then (a pass reads until the stream is empty)."""
     config = json.loads(os.environ[DRAINER_ENV])
     setup = Setup(**config["setup"])
     interval = float(config["interval"])
     configure_django(setup)
     define_models()
     from django.core.cache import caches
-    from redis.cluster import RedisCluster
 
-    from django_distcache.models import flush_behind
-    from django_distcache.models.behind import DrainReport, shard_keys
+    from django_distcache.models import behind, flush_behind
+    from django_distcache.models.behind import DrainReport
 
     cache = caches["default"]
     shards = range(cache._settings.options["BEHIND_SHARDS"])
-    streams = {shard: shard_keys(cache, shard).stream for shard in shards}
-    first = setup.cluster_urls[0].rsplit(":", 1)
-    inspector = RedisCluster(host=first[0].split("//")[-1], port=int(first[1]))
+    # The newest stream id each shard's drain has read (and so, once its pass returns, committed): the
+    # drain reads its stream from the head, so every change up to it is in the database by then.
+    last_read: dict[int, str] = {}
+    apply_batch = behind._apply_batch
+
+    def noting_apply_batch(cache_: Any, shard: int, keys: Any, entries: Any, *rest: Any) -> Any:
+        result = apply_batch(cache_, shard, keys, entries, *rest)
+        if entries:
+            last = entries[-1][0]
+            last_read[shard] = last.decode() if isinstance(last, bytes) else str(last)
+        return result
+
+    behind._apply_batch = noting_apply_batch
     stop = threading.Event()
 
     def wait_for_eof() -> None:
@@ -487,7 +496,7 @@ def drainer_main() -> int:
     threading.Thread(target=wait_for_eof, daemon=True).start()
     from django.db import connection
 
-    flush_behind()  # connections up, consumer groups created, before the writer starts
+    flush_behind()  # connections up before the writer starts
     table = config["table"]
     stats = admin_connection(setup.database, setup.database["NAME"])
 
@@ -504,7 +513,7 @@ def drainer_main() -> int:
     updates = updates_so_far()
     print("ready", flush=True)
     total = DrainReport()
-    # (time the shard's pass ended, shard, last-delivered id, rows UPDATEd by the pass per PostgreSQL)
+    # (time the shard's pass ended, shard, newest id read, rows UPDATEd by the pass per PostgreSQL)
     passes: list[tuple[float, int, str, int]] = []
     sweeps = idle_sweeps = 0
     busy = 0.0
@@ -514,11 +523,8 @@ def drainer_main() -> int:
         for shard in shards:
             report = flush_behind(shards=[shard])
             ended = time.time()
-            groups = inspector.xinfo_groups(streams[shard])
-            last = groups[0]["last-delivered-id"] if groups else b"0-0"
             after = updates_so_far() if report.changes_read else updates
-            last_text = last.decode() if isinstance(last, bytes) else str(last)
-            passes.append((ended, shard, last_text, after - updates))
+            passes.append((ended, shard, last_read.get(shard, "0-0"), after - updates))
             updates = after
             total.add(report)
             read += report.changes_read
@@ -529,7 +535,6 @@ def drainer_main() -> int:
         elif not read:
             idle_sweeps += 1
             stop.wait(0.005)
-    inspector.close()
     stats.close()
     result = {
         "passes": passes,
@@ -1092,7 +1097,7 @@ class Bench:
         passes: list[list[Any]], returned: list[float], ids: list[str], shards: list[int]
     ) -> list[float]:
         """For each call: from save_behind's return to the end of the drainer's first pass over its shard
-        whose last-delivered id reached the call's stream id (the change was committed by then)."""
+        whose newest id read reached the call's stream id (the change was committed by then)."""
         by_shard: dict[int, tuple[list[tuple[int, int]], list[float]]] = {}
         for ended, shard, last, _updates in passes:
             delivered, times = by_shard.setdefault(shard, ([], []))
@@ -1111,7 +1116,7 @@ class Bench:
         passes: list[list[Any]], ids: list[str], shards: list[int], rows: list[int]
     ) -> list[tuple[int, int]]:
         """For each drain pass that wrote: (rows PostgreSQL counted UPDATEd, distinct rows among the
-        changes the pass took: those of its shard queued after the previous pass's last-delivered id, up
+        changes the pass took: those of its shard queued after the previous pass's newest id read, up
         to its own)."""
         queued: dict[int, list[tuple[tuple[int, int], int]]] = {}
         for change, shard, row in zip(ids, shards, rows, strict=True):

@@ -611,11 +611,12 @@ def test_incr_behind_loses_no_increment_under_concurrent_callers():
     django_distcache.get_cached(PageCounter, pk=counter.pk)  # cached, as a hot row is
     per_thread, threads = 50, 16
     errors = []
+    returned = []
 
     def work():
         try:
             for _ in range(per_thread):
-                django_distcache.incr_behind(PageCounter, counter.pk, "views")
+                returned.append(django_distcache.incr_behind(PageCounter, counter.pk, "views"))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
         finally:
@@ -630,6 +631,8 @@ def test_incr_behind_loses_no_increment_under_concurrent_callers():
         worker.join()
     assert errors == []
     total = 1000 + per_thread * threads
+    # Each call got the count its own increment made, drains or not: every number once.
+    assert sorted(returned) == list(range(1001, total + 1))
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == total
     django_distcache.flush_behind()
     assert stored_views(counter.pk) == total
@@ -639,16 +642,22 @@ def test_incr_behind_loses_no_increment_under_concurrent_callers():
 
 def test_sets_and_increments_of_one_field_apply_in_order():
     counter = PageCounter.objects.create(name="mixed", views=5)
-    django_distcache.incr_behind(PageCounter, counter.pk, "views", 2)  # 7
+    assert django_distcache.incr_behind(PageCounter, counter.pk, "views", 2) == 7
+    config = config_for(PageCounter)
+    config.cache.delete(config.entry_key("pk", counter.pk))  # evicted, say
+    assert (
+        django_distcache.incr_behind(PageCounter, counter.pk, "views", 0) is None
+    )  # only the database knows
+    assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == 7  # the database and the patch
     counter.views = 100
     django_distcache.save_behind(counter, update_fields=["views"])  # 100
-    django_distcache.incr_behind(PageCounter, counter.pk, "views", 3)  # 103
+    assert django_distcache.incr_behind(PageCounter, counter.pk, "views", 3) == 103  # from the value set
     counter.views = models.F("views") - 1
     django_distcache.save_behind(counter, update_fields=["views"])  # 102, F() - n is an increment
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == 102
     django_distcache.flush_behind()
     assert stored_views(counter.pk) == 102
-    django_distcache.incr_behind(PageCounter, counter.pk, "views", -2)
+    assert django_distcache.incr_behind(PageCounter, counter.pk, "views", -2) == 100  # the drain cached it
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == 100
     django_distcache.flush_behind()
     assert stored_views(counter.pk) == 100

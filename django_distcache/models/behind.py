@@ -69,6 +69,8 @@ _INT64 = 2**63
 # The patch of a row: 'v:<field>' the newest value set (encoded), 't:<field>' the set's order token,
 # 'd:<field>' the sum of increments queued after it. ARGV[1]: TTL, ARGV[2]: the change's token, then
 # triples (op, field, value) with op 'v' (set: replaces the value, drops earlier increments) or 'd' (add).
+# With KEYS[2] (the row's entry, for incr_behind): returns the entry, the first field's value set and its
+# increments, from which the caller reads the field's new value.
 _PATCH_SCRIPT = """
 local i = 3
 while i <= #ARGV do
@@ -84,6 +86,9 @@ while i <= #ARGV do
   i = i + 3
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if KEYS[2] then
+  return {redis.call('GET', KEYS[2]), redis.call('HGET', KEYS[1], 'v:' .. ARGV[4]), redis.call('HGET', KEYS[1], 'd:' .. ARGV[4])}
+end
 return 1
 """
 
@@ -219,8 +224,13 @@ class ShardKeys:
 def shard_keys(cache: Any, shard: int) -> ShardKeys:
     """A shard's stream, lock, failure counts and counters: `<KEY_PREFIX>:~behind:{<tag>}` and alike, in
     one slot."""
-    tag = shard_tags(cache._settings.options["BEHIND_SHARDS"])[shard]
-    internal = cache._keys.internal
+    return _shard_keys(cache._keys, cache._settings.options["BEHIND_SHARDS"], shard)
+
+
+@lru_cache(maxsize=1024)
+def _shard_keys(layout: Any, count: int, shard: int) -> ShardKeys:
+    tag = shard_tags(count)[shard]
+    internal = layout.internal
     return ShardKeys(
         stream=internal(f"behind:{{{tag}}}"),
         lock=internal(f"behind-lock:{{{tag}}}"),
@@ -371,9 +381,15 @@ def _field_identity(cache: Any, patch: bytes, name: str) -> bytes:
 
 
 def _queue_plan(
-    cache: Any, config: ModelCacheConfig, pk: Any, values: dict[str, Any], increments: dict[str, int]
+    cache: Any,
+    config: ModelCacheConfig,
+    pk: Any,
+    values: dict[str, Any],
+    increments: dict[str, int],
+    counted: str | None = None,
 ) -> Any:
-    """Append the change to its stream and lay it onto the row's patch: one batch, so one round trip."""
+    """Append the change to its stream and lay it onto the row's patch: one batch, so one round trip.
+    Returns (stream id, backlog, the new value of `counted` as readers see it, or None if not known)."""
     options = cache._settings.options
     head = yield from cache._namespace.current()
     patch = cache._physical_of(head, config.pending_key(pk))
@@ -410,7 +426,15 @@ def _queue_plan(
             # the slot map does not list yet may still acknowledge within the millisecond.
             wait_ms = 1
         calls.append(Call(keys.stream, ("WAIT", wait_replicas, wait_ms)))
-    calls.append(Call(patch, ("EVAL", _PATCH_SCRIPT, 1, patch, PATCH_TTL_MS, token, *ops), idempotent=False))
+    entry = cache._physical_of(head, config.entry_key("pk", pk)) if counted else None
+    script_keys = (patch, entry) if entry else (patch,)
+    calls.append(
+        Call(
+            patch,
+            ("EVAL", _PATCH_SCRIPT, len(script_keys), *script_keys, PATCH_TTL_MS, token, *ops),
+            idempotent=False,
+        )
+    )
     replies = yield calls
     queued, patched = replies[0], replies[-1]
     if isinstance(queued, BaseException):
@@ -420,16 +444,17 @@ def _queue_plan(
             undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *undone), idempotent=False)
             yield Guarded(_one(undo), "save_behind_cache", None)
         raise queued
-    for reply in replies[1:-1]:
-        if isinstance(reply, BaseException):
-            raise reply
+    # From here on the change is queued: nothing may say otherwise. A failed XLEN only skips the trigger; a
+    # failed WAIT counts as no replica reached.
     stream_id = _text(queued)
-    if wait_replicas and int(replies[2]) < wait_replicas:
+    backlog = 0 if isinstance(replies[1], BaseException) else int(replies[1])
+    reached = 0 if not wait_replicas or isinstance(replies[2], BaseException) else int(replies[2])
+    if wait_replicas and reached < wait_replicas:
         cache._failures.note(
             "behind_unreplicated",
             "write-behind change %s reached %s of %s replicas",
             stream_id,
-            replies[2],
+            reached,
             wait_replicas,
         )
     if isinstance(patched, BaseException):
@@ -443,7 +468,38 @@ def _queue_plan(
             "behind_unpatched", "write-behind change %s not laid on the cache: %s", stream_id, patched
         )
         yield Guarded(cache._tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
-    return stream_id, int(replies[1]), keys
+        return stream_id, backlog, None
+    value = None
+    if counted and isinstance(patched, list | tuple):
+        value = yield Guarded(
+            _counted_plan(cache, config, pk, entry, patch, counted, patched), "save_behind_cache", None
+        )
+    return stream_id, backlog, value
+
+
+def _counted_plan(
+    cache: Any, config: ModelCacheConfig, pk: Any, entry: bytes, patch: bytes, name: str, reply: Any
+) -> Any:
+    """The field's value as a reader would see it now: the cached row's, or the value queued last, plus
+    the increments queued since. None when the row is not cached (only the database knows it then)."""
+    data, queued, added = (list(reply) + [None, None, None])[:3]
+    model_field = config.model._meta.get_field(name)
+    if queued is not None:
+        try:
+            base = cache._codec.decode(queued, _field_identity(cache, patch, name))
+        except Exception:  # noqa: BLE001 - not ours (see patch_fields): the value is not known
+            return None
+    else:
+        if data is None:
+            return None
+        found = yield from cache._valid_values({0: (entry, data)})
+        row = config.instance_from(found[0], "pk", pk, DEFAULT_DB_ALIAS) if 0 in found else None
+        if not isinstance(row, config.model):
+            return None
+        base = getattr(row, name)
+    if base is None:
+        return None
+    return model_field.to_python(base) + int(added or 0)
 
 
 def _one(call: Call) -> Any:
@@ -459,15 +515,21 @@ def _registered_behind(model: Any, caller: str) -> ModelCacheConfig:
     return config
 
 
-def _queue(config: ModelCacheConfig, pk: Any, values: dict[str, Any], increments: dict[str, int]) -> str:
+def _queue(
+    config: ModelCacheConfig,
+    pk: Any,
+    values: dict[str, Any],
+    increments: dict[str, int],
+    counted: str | None = None,
+) -> tuple[str, Any]:
     cache = config.cache
-    stream_id, backlog, _ = cache._run_strict(
-        _queue_plan(cache, config, pk, values, increments), "save_behind"
+    stream_id, backlog, value = cache._run_strict(
+        _queue_plan(cache, config, pk, values, increments, counted), "save_behind"
     )
     threshold = cache._settings.options["BEHIND_TRIGGER_BACKLOG"]
     if threshold and backlog >= threshold:
         _trigger_drain(config.cache_alias, shard_of(cache, config.label, pk))
-    return stream_id
+    return stream_id, value
 
 
 def save_behind(instance: models.Model, update_fields: Iterable[str] | None = None) -> str:
@@ -483,20 +545,21 @@ def save_behind(instance: models.Model, update_fields: Iterable[str] | None = No
         raise ValueError("save_behind() needs a row that exists (its pk is None); create rows with save()")
     pk = config.normalize("pk", instance.pk)
     values, increments = _changed_values(config, instance, update_fields)
-    return _queue(config, pk, values, increments)
+    return _queue(config, pk, values, increments)[0]
 
 
-def incr_behind(model: Any, pk: Any, field: str, delta: int = 1) -> str:
-    """Add `delta` to an integer field of a row, written behind; returns the change's stream id.
+def incr_behind(model: Any, pk: Any, field: str, delta: int = 1) -> int | None:
+    """Add `delta` to an integer field of a row, written behind; returns the field's new value as readers
+    of the cache see it, or None when the row is not cached (the increment is queued all the same).
 
     Concurrent calls never lose an increment: the cache adds each one atomically to the row's pending
     increments (readers through `get_cached` see the sum at once), and the drain applies their sum to the
-    database as `field = field + n`, each change exactly once."""
+    database as `field = field + n`, each change exactly once. One round trip, no database query."""
     config = _registered_behind(model, "incr_behind")
     model_field = _column(config, field, "incr_behind")
     delta = _check_delta(config, model_field, delta, "incr_behind")
     pk = config.normalize("pk", pk)
-    return _queue(config, pk, {}, {model_field.attname: delta})
+    return _queue(config, pk, {}, {model_field.attname: delta}, counted=model_field.attname)[1]
 
 
 _last_trigger: dict[tuple[str, int], float] = {}

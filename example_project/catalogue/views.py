@@ -137,25 +137,35 @@ def build_product_page(slug: str) -> dict[str, Any]:
     }
 
 
+# Products whose counter row this process knows to exist (bounded: cleared when full).
+_COUNTED: set[int] = set()
+_COUNTED_MAX = 10_000
+
+
 def count_view(product_id: int) -> int | None:
     """Add one to the product's view count and return it; None if the cache cannot take the count.
 
-    The counter is written behind: `incr_behind` adds one in the cache at once, atomically, and queues the
-    increment; a drain (the Celery beat task, see shop/celery.py) adds the queued increments to the
-    database in batches. No view is lost, however many requests count the same product at once. The
-    number shown is the count read just before plus this view (two visitors at the same instant may see
-    the same number; both views are counted)."""
+    The counter is written behind: `incr_behind` adds one in the cache at once, atomically, queues the
+    increment and returns the new count, in one round trip; a drain (the Celery beat task, see
+    shop/celery.py) adds the queued increments to the database in batches. No view is lost, however many
+    requests count the same product at once. Write-behind changes rows that exist, so the first view of
+    a product (in this process) makes sure its counter row does."""
     try:
-        counter = get_cached(ProductViews, pk=product_id)
-    except ProductViews.DoesNotExist:
-        # The first view: write-behind queues changes of rows that exist, so the row is created now.
-        counter, _ = ProductViews.objects.get_or_create(product_id=product_id)
-    try:
-        incr_behind(ProductViews, counter.pk, "views")
+        if product_id not in _COUNTED:
+            try:
+                get_cached(ProductViews, pk=product_id)
+            except ProductViews.DoesNotExist:
+                ProductViews.objects.get_or_create(product_id=product_id)
+            if len(_COUNTED) >= _COUNTED_MAX:
+                _COUNTED.clear()
+            _COUNTED.add(product_id)
+        views = incr_behind(ProductViews, product_id, "views")
+        if views is None:  # the row is not in the cache (it is read once, then it is)
+            views = get_cached(ProductViews, pk=product_id).views
     except CacheUnavailable as error:
         logger.warning("view of product %s not counted: %s", product_id, error)
         return None
-    return counter.views + 1
+    return views
 
 
 def summarise_category(pk: int) -> dict[str, Any] | None:
