@@ -83,7 +83,10 @@ test-newest-django:
 	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade pip; \
 	  $(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]" "django>=6"; \
 	  echo "== newest Django: $$($(VENV_NEWEST)/bin/python -c 'import django, sys; print(django.__version__, "on Python", sys.version.split()[0])')"; \
-	  $(VENV_NEWEST)/bin/python -m pytest -q; \
+	  echo "== (tests/test_chaos.py runs in the main pass only: it kills, stops and reshards cluster nodes under"; \
+	  echo "   load, 45 s of the suite's 10-minute budget, and what it exercises, the topology's failure handling,"; \
+	  echo "   does not change with Django's version)"; \
+	  $(VENV_NEWEST)/bin/python -m pytest -q --ignore=tests/test_chaos.py; \
 	fi
 
 bench: venv
