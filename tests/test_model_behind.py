@@ -798,3 +798,22 @@ def test_a_terminated_database_backend_costs_one_shard_not_the_drain():
     report = django_distcache.flush_behind()
     assert report.complete
     assert all(stored_views(row.pk) == 3 for row in rows)
+
+
+async def test_aget_cached_lays_the_queued_changes_over_the_row():
+    """The async reader reads the entry and the patch in one round trip too, cached row or not."""
+    from asgiref.sync import sync_to_async
+
+    counter = await sync_to_async(PageCounter.objects.create)(name="async", views=1)
+    await sync_to_async(django_distcache.incr_behind)(PageCounter, counter.pk, "views", 4)
+    counter.note = "queued"
+    await sync_to_async(django_distcache.save_behind)(counter, update_fields=["note"])
+    found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
+    assert (found.views, found.note) == (5, "queued")
+    config = config_for(PageCounter)
+    await config.cache.adelete(config.entry_key("pk", counter.pk))  # not cached: the database, patched
+    found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
+    assert (found.views, found.note) == (5, "queued")
+    await sync_to_async(django_distcache.flush_behind)()
+    assert await sync_to_async(stored_views)(counter.pk) == 5
+    await sync_to_async(connections.close_all)()
