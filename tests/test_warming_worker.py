@@ -129,6 +129,13 @@ class CommandThread(threading.Thread):
         except CommandError as error:
             self.error = error
 
+    def report(self) -> str:
+        """What the command said so far (for a wait that timed out)."""
+        return (
+            f"warmcache {'runs' if self.is_alive() else 'ended'}; error: {self.error}\n"
+            f"stdout:\n{self.stdout.getvalue()}\nstderr:\n{self.stderr.getvalue()}"
+        )
+
     def finish(self, timeout: float = 120) -> CommandThread:
         self.join(timeout)
         assert not self.is_alive(), f"warmcache still runs:\n{self.stderr.getvalue()}"
@@ -161,7 +168,7 @@ def test_a_killed_worker_s_running_and_prefetched_chunks_run_again_on_a_restarte
     command = CommandThread(NAME, "--async", *SPLIT, "--stall-timeout", "12", "--timeout", "600")
     command.start()
     # Chunk 0 wrote its first block and waits at the gate; chunks 1 and 2 are prefetched by the worker.
-    wait_until(lambda: first_block_written(cache), 60, first.tail)
+    wait_until(lambda: first_block_written(cache), 60, lambda: f"{command.report()}\n{first.tail()}")
     first.kill_all()
     cache.set(worker_warmers.GATE_KEY, True)
     workers("warm-restarted")
@@ -178,7 +185,7 @@ def test_a_killed_worker_not_restarted_fails_the_run_naming_the_chunks_not_compl
     worker = workers("warm-dead")
     command = CommandThread(NAME, "--async", *SPLIT, "--stall-timeout", "4", "--timeout", "600")
     command.start()
-    wait_until(lambda: first_block_written(cache), 60, worker.tail)
+    wait_until(lambda: first_block_written(cache), 60, lambda: f"{command.report()}\n{worker.tail()}")
     worker.kill_all()
     command.finish()
     message = str(command.error)
