@@ -33,6 +33,20 @@ def cluster() -> DevCluster:
         dev.down()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def celery_app():
+    """The suite's Celery app (tests/celery_app.py) as Celery's default app, from the first test on.
+
+    Tasks are shared tasks: in a thread where no app was made current (a command run in a thread, the
+    write-behind backlog trigger of a writer thread), Celery falls back to its default app. Without this,
+    the first app to become default is whichever is made or first needed: another test's app on another
+    broker database, or Celery's own fallback (amqp://localhost, where no test worker listens)."""
+    from tests.celery_app import app
+
+    app.set_default()
+    return app
+
+
 def _settle_outbox() -> None:
     """A test process that was killed (a peer, a worker, an interrupted run) with invalidations pending
     leaves its outbox file; the next process with the same KEY_PREFIX bumps the namespace for it, in the

@@ -62,7 +62,8 @@ def test_the_demo_worker_restarts_on_sighup_and_still_runs_tasks(broker, tmp_pat
         worker.send_signal(signal.SIGHUP)
         wait_for("Restarting celery worker")
         wait_for("ready.", count=2)  # the same process (exec keeps the pid), started again
-        sender = Celery("demo-hup-test", broker=broker_url)
+        # Not made current: the tests after this one send through the suite's app.
+        sender = Celery("demo-hup-test", broker=broker_url, set_as_current=False)
         task_id = f"after-sighup-{uuid.uuid4().hex}"
         sender.send_task("django_distcache.flush_behind", kwargs={"using": "default"}, task_id=task_id)
         wait_for(f"Task django_distcache.flush_behind[{task_id}] succeeded")
