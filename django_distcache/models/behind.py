@@ -1111,6 +1111,17 @@ def _refresh_cached_rows(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]
 
 def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> Any:
     head = yield from cache._namespace.current()
+    # The tag versions of every row to store, read together per model (one batch, not a round trip per row).
+    versions: dict[Any, dict[str, int]] = {}
+    for config in {config.model: config for config, _ in settled}.values():
+        tags = [config.row_tags(row.fresh) for c, row in settled if c is config and row.fresh is not None]
+        if tags:
+            wanted = list(
+                dict.fromkeys([*config.static_tags(), *(tag for row_tags in tags for tag in row_tags)])
+            )
+            versions[config.model] = (
+                yield from cache._stamps(wanted, cache._expiry_ms(config.timeout))
+            ) or {}
     calls = []
     for config, row in settled:
         expiry_ms = cache._expiry_ms(config.timeout)
@@ -1122,7 +1133,8 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
         elif row.fresh is None:
             data = ""
         else:
-            stamps = yield from cache._stamps([*config.static_tags(), *config.row_tags(row.fresh)], expiry_ms)
+            held = versions[config.model]
+            stamps = {tag: held[tag] for tag in [*config.static_tags(), *config.row_tags(row.fresh)]}
             data = cache._encode(config.row_payload(row.fresh, cache), "flush_behind", entry, stamps)
         done = row.done()
         newest_set: dict[str, str] = {}
