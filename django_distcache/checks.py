@@ -7,9 +7,8 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
-from redis.exceptions import ResponseError
 
-from .topology import OUTAGE_ERRORS, NotAClusterError
+from .topology import OUTAGE_ERRORS, CommandError, NotAClusterError
 
 # Entries and tag keys have a TTL (a tag key lives as long as the entries stamped with it, forever only if
 # one of them was stored with timeout=None); the namespace key and write-behind streams have none. Under a
@@ -90,7 +89,7 @@ def _eviction_policy_messages(alias: str, topology: Any) -> list:
     for node in topology.primaries():
         try:
             reply = topology.node_execute(node, "CONFIG", "GET", "maxmemory*")
-        except ResponseError:
+        except CommandError:
             return []  # CONFIG is disabled on some managed services: nothing to check
         except OUTAGE_ERRORS:
             continue

@@ -19,12 +19,11 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
-from redis.exceptions import ResponseError
 
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .keys import GENERATION, KeyLayout
-from .topology import OUTAGE_ERRORS, Call, is_outage
+from .topology import OUTAGE_ERRORS, Call, CommandError, is_outage
 
 logger = logging.getLogger("django_distcache.versioning")
 
@@ -223,7 +222,7 @@ class Purger:
             except OUTAGE_ERRORS as error:
                 # Still listed in Redis: the next process that starts with this KEY_PREFIX retries it.
                 logger.warning("purge of generation %s interrupted: %s", generation or "(pending)", error)
-            except ResponseError as error:
+            except CommandError as error:
                 # Refused (a Redis ACL without SCAN, UNLINK, LRANGE or LREM, say): nothing a retry mends.
                 logger.error(
                     "purge of retired generation %s of KEY_PREFIX %r stopped: %s. It stays listed in %s; "
