@@ -19,7 +19,6 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
-
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .keys import GENERATION, KeyLayout
