@@ -28,7 +28,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidC
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from . import stampede
+from . import scripts, stampede
 from .backplane import Backplane, Subscriber
 from .codec import EXPIRED, SignatureError, UndecodableValueError
 from .conf import CacheSettings, build_codec, expiry_ms, parse_settings
@@ -61,23 +61,6 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # What Django's memcached-portability warning looks for; checked first so the common key costs one regex.
 _KEY_MAY_WARN = re.compile(r"[\x00-\x20\x7f]")
 Plan = Generator[Any, Any, Any]
-
-# INCRBY only where the key exists, so a missing key raises ValueError as Django requires; INCRBY keeps
-# the key's TTL.
-_INCR_SCRIPT = "if redis.call('EXISTS', KEYS[1]) == 0 then return false end return redis.call('INCRBY', KEYS[1], ARGV[1])"
-# PERSIST answers 0 both for "missing" and for "had no TTL"; touch(None) must say whether the key exists.
-_PERSIST_SCRIPT = (
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end redis.call('PERSIST', KEYS[1]) return 1"
-)
-
-
-# add() over a dead entry: SET only if the key is absent or still holds the bytes we judged dead.
-_REPLACE_DEAD_SCRIPT = """
-local current = redis.call('GET', KEYS[1])
-if current and redis.sha1hex(current) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-return 1
-"""
 
 
 # Failures a caller never notices: the operation went on with an in-process copy (the namespace
@@ -580,7 +563,7 @@ class RedisClusterCache(BaseCache):
         expiry = "" if expiry_ms is None else expiry_ms
         replaced = yield Call(
             physical,
-            ("EVAL", _REPLACE_DEAD_SCRIPT, 1, physical, fingerprint, data, expiry),
+            ("EVAL", scripts.SET_IF_UNCHANGED, 1, physical, fingerprint, data, expiry),
             idempotent=False,
             repairable=True,
         )
@@ -736,7 +719,10 @@ class RedisClusterCache(BaseCache):
         physical = yield from self._physical_key(key, version)
         try:
             value = yield Call(
-                physical, ("EVAL", _INCR_SCRIPT, 1, physical, delta), idempotent=False, repairable=True
+                physical,
+                ("EVAL", scripts.INCR_IF_PRESENT, 1, physical, delta),
+                idempotent=False,
+                repairable=True,
             )
         except ResponseError as error:
             message = str(error)
@@ -753,7 +739,7 @@ class RedisClusterCache(BaseCache):
         physical = yield from self._physical_key(key, version)
         expiry_ms = self._expiry_ms(timeout)
         if expiry_ms is None:
-            reply = yield Call(physical, ("EVAL", _PERSIST_SCRIPT, 1, physical), repairable=True)
+            reply = yield Call(physical, ("EVAL", scripts.PERSIST_IF_PRESENT, 1, physical), repairable=True)
         elif expiry_ms == 0:
             reply = yield Call(physical, ("DEL", physical), repairable=True)
         else:

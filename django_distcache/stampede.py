@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import scripts
 from .codec import SignatureError, UndecodableValueError
 from .conf import MAX_EXPIRY_MS
 from .tags import stamps_are_current, validate_tags
@@ -38,9 +39,6 @@ from .topology import Call
 
 logger = logging.getLogger("django_distcache.stampede")
 
-_RELEASE_SCRIPT = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
 POLL_FIRST, POLL_MAX = 0.01, 0.1  # seconds between two looks of a waiter, growing
 
 
@@ -151,7 +149,7 @@ def acquire_plan(lease: bytes, token: str, timeout: float) -> Any:
 
 
 def release_plan(lease: bytes, token: str) -> Any:
-    yield Call(lease, ("EVAL", _RELEASE_SCRIPT, 1, lease, token))
+    yield Call(lease, ("EVAL", scripts.RELEASE_IF_OWNER, 1, lease, token))
 
 
 def held_plan(lease: bytes) -> Any:

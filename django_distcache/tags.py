@@ -24,6 +24,7 @@ import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
+from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .topology import Call, is_outage
@@ -36,24 +37,6 @@ MAX_TAGS_PER_VALUE = 256
 # any more is gone this long after its last entry.
 TAG_TTL_MARGIN = 60.0
 _LONGEST_TTL_MS = 10**15  # about 31,700 years: a TTL plus the margin stays within what Redis accepts
-
-# A tag's version for a write: the current one (a missing key is created holding ARGV[1]), with the key
-# made to live at least ARGV[2] ms more, or forever when ARGV[2] is ''. A TTL is never shortened.
-_STAMP_SCRIPT = """
-local version = redis.call('GET', KEYS[1])
-if not version then
-  if ARGV[2] == '' then redis.call('SET', KEYS[1], ARGV[1])
-  else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-  return ARGV[1]
-end
-if ARGV[2] == '' then
-  redis.call('PERSIST', KEYS[1])
-else
-  local left = redis.call('PTTL', KEYS[1])
-  if left >= 0 and left < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-end
-return version
-"""
 
 Plan = Generator[Any, Any, Any]
 
@@ -215,7 +198,7 @@ class TagVersions:
         replies = yield [
             Call(
                 self.tag_key(tag),
-                ("EVAL", _STAMP_SCRIPT, 1, self.tag_key(tag), new_version(), ttl_ms),
+                ("EVAL", scripts.TAG_VERSION_FOR_WRITE, 1, self.tag_key(tag), new_version(), ttl_ms),
                 repairable=True,
             )
             for tag in ask

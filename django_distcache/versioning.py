@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
+from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .keys import GENERATION, KeyLayout
@@ -58,15 +59,6 @@ def model_key(model: Any, *parts: Any) -> str:
 
 
 _UNREADABLE = object()
-
-# The namespace key holds something that is not a generation (written by hand or by another program):
-# replace it, once, whoever of the processes that saw it comes first.
-_REPLACE_SCRIPT = """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return current end
-redis.call('SET', KEYS[1], ARGV[2])
-return ARGV[2]
-"""
 
 
 def new_generation() -> str:
@@ -137,7 +129,9 @@ class Namespace:
                 existing[:40],
                 self.key_prefix,
             )
-            existing = yield Call(self.key, ("EVAL", _REPLACE_SCRIPT, 1, self.key, existing, proposed))
+            existing = yield Call(
+                self.key, ("EVAL", scripts.REPLACE_FOREIGN_GENERATION, 1, self.key, existing, proposed)
+            )
         raise ValueError(f"namespace key {self.key!r} keeps being overwritten with {existing[:40]!r}")
 
     def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:

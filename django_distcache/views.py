@@ -30,7 +30,7 @@ headers instead of the page; the page is then stored under a second key that add
 
 *Bounded.* Requests that cannot give a shared page leave no key: an uncacheable page is remembered as such
 in a bounded in-process table (`_PassMemory`, hit-for-pass) rather than in Redis, and a view stores at most
-`max_entries` distinct pages at a time (`_ADMIT_SCRIPT`); past that, pages are rendered and not stored.
+`max_entries` distinct pages at a time (`scripts.ADMIT_PAGE`); past that, pages are rendered and not stored.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from django.utils.cache import get_conditional_response
 from django.utils.functional import cached_property
 from django.utils.http import parse_http_date_safe
 
-from . import stampede
+from . import scripts, stampede
 from .forksafe import renew_locks_after_fork
 from .tags import validate_tags
 from .topology import Call
@@ -104,19 +104,6 @@ _CONDITIONAL_HEADERS = (
 
 # Commas (with any spaces) between the items of Cache-Control and Vary (Django 6.1 dropped its own).
 _HEADER_LIST = re.compile(r"\s*,\s*")
-
-# Admits `member` (a page's key) to a view's set of stored pages (KEYS[1], scored by expiry) if it is
-# already there or the set holds fewer than `limit` live pages. ARGV: member, now and expiry (ms), limit.
-_ADMIT_SCRIPT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
-  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-  return 1
-end
-return 0
-"""
 
 
 # -- what the serving plan asks its driver for ---------------------------------------------------------
@@ -720,7 +707,7 @@ class _CachedView:
             f"{self.options.key_prefix}:pages:{_digest([self.name])}", None
         )
         now_ms = int(time.time() * 1000)
-        admit = ("EVAL", _ADMIT_SCRIPT, 1, pages, key, now_ms, now_ms + lifetime_ms, limit)
+        admit = ("EVAL", scripts.ADMIT_PAGE, 1, pages, key, now_ms, now_ms + lifetime_ms, limit)
         return bool((yield Call(pages, admit)))
 
     def peek_plan(self, key: str) -> Generator[Any, Any, Any]:

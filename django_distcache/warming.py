@@ -27,6 +27,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
 
+from . import scripts
 from .tags import validate_tags
 from .topology import Call
 
@@ -724,8 +725,8 @@ def _fill_rows_plan(
     """`models.read.fill_plan` for many rows at once, each step one batch for all the rows: the rows' tag
     versions, then what each key holds now, then the model's epoch (if a writer replaced it since the
     lease, nothing is written and None is returned), then a compare-and-set of every key with the same
-    FILL_SCRIPT (written only over what was read, never over a queued write-behind change)."""
-    from .models.read import FILL_SCRIPT, epoch_key, observed_fingerprint
+    SET_IF_UNCHANGED (written only over what was read, never over a queued write-behind change)."""
+    from .models.read import epoch_key, observed_fingerprint
 
     static = {tag: lease.stamps[tag] for tag in [*config.static_tags(), *extra_tags]}
     tags_of = {row.pk: config.row_tags(row) for row in rows}
@@ -754,7 +755,15 @@ def _fill_rows_plan(
     calls = []
     for (physical, data, marker), seen in zip(targets, observed, strict=True):
         script_keys = (physical, marker) if marker is not None else (physical,)
-        args = ("EVAL", FILL_SCRIPT, len(script_keys), *script_keys, observed_fingerprint(seen), data, expiry)
+        args = (
+            "EVAL",
+            scripts.SET_IF_UNCHANGED,
+            len(script_keys),
+            *script_keys,
+            observed_fingerprint(seen),
+            data,
+            expiry,
+        )
         calls.append(Call(physical, args, idempotent=False, repairable=True))
     replies = yield calls
     counts = {"entries": 0, "bytes": 0, "batches": 1, "skipped": 0, "errors": 0}

@@ -53,6 +53,7 @@ from django.db.models import F, Value
 from django.db.models.expressions import Combinable, CombinedExpression
 from redis.crc import key_slot
 
+from .. import scripts
 from ..cache import CacheUnavailable, Guarded
 from ..keys import BEHIND_CHANGE_IDENTITY
 from ..topology import OUTAGE_ERRORS, Call
@@ -65,129 +66,6 @@ PATCH_TTL_MS = 24 * 3600 * 1000
 READ_FACTOR = 10  # a drain reads up to this many BEHIND_BATCH_SIZE entries per transaction
 _SLOTS = 16384
 _INT64 = 2**63
-
-# The patch of a row: 'v:<field>' the newest value set (encoded), 't:<field>' the set's order token,
-# 'd:<field>' the sum of increments queued after it. ARGV[1]: TTL, ARGV[2]: the change's token, then
-# triples (op, field, value) with op 'v' (set: replaces the value, drops earlier increments) or 'd' (add).
-# With KEYS[2] (the row's entry, for incr_behind): returns the entry, the first field's value set and its
-# increments, from which the caller reads the field's new value.
-_PATCH_SCRIPT = """
-local i = 3
-while i <= #ARGV do
-  local op, name = ARGV[i], ARGV[i + 1]
-  if op == 'v' then
-    redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[i + 2], 't:' .. name, ARGV[2])
-    redis.call('HDEL', KEYS[1], 'd:' .. name)
-  else
-    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, ARGV[i + 2]) == 0 then
-      redis.call('HDEL', KEYS[1], 'd:' .. name)
-    end
-  end
-  i = i + 3
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-if KEYS[2] then
-  return {redis.call('GET', KEYS[2]), redis.call('HGET', KEYS[1], 'v:' .. ARGV[4]), redis.call('HGET', KEYS[1], 'd:' .. ARGV[4])}
-end
-return 1
-"""
-
-# Undo of a patch whose change could not be queued: only what this change still owns is taken back
-# (ARGV[1] the change's token, then the patch's triples with each increment negated).
-_UNPATCH_SCRIPT = """
-local i = 2
-while i <= #ARGV do
-  local op, name = ARGV[i], ARGV[i + 1]
-  if op == 'v' then
-    if redis.call('HGET', KEYS[1], 't:' .. name) == ARGV[1] then
-      redis.call('HDEL', KEYS[1], 'v:' .. name, 't:' .. name)
-    end
-  elseif redis.call('HEXISTS', KEYS[1], 'd:' .. name) == 1 then
-    if redis.call('HINCRBY', KEYS[1], 'd:' .. name, ARGV[i + 2]) == 0 then
-      redis.call('HDEL', KEYS[1], 'd:' .. name)
-    end
-  end
-  i = i + 3
-end
-if redis.call('HLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
-# After a drain's commit, once per row and stream id: KEYS entry, patch, drained mark. ARGV[1] the newest
-# stream id done for the row (applied, found applied, dropped or dead-lettered), ARGV[2] the row as the
-# database holds it ('' = the row is gone), ARGV[3] its TTL ('' = none), ARGV[4] the marks' TTL, then
-# the count of set fields and pairs (field, newest token of a done set), then the count of added fields and
-# for each: field, token of the last done set of it ('' = none), count, pairs (stream id, minus the amount)
-# of the done increments after that set (Redis adds them: exact 64-bit sums, which Lua's doubles are not).
-# Returns 0 if a drain did this already (or a newer one).
-_REFRESH_SCRIPT = """
-local function newer(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
-local drained = redis.call('GET', KEYS[3])
-if drained and not newer(ARGV[1], drained) then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1])
-elseif ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
-else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
-local i = 5
-local sets = tonumber(ARGV[i]); i = i + 1
-for _ = 1, sets do
-  local token = redis.call('HGET', KEYS[2], 't:' .. ARGV[i])
-  if token and token <= ARGV[i + 1] then redis.call('HDEL', KEYS[2], 'v:' .. ARGV[i], 't:' .. ARGV[i]) end
-  i = i + 2
-end
-local adds = tonumber(ARGV[i]); i = i + 1
-for _ = 1, adds do
-  local name, last_set, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  local todo = {}
-  for _ = 1, count do
-    if not drained or newer(ARGV[i], drained) then table.insert(todo, ARGV[i + 1]) end
-    i = i + 2
-  end
-  -- a set queued after these increments (still in the patch) already dropped them from it
-  local pending_set = redis.call('HGET', KEYS[2], 't:' .. name)
-  local superseded = pending_set and (last_set == '' or pending_set > last_set)
-  if #todo > 0 and not superseded and redis.call('HEXISTS', KEYS[2], 'd:' .. name) == 1 then
-    local left = 0
-    for _, taken in ipairs(todo) do left = redis.call('HINCRBY', KEYS[2], 'd:' .. name, taken) end
-    if left == 0 then redis.call('HDEL', KEYS[2], 'd:' .. name) end
-  end
-end
-if redis.call('HLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-
-# The end of a batch, in the shard's slot: delete the entries, forget their failure counts and count them,
-# each id once (KEYS stream, attempts, stats). ARGV: applied, dropped, dead-lettered counts, rows written,
-# seconds, then the ids in that order.
-_DONE_SCRIPT = """
-local counts = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
-local names = {'changes_applied', 'dropped_deleted', 'dead_lettered'}
-local i = 6
-for c = 1, 3 do
-  local deleted = 0
-  for _ = 1, counts[c] do
-    deleted = deleted + redis.call('XDEL', KEYS[1], ARGV[i])
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    i = i + 1
-  end
-  if deleted > 0 then redis.call('HINCRBY', KEYS[3], names[c], deleted) end
-end
-redis.call('HINCRBY', KEYS[3], 'rows_written', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[3], 'apply_seconds', ARGV[5])
-redis.call('HINCRBY', KEYS[3], 'batches', 1)
-return 1
-"""
-
-_RENEW_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE_SCRIPT = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
 
 
 class BehindError(Exception):
@@ -431,7 +309,7 @@ def _queue_plan(
     calls.append(
         Call(
             patch,
-            ("EVAL", _PATCH_SCRIPT, len(script_keys), *script_keys, PATCH_TTL_MS, token, *ops),
+            ("EVAL", scripts.PATCH_ROW, len(script_keys), *script_keys, PATCH_TTL_MS, token, *ops),
             idempotent=False,
         )
     )
@@ -441,7 +319,7 @@ def _queue_plan(
         if not isinstance(patched, BaseException):
             # Not queued, so readers must not see it: take back what this change still owns of the patch.
             undone = [-item if isinstance(item, int) else item for item in ops]
-            undo = Call(patch, ("EVAL", _UNPATCH_SCRIPT, 1, patch, token, *undone), idempotent=False)
+            undo = Call(patch, ("EVAL", scripts.TAKE_BACK_PATCH, 1, patch, token, *undone), idempotent=False)
             yield Guarded(_one(undo), "save_behind_cache", None)
         raise queued
     # From here on the change is queued: nothing may say otherwise. A failed XLEN only skips the trigger; a
@@ -975,14 +853,14 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
         )
     finally:
         try:
-            _call(cache, Call(keys.lock, ("EVAL", _RELEASE_SCRIPT, 1, keys.lock, token)))
+            _call(cache, Call(keys.lock, ("EVAL", scripts.RELEASE_IF_OWNER, 1, keys.lock, token)))
         except CacheUnavailable:
             pass  # the lock expires by itself
     return report
 
 
 def _still_ours(cache: Any, keys: ShardKeys, token: str, idle_ms: int) -> bool:
-    renewed = _call(cache, Call(keys.lock, ("EVAL", _RENEW_SCRIPT, 1, keys.lock, token, idle_ms)))
+    renewed = _call(cache, Call(keys.lock, ("EVAL", scripts.RENEW_IF_OWNER, 1, keys.lock, token, idle_ms)))
     if not renewed:
         logger.warning(
             "lost the write-behind lock of %s (a batch took longer than BEHIND_IDLE_TIMEOUT)", keys.stream
@@ -1156,7 +1034,11 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
         for name, pairs in increments.items():
             args += [name, last_set.get(name, ""), len(pairs) // 2, *pairs]
         calls.append(
-            Call(entry, ("EVAL", _REFRESH_SCRIPT, 3, entry, patch, drained, *args), idempotent=False)
+            Call(
+                entry,
+                ("EVAL", scripts.REFRESH_DRAINED_ROW, 3, entry, patch, drained, *args),
+                idempotent=False,
+            )
         )
     return (yield calls)
 
@@ -1179,7 +1061,7 @@ def _delete_entries(
             keys.stream,
             (
                 "EVAL",
-                _DONE_SCRIPT,
+                scripts.FINISH_DRAINED_BATCH,
                 3,
                 keys.stream,
                 keys.attempts,

@@ -25,21 +25,12 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, router
 
+from .. import scripts
 from ..topology import Call
 from . import behind
 from .registry import MISSING_ROW, ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
-
-# Write KEYS[1] only if it is absent or still holds the bytes whose sha1 is ARGV[1] (what the reader saw),
-# and, when KEYS[2] is given (write-behind), only if no queued change of the row is still on its way.
-FILL_SCRIPT = """
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local current = redis.call('GET', KEYS[1])
-if current and redis.sha1hex(current) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-return 1
-"""
 
 
 def epoch_key(cache: Any, config: ModelCacheConfig) -> bytes:
@@ -177,7 +168,7 @@ def fill_plan(
                 target,
                 (
                     "EVAL",
-                    FILL_SCRIPT,
+                    scripts.SET_IF_UNCHANGED,
                     len(script_keys),
                     *script_keys,
                     observed_fingerprint(observed[name]),

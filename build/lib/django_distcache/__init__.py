@@ -1,0 +1,54 @@
+"""django-distcache: a Django cache on Redis Cluster that survives real traffic."""
+
+from typing import Any
+
+__version__ = "0.1.0.dev0"
+
+# Model caching needs Django's ORM, which must not be imported while settings are being read (the
+# backend module is imported from CACHES); these names are imported on first use instead.
+_MODEL_API = {
+    "cache_model",
+    "get_cached",
+    "aget_cached",
+    "invalidate_model",
+    "ainvalidate_model",
+    "save_behind",
+    "incr_behind",
+    "flush_behind",
+    "behind_metrics",
+}
+# Warming imports the ORM too (QuerySet warmers), so its names are loaded the same way.
+_WARMING_API = {"warmer", "page_warmer", "run_warmer", "warm_queryset"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cached":
+        from .memoize import cached
+
+        return cached
+    if name == "cached_view":
+        from .views import cached_view
+
+        return cached_view
+    if name in _MODEL_API:
+        from . import models
+
+        return getattr(models, name)
+    if name in _WARMING_API:
+        from . import warming
+
+        return getattr(warming, name)
+    raise AttributeError(f"module 'django_distcache' has no attribute {name!r}")
+
+
+def invalidate_tags(*tags: str, using: str = "default") -> int:
+    """Invalidate every entry carrying any of `tags` in the cache `using` (a RedisClusterCache alias)."""
+    from django.core.cache import caches
+
+    return caches[using].invalidate_tags(*tags)
+
+
+async def ainvalidate_tags(*tags: str, using: str = "default") -> int:
+    from django.core.cache import caches
+
+    return await caches[using].ainvalidate_tags(*tags)

@@ -1,0 +1,226 @@
+"""`@cached`: memoize a function (sync or async) in the cache, with tags and stampede protection.
+
+    @django_distcache.cached(timeout=300, tags=lambda slug: [f"product:{slug}"], stale=60)
+    def product_summary(slug): ...
+
+    product_summary.invalidate("red-shoe")
+
+The key is the function's module and qualified name plus a digest of its bound arguments (defaults
+applied, so `f(1)` and `f(x=1)` share an entry); arguments must have a stable `repr` (model instances are
+keyed by label and pk), or give `key=` (a string template or a callable of the arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.db import models
+
+from . import stampede
+from .tags import validate_tags
+
+_registry: dict[str, Any] = {}
+
+
+class UnsavedInstanceError(ValueError):
+    """An argument is a model instance that is not (yet) a database row: nothing identifies it in a key."""
+
+
+def _stable(value: Any) -> str:
+    if isinstance(value, models.Model):
+        if value.pk is None or value._state.adding:
+            # Two unsaved instances (or one made with the pk of a saved row) are not that row: keyed by
+            # label and pk they would share its entry and get each other's results.
+            raise UnsavedInstanceError(
+                f"an unsaved {value._meta.label} instance has no identity to key a cached result on; "
+                "save it first, or give @cached a key="
+            )
+        return f"<{value._meta.label_lower}:{value.pk!r}>"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if isinstance(value, list | tuple):
+        inner = ",".join(_stable(item) for item in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, set | frozenset):
+        return "{" + ",".join(sorted(_stable(item) for item in value)) + "}"
+    return repr(value)
+
+
+class CachedFunction:
+    """The wrapper `@cached` returns: call it as the function; `.invalidate(*args, **kwargs)` drops one
+    entry (`.ainvalidate` for async code); `.key_for(*args, **kwargs)` tells the cache key."""
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        timeout: Any,
+        tags: Any,
+        key: Any,
+        stale: float | None,
+        beta: float | None,
+        refresh: Any,
+        using: str,
+        version: int | None,
+    ) -> None:
+        self.function = function
+        self.name = f"{function.__module__}.{function.__qualname__}"
+        self.signature = inspect.signature(function)
+        self.is_async = inspect.iscoroutinefunction(function)
+        self.timeout, self.tags, self.key, self.stale, self.beta = timeout, tags, key, stale, beta
+        self.refresh, self.using, self.version = refresh, using, version
+        functools.update_wrapper(self, function)
+        _registry[self.name] = self
+
+    @property
+    def cache(self) -> Any:
+        from django.core.cache import caches
+
+        return caches[self.using]
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        if callable(self.key):
+            return str(self.key(*args, **kwargs))
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if isinstance(self.key, str):
+            return self.key.format(**bound.arguments)
+        text = ",".join(f"{name}={_stable(value)}" for name, value in bound.arguments.items())
+        digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        return f"cached:{self.name}:{digest}"
+
+    def tags_for(self, *args: Any, **kwargs: Any) -> list[str]:
+        return validate_tags(self.tags(*args, **kwargs) if callable(self.tags) else self.tags)
+
+    def _policy(self, args: tuple, kwargs: dict) -> stampede.Policy:
+        policy = stampede.policy_for(
+            self.cache, self.stale, self.beta, "inline" if self.refresh == "celery" else self.refresh
+        )
+        if self.refresh == "celery" and (self.stale or policy.beta):
+            policy = dataclasses.replace(
+                policy, refresh=functools.partial(_queue_refresh, self.name, args, kwargs)
+            )
+        return policy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            key = self.key_for(*args, **kwargs)
+        except UnsavedInstanceError:
+            return self.function(*args, **kwargs)  # not cacheable: computed for this call alone
+        if self.is_async:
+            return self._acall(key, args, kwargs)
+        return stampede.get_or_compute(
+            self.cache,
+            key,
+            self.version,
+            lambda: self.function(*args, **kwargs),
+            self.timeout,
+            self.tags_for(*args, **kwargs),
+            self._policy(args, kwargs),
+            "cached",
+        )
+
+    async def _acall(self, key: str, args: tuple, kwargs: dict) -> Any:
+        return await stampede.aget_or_compute(
+            self.cache,
+            key,
+            self.version,
+            lambda: self.function(*args, **kwargs),
+            self.timeout,
+            self.tags_for(*args, **kwargs),
+            self._policy(args, kwargs),
+            "cached",
+        )
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        return self.cache.delete(self.key_for(*args, **kwargs), version=self.version)
+
+    async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
+        return await self.cache.adelete(self.key_for(*args, **kwargs), version=self.version)
+
+    def refresh_now(self, token: str | None, *args: Any, **kwargs: Any) -> Any:
+        """Recompute and store one entry now (what the Celery refresh task runs); releases `token`'s lease."""
+        cache = self.cache
+        key = self.key_for(*args, **kwargs)
+        made = cache._made_key(key, self.version)
+
+        def plan() -> Any:
+            physical = yield from cache._physical_key(key, self.version)
+            compute = self.function if not self.is_async else _run_coroutine(self.function)
+            return (
+                yield from stampede.refresh_plan(
+                    cache, key, self.version, physical, stampede.lease_key(cache, made), token,
+                    lambda: compute(*args, **kwargs), self.timeout, self.tags_for(*args, **kwargs),
+                    stampede.policy_for(cache, self.stale, self.beta, "inline"),
+                )
+            )  # fmt: skip
+
+        return cache._run(plan(), "refresh", None)
+
+
+def _run_coroutine(function: Callable[..., Any]) -> Callable[..., Any]:
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(function)
+
+
+def _queue_refresh(name: str, args: tuple, kwargs: dict, key: Any, version: Any, token: str) -> None:
+    from .tasks import refresh_task
+
+    refresh_task.apply_async(kwargs={"name": name, "args": list(args), "kwargs": kwargs, "token": token})
+
+
+def refresh_by_name(name: str, args: Iterable[Any], kwargs: dict[str, Any], token: str | None) -> None:
+    function = _registry.get(name)
+    if function is None:
+        module, _, _ = name.rpartition(".")
+        while module and function is None:
+            try:
+                __import__(module)
+            except ImportError:
+                module = module.rpartition(".")[0]
+                continue
+            function = _registry.get(name)
+            break
+    if function is None:
+        raise LookupError(f"no @cached function named {name!r} in this process")
+    function.refresh_now(token, *args, **kwargs)
+
+
+def cached(
+    timeout: Any = DEFAULT_TIMEOUT,
+    *,
+    tags: Iterable[str] | Callable[..., Iterable[str]] | None = None,
+    key: str | Callable[..., str] | None = None,
+    stale: float | None = None,
+    beta: float | None = None,
+    refresh: str | None = None,
+    using: str = "default",
+    version: int | None = None,
+) -> Callable[[Callable[..., Any]], CachedFunction]:
+    """Memoize a function in the cache `using`. `stale`: seconds an expired result may still be returned
+    while one caller refreshes it (in a thread, or `refresh="celery"` through the Celery task
+    `django_distcache.refresh`); `beta`: XFetch eagerness (OPTIONS['XFETCH_BETA'] by default)."""
+    if refresh not in (None, "inline", "thread", "celery"):
+        raise ValueError(f"refresh must be None, 'inline', 'thread' or 'celery', got {refresh!r}")
+    if tags is not None and not callable(tags):
+        validate_tags(tags)
+    if key is not None and not (isinstance(key, str) or callable(key)):
+        raise TypeError(f"key must be a string template or a callable, got {key!r}")
+    if stale is not None and (isinstance(stale, bool) or not isinstance(stale, int | float) or stale < 0):
+        raise ValueError(f"stale must be a number of seconds >= 0, got {stale!r}")
+
+    def decorate(function: Callable[..., Any]) -> CachedFunction:
+        if not callable(function):
+            raise TypeError("@cached decorates a function")
+        return CachedFunction(function, timeout, tags, key, stale, beta, refresh, using, version)
+
+    if callable(timeout) and not isinstance(timeout, int | float):
+        function, timeout = timeout, DEFAULT_TIMEOUT  # used bare: @cached
+        return decorate(function)  # type: ignore[return-value]
+    return decorate

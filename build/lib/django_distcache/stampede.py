@@ -1,0 +1,490 @@
+"""Stampede protection: when a hot entry is missing or expiring, one caller in the fleet recomputes it.
+
+Three layers, used by `get_or_set`, `@cached`, `@cached_view` and refresh-ahead:
+
+1. *Single-flight* in the process: concurrent callers of one key wait for one computation.
+2. *A distributed lease* (`SET NX` of a random token with a TTL, released only by its holder): across all
+   processes one caller computes; the others poll for its value. A crashed holder's lease expires, so it
+   never blocks the fleet for longer than the lease timeout; then another caller takes over.
+3. *Probabilistic early recomputation* (XFetch, Vattani et al., VLDB 2015): an entry stores how long its
+   computation took (delta) and its logical expiry; a read recomputes early when
+   `now - delta * beta * ln(random()) >= expiry`, so on a hot key one reader refreshes shortly before
+   expiry instead of every reader missing at once. With a `stale` window the entry is kept that much
+   longer physically; a reader past the logical expiry is served the stale value while one caller (in the
+   background, or through Celery) refreshes it.
+
+Invalidated entries (a stale tag) are never served as stale: only entries past their timeout are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import scripts
+from .codec import SignatureError, UndecodableValueError
+from .conf import MAX_EXPIRY_MS
+from .tags import stamps_are_current, validate_tags
+from .topology import Call
+
+logger = logging.getLogger("django_distcache.stampede")
+
+POLL_FIRST, POLL_MAX = 0.01, 0.1  # seconds between two looks of a waiter, growing
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING = _Missing()
+
+
+@dataclass(slots=True)
+class Found:
+    """What a stampede-aware read found: fresh, fresh but due for early recomputation, stale, or a miss."""
+
+    state: str  # "fresh" | "early" | "stale" | "miss"
+    value: Any = None
+
+
+MISS = Found("miss")
+
+
+@dataclass(frozen=True, slots=True)
+class Unstored:
+    """What a computation returns for a value that must be handed back but not stored (a page that may
+    not be shared): the callers get the wrapper, the cache gets nothing."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one call protects itself. `stale`: seconds an expired entry may still be served while it is
+    refreshed; `beta`: XFetch's eagerness (0 turns early recomputation off, 1 is the paper's default);
+    `lease_timeout`: how long one computation may hold the lease; `refresh`: how a stale or early entry
+    is refreshed — "inline" (the reader that got the lease computes), "thread" (a background thread) or a
+    callable that queues it elsewhere (Celery)."""
+
+    stale: float = 0.0
+    beta: float = 1.0
+    lease_timeout: float = 10.0
+    refresh: Any = "inline"
+
+
+def policy_for(
+    cache: Any, stale: float | None = None, beta: float | None = None, refresh: Any = None
+) -> Policy:
+    options = cache._settings.options
+    stale = 0.0 if stale is None else stale
+    if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
+        raise ValueError(f"stale must be a finite number of seconds >= 0, got {stale!r}")
+    beta = float(options["XFETCH_BETA"]) if beta is None else beta
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if refresh is None:
+        refresh = "thread" if stale else "inline"
+    if refresh not in ("inline", "thread") and not callable(refresh):
+        raise ValueError(f"refresh must be 'inline', 'thread' or a callable, got {refresh!r}")
+    return Policy(float(stale), float(beta), float(options["STAMPEDE_LEASE_TIMEOUT"]), refresh)
+
+
+# -- reads ------------------------------------------------------------------------------------------------
+def xfetch_due(soft_expiry: float, recompute_time: float, beta: float, now: float, draw: float) -> bool:
+    """XFetch's test; `draw` is uniform in (0, 1]."""
+    if beta <= 0 or recompute_time <= 0:
+        return False
+    return now - recompute_time * beta * math.log(draw) >= soft_expiry
+
+
+def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
+    data = yield Call(physical, ("GET", physical), read=True)
+    if data is None:
+        return MISS
+    try:
+        envelope = cache._codec.decode_envelope(data, cache._keys.identity(physical))
+    except (SignatureError, UndecodableValueError) as error:
+        cache._decode_failed(error)
+        return MISS
+    if envelope.tags:
+        verdict = cache._tags.held_verdict(envelope.tags)
+        if verdict is None:
+            current = yield from cache._tags.current(list(envelope.tags))
+            verdict = stamps_are_current(envelope.tags, current)
+        if not verdict:
+            return MISS  # invalidated: never served, not even as stale
+    if envelope.soft_expiry is None:
+        return Found("fresh", envelope.value)
+    now = time.time()
+    if now >= envelope.soft_expiry:
+        return Found("stale", envelope.value)
+    if xfetch_due(envelope.soft_expiry, envelope.recompute_time or 0.0, beta, now, 1.0 - random.random()):
+        return Found("early", envelope.value)
+    return Found("fresh", envelope.value)
+
+
+# -- leases -----------------------------------------------------------------------------------------------
+def lease_key(cache: Any, made_key: str) -> bytes:
+    """`<KEY_PREFIX>:~lease:<VERSION>:<key>`: outside the namespace, so clear() never voids a lease."""
+    return cache._keys.beside("lease", made_key)
+
+
+def new_token() -> str:
+    return os.urandom(12).hex()
+
+
+def acquire_plan(lease: bytes, token: str, timeout: float) -> Any:
+    return bool((yield Call(lease, ("SET", lease, token, "NX", "PX", max(1, int(timeout * 1000))))))
+
+
+def release_plan(lease: bytes, token: str) -> Any:
+    yield Call(lease, ("EVAL", scripts.RELEASE_IF_OWNER, 1, lease, token))
+
+
+def held_plan(lease: bytes) -> Any:
+    return bool((yield Call(lease, ("EXISTS", lease), read=False)))
+
+
+# -- writes -----------------------------------------------------------------------------------------------
+def store_plan(
+    cache: Any,
+    physical: bytes,
+    key: Any,
+    value: Any,
+    timeout: Any,
+    stale: float,
+    stamps: Any,
+    recompute_time: float,
+) -> Any:
+    """SET with the logical expiry and the computation's duration in the envelope; kept `stale` longer."""
+    expiry_ms = cache._expiry_ms(timeout)
+    if expiry_ms == 0:
+        yield Call(physical, ("DEL", physical), repairable=True)
+        return False
+    now = time.time()
+    soft_expiry = None if expiry_ms is None else now + expiry_ms / 1000
+    if type(value) is int and not stamps and not stale:
+        soft_expiry = None  # stored as a bare integer, so incr()/decr() keep working on it
+    try:
+        data = cache._codec.encode(
+            value,
+            cache._keys.identity(physical),
+            soft_expiry=soft_expiry,
+            recompute_time=recompute_time,
+            tags=stamps or None,
+            now=now,
+        )
+    except Exception as error:
+        error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
+        raise
+    if expiry_ms is None:
+        args: tuple = ("SET", physical, data)
+    else:
+        args = ("SET", physical, data, "PX", kept_ms(expiry_ms, stale))
+    return bool((yield Call(physical, args, repairable=True)))
+
+
+def kept_ms(expiry_ms: int | None, stale: float) -> int | None:
+    """How long Redis keeps an entry of logical expiry `expiry_ms`: `stale` seconds more (None: forever)."""
+    return min(MAX_EXPIRY_MS, expiry_ms + int(stale * 1000)) if expiry_ms else expiry_ms
+
+
+# -- the whole fetch ----------------------------------------------------------------------------------
+def fetch_plan(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: Any,
+    policy: Policy,
+    on_miss: str = "compute",
+) -> Any:
+    """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale. With
+    `on_miss="return"`, a miss returns MISSING instead (the caller then joins the process's single-flight
+    for the computation: hits never wait behind it)."""
+    from .cache import Compute, Guarded, Sleep, Spawn
+
+    tags = validate_tags(tags)
+    cache._expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
+    made = cache._made_key(key, version)
+    lease = lease_key(cache, made)
+    physical = yield Guarded(cache._physical_key(key, version), "get", None)
+    if physical is None:  # the cache is unreachable: compute, store nothing
+        return (yield Compute(compute))
+    found = yield Guarded(read_plan(cache, physical, policy.beta), "get", MISS)
+    if found.state == "fresh":
+        return found.value
+    if found.state in ("early", "stale") and (found.state == "early" or policy.stale):
+        token = new_token()
+        if (yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", False)):
+            if policy.refresh == "inline":
+                failures: list[BaseException] = []
+                refresh = refresh_plan(
+                    cache,
+                    key,
+                    version,
+                    physical,
+                    lease,
+                    token,
+                    _noting(compute, failures),
+                    timeout,
+                    tags,
+                    policy,
+                )
+                try:
+                    return (yield from refresh)
+                except Exception as error:
+                    if not any(error is failure for failure in failures):
+                        raise  # not the user's computation failing (a WRONGTYPE, a bug): never hidden
+                    # Fail-safe: the value we hold is still good to serve.
+                    logger.warning(
+                        "recomputing %r failed (%s: %s); served the value held",
+                        key,
+                        type(error).__name__,
+                        error,
+                    )
+                    return found.value
+            if policy.refresh == "thread":
+                yield Spawn(
+                    lambda: refresh_plan(
+                        cache, key, version, physical, lease, token, compute, timeout, tags, policy
+                    ),
+                    "refresh",
+                )
+            else:
+                try:
+                    yield Compute(policy.refresh, (key, version, token))
+                except Exception as error:  # noqa: BLE001 - the broker is not ours: serve the value anyway
+                    logger.warning("could not queue the refresh of %r: %s", key, error)
+                    yield Guarded(release_plan(lease, token), "lease", None)
+        return found.value
+    # A miss (or stale while the caller allows no staleness): one caller computes, the others wait for it.
+    if on_miss == "return":
+        return MISSING
+    while True:
+        token = new_token()
+        acquired = yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", None)
+        if acquired:
+            # Looked at again now that the lease is ours: a holder that stored the value and released the
+            # lease between our read (a miss) and our acquire has done the work (the lease orders the two).
+            found = yield Guarded(read_plan(cache, physical, 0.0), "get", MISS)
+            if found.state == "fresh":
+                yield Guarded(release_plan(lease, token), "lease", None)
+                return found.value
+        if acquired is not False:  # ours, or the cache is down (then everyone computes: nothing to share)
+            return (
+                yield from refresh_plan(
+                    cache,
+                    key,
+                    version,
+                    physical,
+                    lease,
+                    token if acquired else None,
+                    compute,
+                    timeout,
+                    tags,
+                    policy,
+                )
+            )
+        pause, deadline = POLL_FIRST, time.monotonic() + policy.lease_timeout
+        while time.monotonic() < deadline:
+            yield Sleep(pause)
+            pause = min(POLL_MAX, pause * 2)
+            found = yield Guarded(read_plan(cache, physical, 0.0), "get", MISS)
+            if found.state in ("fresh", "early"):
+                return found.value
+            if not (yield Guarded(held_plan(lease), "lease", False)):
+                break  # the holder finished without storing, or died and its lease expired: our turn
+
+
+def _noting(compute: Callable[[], Any], failures: list[BaseException]) -> Callable[[], Any]:
+    """`compute`, noting in `failures` what it raises (when called, or when its awaitable is awaited), so
+    that a fail-safe serves the value held for the user's own errors and for nothing else."""
+
+    def run() -> Any:
+        try:
+            result = compute()
+        except Exception as error:
+            failures.append(error)
+            raise
+        return _anoting(result, failures) if inspect.isawaitable(result) else result
+
+    return run
+
+
+async def _anoting(awaitable: Any, failures: list[BaseException]) -> Any:
+    try:
+        return await awaitable
+    except Exception as error:
+        failures.append(error)
+        raise
+
+
+def refresh_plan(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    physical: bytes,
+    lease: bytes,
+    token: str | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: list[str],
+    policy: Policy,
+) -> Any:
+    """Compute under the lease and store; tag versions are read before the computation starts."""
+    from .cache import Compute, Guarded
+
+    try:
+        stamps = None
+        if tags:
+            expiry_ms = kept_ms(cache._expiry_ms(timeout), policy.stale)
+            stamps = yield Guarded(cache._stamps(tags, expiry_ms), "get_or_set", MISSING)
+        started = time.monotonic()
+        value = yield Compute(compute)
+        elapsed = time.monotonic() - started
+        if stamps is not MISSING and not isinstance(value, Unstored):
+            yield Guarded(
+                store_plan(cache, physical, key, value, timeout, policy.stale, stamps, elapsed), "set", False
+            )
+        return value
+    finally:
+        if token is not None:
+            yield Guarded(release_plan(lease, token), "lease", None)
+
+
+# -- single-flight ------------------------------------------------------------------------------------
+class _Flight:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """Concurrent callers of one key in this process share one computation (threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[Any, _Flight] = {}
+
+    def do(self, key: Any, function: Callable[[], Any]) -> Any:
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result
+        try:
+            flight.result = function()
+            return flight.result
+        except BaseException as error:
+            flight.error = error
+            raise
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+
+class AsyncSingleFlight:
+    """The same for coroutines, per event loop."""
+
+    def __init__(self) -> None:
+        self._flights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    async def do(self, key: Any, function: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        flights = self._flights.setdefault(loop, {})
+        future = flights.get(key)
+        if future is not None:
+            return await asyncio.shield(future)
+        future = flights[key] = loop.create_future()
+        try:
+            result = await function()
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            flights.pop(key, None)
+
+
+single_flight = SingleFlight()
+async_single_flight = AsyncSingleFlight()
+
+
+def flight_key(cache: Any, key: Any, version: int | None) -> tuple:
+    return (id(cache._shared), cache._made_key(key, version))
+
+
+def get_or_compute(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: Any,
+    policy: Policy,
+    operation: str,
+) -> Any:
+    """Sync: a read (hits, early and stale refreshes) and, on a miss, one computation per process."""
+    from .cache import _STRICT
+
+    value = cache._run(
+        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    )
+    if value is not MISSING:
+        return value
+    return single_flight.do(
+        flight_key(cache, key, version),
+        lambda: cache._run(
+            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
+        ),
+    )
+
+
+async def aget_or_compute(
+    cache: Any,
+    key: Any,
+    version: int | None,
+    compute: Callable[[], Any],
+    timeout: Any,
+    tags: Any,
+    policy: Policy,
+    operation: str,
+) -> Any:
+    from .cache import _STRICT
+
+    value = await cache._arun(
+        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    )
+    if value is not MISSING:
+        return value
+    return await async_single_flight.do(
+        flight_key(cache, key, version),
+        lambda: cache._arun(
+            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
+        ),
+    )

@@ -1,0 +1,492 @@
+"""Routing logic shared by the sync and async topologies: slots, the slot map, grouping, redirects.
+
+Nothing here does I/O, so the same decisions are made whichever client sends the bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+from ..conf import ConnectionSettings, NodeAddress
+from ..forksafe import renew_locks_after_fork
+from .breaker import CLOSED, Breakers
+
+logger = logging.getLogger("django_distcache.topology")
+
+SLOT_COUNT = 16384
+MAX_REDIRECTS = 5
+# Calls a batch sends in one round: a larger batch goes in slices, one after the other, so that no write to
+# a socket carries more than its timeout can cover and a million-key get_many works like a small one.
+BATCH_SLICE = 6_000
+# Writes a process may fail to make on one unreachable primary and still keep fallback reads of it and
+# repair them; also the most acknowledged writes per primary it keeps in mind for FAILOVER_REPAIR_WINDOW.
+MAX_UNSYNCED_KEYS = 10_000
+# Keys deleted per round trip by the background repair.
+REPAIR_CHUNK = 500
+# A slot map older than this is reloaded in the background even if nothing asked for it: replicas that came
+# online (a fresh replica is listed only once it has synced) or were added are then known.
+SLOT_MAP_MAX_AGE = 10.0
+
+# Errors that mean "the node could not do it right now": the failure policy may turn them into a miss or
+# a dropped write. That includes a full node (OOM under noeviction) and a write that reached a replica
+# mid-failover (READONLY). Every other ResponseError is a bug (wrong type, bad script, CROSSSLOT) and always
+# reaches the caller.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ConnectionError,
+    TimeoutError,
+)
+REDIRECT_ERRORS = (AskError, MovedError)  # MovedError subclasses AskError
+TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (RedisTimeoutError, TimeoutError)
+# The errors that say a node itself is unreachable or hung (not that it answered "no"): they count
+# towards its circuit breaker (breaker.py).
+BREAKER_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_outage(error: BaseException) -> bool:
+    return isinstance(error, OUTAGE_ERRORS) and not isinstance(error, REDIRECT_ERRORS)
+
+
+class PermissionRefusedError(NoPermissionError):
+    """Redis refused a command to the cache's user (its ACL): a configuration error, never an outage. The
+    message names the command and the key or channel (docs/security.md has the whole ACL)."""
+
+
+_SCRIPT_REFUSED = "The user executing the script can't"
+_SCRIPT_COMMANDS = re.compile(r"redis\.call\('(\w+)'")
+_CHANNEL_COMMANDS = frozenset({"PUBLISH", "SPUBLISH", "SUBSCRIBE", "SSUBSCRIBE"})
+_CONTAINER_COMMANDS = frozenset({"CLUSTER", "CONFIG", "SCRIPT", "XGROUP"})
+
+
+def refused(error: BaseException, args: tuple, key: bytes | None = None) -> BaseException:
+    """`error` (a reply to `args`) explained, when it is an ACL refusal; otherwise `error` as it is."""
+    if isinstance(error, PermissionRefusedError):
+        return error
+    message = str(error)
+    if isinstance(error, NoPermissionError):
+        command = _text(args[0]).upper()
+        if command in _CONTAINER_COMMANDS and len(args) > 1:
+            command += " " + _text(args[1]).upper()  # ACLs grant these by subcommand: `+cluster|slots`
+    elif message.startswith(_SCRIPT_REFUSED) and _text(args[0]).upper() in ("EVAL", "EVALSHA"):
+        called = sorted(set(_SCRIPT_COMMANDS.findall(_text(args[1])))) if len(args) > 1 else []
+        command = f"one of the commands of a script ({', '.join(called).upper() or 'unknown'})"
+    else:
+        return error
+    target, grant = "", "this command"
+    if key is not None:
+        kind = "channel" if _text(args[0]).upper() in _CHANNEL_COMMANDS else "key"
+        target = f" on {kind} {key.decode(errors='replace')!r}"
+        grant = f"this command and a pattern covering the {kind}"
+    explained = PermissionRefusedError(
+        f"Redis refused {command}{target} to the cache's user ({message}): grant the user {grant} "
+        "(docs/security.md has the whole ACL)"
+    )
+    explained.__cause__ = error
+    return explained
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NotAClusterError(Exception):
+    """A LOCATION node answered, but it is not a Redis Cluster node (cluster support disabled)."""
+
+
+class NoNodeReachableError(RedisConnectionError):
+    """None of the startup nodes (nor any known node) answered CLUSTER SLOTS."""
+
+
+@dataclass(slots=True)
+class Call:
+    """One command for the node owning `key`. `read` calls may be served by a replica when allowed."""
+
+    key: bytes
+    args: tuple
+    read: bool = False
+    # When set, the call goes to this node with ASKING first (a slot in migration); topology-internal.
+    asking: NodeAddress | None = None
+    # False for commands that must not run twice (INCRBY, RPUSH): never re-sent after a lost reply.
+    idempotent: bool = True
+    # A write of a key that holds a cache entry or a tag version, whose deletion can only make reads miss:
+    # when this write is dropped, or acknowledged shortly before its node fails, the topology deletes the
+    # key rather than let an older copy be served (failover repair, docs/failure.md). Never set for
+    # streams, locks, namespace generations or lists: deleting those loses data.
+    repairable: bool = False
+
+
+class SlotMap:
+    """Which node serves each of the 16384 slots; replaced whole on refresh, patched on MOVED."""
+
+    def __init__(self, ranges: list[tuple[int, int, NodeAddress, list[NodeAddress]]]) -> None:
+        self.primaries: list[NodeAddress | None] = [None] * SLOT_COUNT
+        self.replicas: list[tuple[NodeAddress, ...]] = [()] * SLOT_COUNT
+        for start, end, primary, replicas in ranges:
+            for slot in range(start, end + 1):
+                self.primaries[slot] = primary
+                self.replicas[slot] = tuple(replicas)
+        self.primary_nodes: list[NodeAddress] = list(dict.fromkeys(p for p in self.primaries if p))
+        self.replica_nodes: list[NodeAddress] = list(
+            dict.fromkeys(r for _, _, _, replicas in ranges for r in replicas)
+        )
+        self._round_robin = itertools.count()
+
+    @classmethod
+    def from_cluster_slots(cls, reply: list, queried: NodeAddress) -> SlotMap:
+        """Build from a CLUSTER SLOTS reply; an empty host means 'the node you asked'."""
+
+        def address(entry: list) -> NodeAddress:
+            host = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
+            if not host or host == "?":
+                host = queried.host
+            return NodeAddress(host, int(entry[1]))
+
+        ranges = [
+            (int(item[0]), int(item[1]), address(item[2]), [address(r) for r in item[3:]]) for item in reply
+        ]
+        return cls(ranges)
+
+    @property
+    def covered(self) -> int:
+        return sum(1 for p in self.primaries if p is not None)
+
+    def node_for(self, key: bytes, read: bool = False, use_replicas: bool = False) -> NodeAddress | None:
+        slot = key_slot(key)
+        if read and use_replicas:
+            replicas = self.replicas[slot]
+            if replicas:
+                return replicas[next(self._round_robin) % len(replicas)]
+        return self.primaries[slot]
+
+    def replica_count(self, key: bytes) -> int:
+        """How many replicas this map lists for `key`'s slot."""
+        return len(self.replicas[key_slot(key)])
+
+    def patch(self, slot: int, node: NodeAddress) -> None:
+        """Apply a MOVED redirect to one slot at once; a full refresh follows in its own time."""
+        self.primaries[slot] = node
+        self.replicas[slot] = ()
+        if node not in self.primary_nodes:
+            self.primary_nodes.append(node)
+
+
+@dataclass
+class TopologyState:
+    """Shared by a cache's sync and async topologies, so a redirect seen by one is known to the other."""
+
+    settings: ConnectionSettings
+    slot_map: SlotMap | None = None
+    last_refresh: float = 0.0
+    refresh_wanted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the map is being reloaded
+    # Held by the one background reload thread while it runs. Taken without waiting: a request that finds
+    # it taken goes on (it used to wait for `lock`, so for a whole reload by another thread).
+    background_refresh: threading.Lock = field(default_factory=threading.Lock)
+    breakers: Breakers = field(init=False)
+    # Per primary whose breaker is not closed: the keys whose copy on its replicas (or on itself) may be
+    # older than this process's last write of them: writes it could not make there, and writes acknowledged
+    # in the FAILOVER_REPAIR_WINDOW before the breaker opened (replication is asynchronous). Fallback reads
+    # of them miss. When the node answers again or stops being a primary, they move to `repair`. `None`:
+    # too many to track.
+    unsynced: dict[NodeAddress, set[bytes] | None] = field(default_factory=dict)
+    # Per primary: (time, key) of its acknowledged repairable writes, the last FAILOVER_REPAIR_WINDOW
+    # seconds of them (counted back from the newest), MAX_UNSYNCED_KEYS at most.
+    recent: dict[NodeAddress, deque] = field(default_factory=dict)
+    # Per primary: when the newest write dropped from `recent` for room was acknowledged.
+    recent_overflowed: dict[NodeAddress, float] = field(default_factory=dict)
+    # Keys to delete on their slot's primary before this process touches them again, and in the
+    # background (`repair_wanted`): their value there may be older than this process's last write.
+    repair: set[bytes] = field(default_factory=set)
+    repair_wanted: bool = False
+    repair_after: float = 0.0  # a failed background repair is tried again after this time
+    repair_running: threading.Lock = field(default_factory=threading.Lock)
+    # Guards `unsynced` against a map installed while a failed write is being held for its old node.
+    held_lock: threading.Lock = field(default_factory=threading.Lock)
+    repaired: int = 0  # keys deleted by the repair, for stats and tests
+    untracked_repairs: int = 0  # times keys to repair were too many to know (logged)
+
+    def __post_init__(self) -> None:
+        renew_locks_after_fork(self, "lock", "background_refresh", "repair_running", "held_lock")
+        self.breakers = Breakers(
+            self.settings.breaker_threshold,
+            self.settings.breaker_cooldown,
+            on_close=self.node_back,
+            on_open=self.node_failed,
+        )
+
+    def nodes_to_ask(self) -> list[NodeAddress]:
+        """Nodes to ask for the slot map: those whose breaker is closed first."""
+        nodes = self.known_nodes()
+        return sorted(nodes, key=lambda node: self.breakers(node).state != "closed")
+
+    def known_nodes(self) -> list[NodeAddress]:
+        nodes = list(self.settings.startup_nodes)
+        if self.slot_map is not None:
+            nodes = self.slot_map.primary_nodes + self.slot_map.replica_nodes + nodes
+        return list(dict.fromkeys(nodes))
+
+    def refresh_due(self) -> bool:
+        return time.monotonic() - self.last_refresh >= self.settings.topology_refresh_interval
+
+    def wants_refresh(self) -> bool:
+        """Should a call start a background reload of the slot map now?"""
+        age = time.monotonic() - self.last_refresh
+        return age >= SLOT_MAP_MAX_AGE or (
+            self.refresh_wanted and age >= self.settings.topology_refresh_interval
+        )
+
+    def install(self, slot_map: SlotMap) -> None:
+        # A node that no longer serves slots (a replica took over, or its slots moved): keys this process
+        # wrote there lately may be older, or missing, on their slots' new primaries. Queued for repair
+        # before the new map routes any call there.
+        primaries = set(slot_map.primary_nodes)
+        with self.held_lock:
+            for node in dict.fromkeys([*self.unsynced, *self.recent]):
+                if node not in primaries:
+                    self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=True)
+            self.slot_map = slot_map
+        self.last_refresh = time.monotonic()
+        self.refresh_wanted = False
+
+    # -- replica fallback ---------------------------------------------------------------------------------
+    def fallback_replica(self, call: Call, primary: NodeAddress) -> NodeAddress | None:
+        """A replica of `primary` that may serve `call` while the primary is unreachable, if any."""
+        if not self.settings.replica_fallback or not call.read or call.asking is not None:
+            return None
+        slot_map = self.slot_map
+        if (
+            slot_map is None
+            or call.key in self.repair
+            or primary in self.unsynced
+            and (self.unsynced[primary] is None or call.key in self.unsynced[primary])
+        ):
+            return None
+        for replica in slot_map.replicas[key_slot(call.key)]:
+            if self.breakers(replica).state == CLOSED:
+                return replica
+        return None
+
+    def note_unsynced(self, call: Call, node: NodeAddress) -> None:
+        """`call` could not reach `node` (or its reply was lost): if it wrote an entry, that entry may now
+        be older than the caller meant, there or on the replicas: delete it before it is read again."""
+        if not call.repairable or call.asking is not None:
+            return
+        with self.held_lock:
+            slot_map = self.slot_map
+            if (
+                slot_map is None
+                or slot_map.primaries[key_slot(call.key)] != node
+                or self.breakers(node).state == CLOSED
+            ):
+                # The node is up (a lost reply) or no longer the key's: repair at once where the slot is.
+                self.repair.add(call.key)
+                self.repair_wanted = True
+                return
+            keys = self.unsynced.setdefault(node, set())
+            if keys is not None:
+                keys.add(call.key)
+                if len(keys) > MAX_UNSYNCED_KEYS:
+                    self.unsynced[node] = None
+
+    def acked(self, node: NodeAddress, key: bytes) -> None:
+        """A repairable write of `key` was acknowledged by `node`; keep it in mind for the repair window."""
+        self.acked_keys(node, (key,))
+
+    def acked_keys(self, node: NodeAddress, keys: Iterable[bytes]) -> None:
+        window = self.settings.repair_window
+        if window <= 0:
+            return
+        now = time.monotonic()
+        recent = self.recent.get(node)
+        if recent is None:
+            recent = self.recent.setdefault(node, deque())
+        recent.extend((now, key) for key in keys)
+        cutoff = now - window
+        try:
+            while recent[0][0] < cutoff:
+                recent.popleft()
+            while len(recent) > MAX_UNSYNCED_KEYS:
+                self.recent_overflowed[node] = recent.popleft()[0]
+        except IndexError:  # another thread emptied it meanwhile
+            pass
+
+    def _recent_keys(self, node: NodeAddress, since: float | None = None) -> set[bytes] | None:
+        """Keys acknowledged by `node` in the window (from `since` on, if given); None if too many."""
+        recent = self.recent.get(node)
+        if not recent:
+            return set()
+        entries = list(recent)
+        cutoff = (since if since is not None else entries[-1][0]) - self.settings.repair_window
+        if self.recent_overflowed.get(node, cutoff - 1) >= cutoff:
+            return None  # some writes of the window were not kept
+        return {key for at, key in entries if at >= cutoff}
+
+    def node_failed(self, node: object) -> None:
+        """`node`'s breaker opened: its replicas may lack the writes it acknowledged just before."""
+        if not isinstance(node, NodeAddress) or self.settings.repair_window <= 0:
+            return
+        keys = self._recent_keys(node, since=time.monotonic())
+        with self.held_lock:
+            held = self.unsynced.setdefault(node, set())
+            if keys is None or held is None:
+                self.unsynced[node] = None
+            else:
+                held |= keys
+
+    def node_back(self, node: object) -> None:
+        """`node`'s breaker closed: the keys it could not write (and those written just before it failed)
+        are repaired now. It may be a demoted primary that lost the writes: which one is not known here."""
+        if isinstance(node, NodeAddress) and node in self.unsynced:
+            with self.held_lock:
+                keys = self.unsynced.pop(node, set())
+            self._queue_repair(node, keys, with_recent=False)
+
+    def _queue_repair(self, node: NodeAddress, keys: set[bytes] | None, with_recent: bool) -> None:
+        if with_recent:
+            recent = self._recent_keys(node)
+            self.recent.pop(node, None)
+            self.recent_overflowed.pop(node, None)
+            keys = None if keys is None or recent is None else keys | recent
+        if keys is None:
+            self.untracked_repairs += 1
+            logger.warning(
+                "node %s: more than %d recent or dropped writes of this process; those it cannot name may "
+                "be served at an older value until they expire",
+                node,
+                MAX_UNSYNCED_KEYS,
+            )
+            return
+        if keys:
+            logger.info(
+                "node %s: deleting %d keys whose copy may be older than this process wrote", node, len(keys)
+            )
+            self.repair |= keys
+            self.repair_wanted = True
+
+    def _slot_left(self, node: NodeAddress, slot: int, target: NodeAddress) -> None:
+        """`node` no longer serves `slot` (MOVED to `target`). If a replica took over (a failover this
+        process saw nothing of until now), keys of that slot this process wrote there lately may be older
+        on `target`: queued for repair before the call goes there. Not when `target` is another primary
+        (a reshard: keys move with their values), so a reshard costs no scan of the recent writes."""
+        held = self.unsynced.get(node)
+        recent = self.recent.get(node)
+        if not held and not recent:
+            return
+        slot_map = self.slot_map
+        if (
+            slot_map is not None
+            and target in slot_map.primary_nodes
+            and target not in slot_map.replicas[slot]
+        ):
+            return
+        keys = {key for key in held or () if key_slot(key) == slot}
+        keys.update(key for _, key in list(recent or ()) if key_slot(key) == slot)
+        if keys:
+            self.repair |= keys
+            self.repair_wanted = True
+
+    def repair_due(self, call: Call, node: NodeAddress) -> bool:
+        """Must `call`'s key be deleted on `node` before `call` runs? Yes if it is queued for repair, or held
+        for `node` (the call that probes a node coming back must not read what it holds). Not when `call`
+        deletes it itself."""
+        if call.args == ("DEL", call.key):
+            return False
+        if call.key in self.repair:
+            return True
+        held = self.unsynced.get(node)
+        return bool(held) and call.key in held
+
+    def acked_call(self, call: Call, node: NodeAddress, repaired: bool = False) -> None:
+        """A repairable `call` (or one sent after a repair DEL of its key: `repaired`) was acknowledged by
+        `node`."""
+        if repaired:
+            self.done_repair(call.key, node)
+        self.acked_calls((call,), node)
+
+    def acked_calls(self, calls: Sequence[Call], node: NodeAddress) -> None:
+        if self.repair or self.unsynced:
+            for call in calls:
+                if call.args == ("DEL", call.key):
+                    self.done_repair(call.key, node)
+        self.acked_keys(node, [call.key for call in calls])
+
+    def repair_due_now(self) -> bool:
+        return self.repair_wanted and time.monotonic() >= self.repair_after
+
+    def done_repair(self, key: bytes, node: NodeAddress | None = None) -> None:
+        """`key` was deleted on `node`, the primary of its slot."""
+        held = self.unsynced.get(node) if node is not None else None
+        if held:
+            held.discard(key)
+        if key in self.repair:
+            self.repair.discard(key)
+            self.repaired += 1
+
+    def redirect(self, error: AskError, call: Call, node: NodeAddress) -> Call:
+        """The call to send after `node` answered MOVED/ASK."""
+        target = NodeAddress(error.host, int(error.port))
+        if isinstance(error, MovedError):
+            self._slot_left(node, error.slot_id, target)
+            if self.slot_map is not None:
+                self.slot_map.patch(error.slot_id, target)
+            self.refresh_wanted = True
+            return Call(call.key, call.args, False, idempotent=call.idempotent)
+        return Call(call.key, call.args, False, asking=target, idempotent=call.idempotent)
+
+
+def group_by_node(calls: list[Call], route: Any) -> dict[NodeAddress | None, list[int]]:
+    """Indexes of `calls` per target node, in call order."""
+    groups: dict[NodeAddress | None, list[int]] = {}
+    for index, call in enumerate(calls):
+        groups.setdefault(route(call), []).append(index)
+    return groups
+
+
+def connection_kwargs(settings: ConnectionSettings, node: NodeAddress) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "host": node.host,
+        "port": node.port,
+        "username": settings.username,
+        "password": settings.password,
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_connect_timeout,
+        "socket_keepalive": True,
+    }
+    if settings.ssl:
+        kwargs.update(settings.ssl_options)
+    return kwargs
