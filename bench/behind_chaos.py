@@ -153,7 +153,7 @@ def drainer_main(argv: list[str]) -> int:
 
     from django_distcache.models import flush_behind
 
-    options = caches["default"]._settings.options
+    options = caches["default"].core.settings.options
     if args.batch_size:
         options["BEHIND_BATCH_SIZE"] = args.batch_size
     if args.idle_timeout:

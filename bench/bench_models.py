@@ -473,7 +473,7 @@ def drainer_main() -> int:
     from django_distcache.models.behind import DrainReport
 
     cache = caches["default"]
-    shards = range(cache._settings.options["BEHIND_SHARDS"])
+    shards = range(cache.core.settings.options["BEHIND_SHARDS"])
     # The newest stream id each shard's drain has read (and so, once its pass returns, committed): the
     # drain reads its stream from the head, so every change up to it is in the database by then.
     last_read: dict[int, str] = {}
@@ -781,7 +781,7 @@ class Bench:
             obj.views += 1
             save_behind(obj, update_fields=["views"])
 
-        topology = self.cache._shared.topology
+        topology = self.cache.core.shared.topology
         for name, function, items in (
             ("get_cached hit", read, pks),
             ("cache.get", self.cache.get, [f"plain-row:{pk}" for pk in pks]),
@@ -1195,7 +1195,7 @@ class Bench:
             FigureRow(
                 operation,
                 f"rows written / calls: {run.updates / run.calls:.2%} (PostgreSQL n_tup_upd {run.updates:,})",
-                f"drainer: {drainer['sweeps']:,} sweeps of {self.cache._settings.options['BEHIND_SHARDS']} "
+                f"drainer: {drainer['sweeps']:,} sweeps of {self.cache.core.settings.options['BEHIND_SHARDS']} "
                 f"shards, {drainer['report']['batches']:,} batches, "
                 f"busy {drainer['busy_seconds']:.1f} s; most changes queued on one shard: "
                 f"{run.max_shard_backlog:,}",

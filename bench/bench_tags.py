@@ -171,7 +171,7 @@ class Bench:
     def wait_for_channel(self, timeout: float = 15.0) -> None:
         """Tag versions are held in-process only while the invalidation channel is live: wait for it."""
         self.ours.get("warm-up")  # the first use starts the subscriber thread (if the backend has not yet)
-        backplane = self.ours._backplane
+        backplane = self.ours.core.backplane
         deadline = time.monotonic() + timeout
         while not backplane.connected:
             if time.monotonic() > deadline:
@@ -180,7 +180,7 @@ class Bench:
         harness.log(f"invalidation channel live after the first use (drops so far: {backplane.drops})")
 
     def channel_state(self) -> tuple[bool, int]:
-        backplane = self.ours._backplane
+        backplane = self.ours.core.backplane
         return backplane.connected, backplane.drops
 
     def populate_ours(self) -> float:
@@ -307,9 +307,9 @@ class Bench:
             check(self.ours.get(key) == VALUE, f"untagged get of {key}")
         for key in self.tagged_keys[:10]:
             check(self.strict.get(key) == VALUE, f"TAG_VERSION_TTL=0 get of {key}")
-        held = self.ours._tags.held_count()
+        held = self.ours.core.tags.held_count()
         check(held >= len(TAG_POOL), f"only {held} of {len(TAG_POOL)} tag versions held in-process")
-        check(self.strict._tags.held_count() == 0, "TAG_VERSION_TTL=0 holds tag versions in-process")
+        check(self.strict.core.tags.held_count() == 0, "TAG_VERSION_TTL=0 holds tag versions in-process")
 
     def bench_get(self) -> None:
         """Tagged vs untagged get, then (separately) strict mode vs untagged get.

@@ -40,16 +40,16 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
     from django_distcache.topology.base import group_by_node
 
     cache = bench.ours
-    topology = cache._shared.topology
-    codec = cache._codec
+    topology = cache.core.shared.topology
+    codec = cache.core.codec
     keys = bench.groups[0]
     raw = bench.raw_groups[0]
     mapping = dict.fromkeys(keys, VALUE)
     raw_mapping = dict.fromkeys(raw, VALUE)
-    made = [cache._made_key(key, None) for key in keys]
+    made = [cache.core.made_key(key, None) for key in keys]
     cache.get(keys[0])  # makes sure the namespace prefix is loaded
-    physical = [cache._physical_of(cache._namespace.head, key) for key in keys]
-    identities = [cache._keys.identity(p) for p in physical]  # what each value's signature binds
+    physical = [cache.core.physical_of(cache.core.namespace.head, key) for key in keys]
+    identities = [cache.core.keys.identity(p) for p in physical]  # what each value's signature binds
     get_calls = [Call(p, ("GET", p), read=True) for p in physical]
     stored = topology.execute_batch(list(get_calls))
     set_calls = [
@@ -67,7 +67,7 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
         (f"get_many({n}) total", lambda: cache.get_many(keys)),
         (
             f"  make_and_validate_key x{n} (cache.py _made_key)",
-            lambda: [cache._made_key(k, None) for k in keys],
+            lambda: [cache.core.made_key(k, None) for k in keys],
         ),
         (f"    make_key x{n} alone", lambda: [cache.make_key(k) for k in keys]),
         (
@@ -97,7 +97,7 @@ def stages(bench: Bench) -> list[tuple[str, Callable[[], Any]]]:
         (f"MSET {n}, standalone (reference)", lambda: bench.standalone.mset(raw_mapping)),
         (f"RedisCluster.mset_nonatomic({n}) (reference)", lambda: bench.cluster.mset_nonatomic(raw_mapping)),
         ("get total", lambda: cache.get(one_key)),
-        ("  make_and_validate_key", lambda: cache._made_key(one_key, None)),
+        ("  make_and_validate_key", lambda: cache.core.made_key(one_key, None)),
         ("  validate_key alone", lambda: cache.validate_key(one_made)),
         ("  codec.decode", lambda: codec.decode(stored[0], one_identity)),
         ("set total", lambda: cache.set(one_key, VALUE)),

@@ -43,12 +43,14 @@ def __getattr__(name: str) -> Any:
 
 def invalidate_tags(*tags: str, using: str = "default") -> int:
     """Invalidate every entry carrying any of `tags` in the cache `using` (a RedisClusterCache alias)."""
-    from django.core.cache import caches
+    from .core import core_for
 
-    return caches[using].invalidate_tags(*tags)
+    core = core_for(using)
+    return int(core.run_strict(core.invalidate_tags_plan(tags), "invalidate_tags"))
 
 
 async def ainvalidate_tags(*tags: str, using: str = "default") -> int:
-    from django.core.cache import caches
+    from .core import core_for
 
-    return await caches[using].ainvalidate_tags(*tags)
+    core = core_for(using)
+    return int(await core.arun_strict(core.invalidate_tags_plan(tags), "invalidate_tags"))

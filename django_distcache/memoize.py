@@ -23,6 +23,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.db import models
 
 from . import stampede
+from .core import Core, core_for
 from .tags import validate_tags
 
 _registry: dict[str, Any] = {}
@@ -78,10 +79,8 @@ class CachedFunction:
         _registry[self.name] = self
 
     @property
-    def cache(self) -> Any:
-        from django.core.cache import caches
-
-        return caches[self.using]
+    def core(self) -> Core:
+        return core_for(self.using)
 
     def key_for(self, *args: Any, **kwargs: Any) -> str:
         if callable(self.key):
@@ -99,7 +98,7 @@ class CachedFunction:
 
     def _policy(self, args: tuple, kwargs: dict) -> stampede.Policy:
         policy = stampede.policy_for(
-            self.cache, self.stale, self.beta, "inline" if self.refresh == "celery" else self.refresh
+            self.core, self.stale, self.beta, "inline" if self.refresh == "celery" else self.refresh
         )
         if self.refresh == "celery" and (self.stale or policy.beta):
             policy = dataclasses.replace(
@@ -115,7 +114,7 @@ class CachedFunction:
         if self.is_async:
             return self._acall(key, args, kwargs)
         return stampede.get_or_compute(
-            self.cache,
+            self.core,
             key,
             self.version,
             lambda: self.function(*args, **kwargs),
@@ -127,7 +126,7 @@ class CachedFunction:
 
     async def _acall(self, key: str, args: tuple, kwargs: dict) -> Any:
         return await stampede.aget_or_compute(
-            self.cache,
+            self.core,
             key,
             self.version,
             lambda: self.function(*args, **kwargs),
@@ -138,29 +137,29 @@ class CachedFunction:
         )
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        return self.cache.delete(self.key_for(*args, **kwargs), version=self.version)
+        return self.core.delete(self.key_for(*args, **kwargs), version=self.version)
 
     async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
-        return await self.cache.adelete(self.key_for(*args, **kwargs), version=self.version)
+        return await self.core.adelete(self.key_for(*args, **kwargs), version=self.version)
 
     def refresh_now(self, token: str | None, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store one entry now (what the Celery refresh task runs); releases `token`'s lease."""
-        cache = self.cache
+        core = self.core
         key = self.key_for(*args, **kwargs)
-        made = cache._made_key(key, self.version)
+        made = core.made_key(key, self.version)
 
         def plan() -> Any:
-            physical = yield from cache._physical_key(key, self.version)
+            physical = yield from core.physical_key(key, self.version)
             compute = self.function if not self.is_async else _run_coroutine(self.function)
             return (
                 yield from stampede.refresh_plan(
-                    cache, key, self.version, physical, stampede.lease_key(cache, made), token,
+                    core, key, self.version, physical, stampede.lease_key(core, made), token,
                     lambda: compute(*args, **kwargs), self.timeout, self.tags_for(*args, **kwargs),
-                    stampede.policy_for(cache, self.stale, self.beta, "inline"),
+                    stampede.policy_for(core, self.stale, self.beta, "inline"),
                 )
             )  # fmt: skip
 
-        return cache._run(plan(), "refresh", None)
+        return core.run(plan(), "refresh", None)
 
 
 def _run_coroutine(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -34,6 +34,7 @@ from typing import Any
 from . import scripts
 from .codec import SignatureError, UndecodableValueError
 from .conf import MAX_EXPIRY_MS
+from .core import STRICT, Compute, Core, Guarded, Sleep, Spawn
 from .tags import stamps_are_current, validate_tags
 from .topology import Call
 
@@ -84,9 +85,9 @@ class Policy:
 
 
 def policy_for(
-    cache: Any, stale: float | None = None, beta: float | None = None, refresh: Any = None
+    core: Core, stale: float | None = None, beta: float | None = None, refresh: Any = None
 ) -> Policy:
-    options = cache._settings.options
+    options = core.settings.options
     stale = 0.0 if stale is None else stale
     if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
         raise ValueError(f"stale must be a finite number of seconds >= 0, got {stale!r}")
@@ -108,19 +109,19 @@ def xfetch_due(soft_expiry: float, recompute_time: float, beta: float, now: floa
     return now - recompute_time * beta * math.log(draw) >= soft_expiry
 
 
-def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
+def read_plan(core: Core, physical: bytes, beta: float) -> Any:
     data = yield Call(physical, ("GET", physical), read=True)
     if data is None:
         return MISS
     try:
-        envelope = cache._codec.decode_envelope(data, cache._keys.identity(physical))
+        envelope = core.codec.decode_envelope(data, core.keys.identity(physical))
     except (SignatureError, UndecodableValueError) as error:
-        cache._decode_failed(error)
+        core.decode_failed(error)
         return MISS
     if envelope.tags:
-        verdict = cache._tags.held_verdict(envelope.tags)
+        verdict = core.tags.held_verdict(envelope.tags)
         if verdict is None:
-            current = yield from cache._tags.current(list(envelope.tags))
+            current = yield from core.tags.current(list(envelope.tags))
             verdict = stamps_are_current(envelope.tags, current)
         if not verdict:
             return MISS  # invalidated: never served, not even as stale
@@ -135,9 +136,9 @@ def read_plan(cache: Any, physical: bytes, beta: float) -> Any:
 
 
 # -- leases -----------------------------------------------------------------------------------------------
-def lease_key(cache: Any, made_key: str) -> bytes:
+def lease_key(core: Core, made_key: str) -> bytes:
     """`<KEY_PREFIX>:~lease:<VERSION>:<key>`: outside the namespace, so clear() never voids a lease."""
-    return cache._keys.beside("lease", made_key)
+    return core.keys.beside("lease", made_key)
 
 
 def new_token() -> str:
@@ -158,7 +159,7 @@ def held_plan(lease: bytes) -> Any:
 
 # -- writes -----------------------------------------------------------------------------------------------
 def store_plan(
-    cache: Any,
+    core: Core,
     physical: bytes,
     key: Any,
     value: Any,
@@ -168,7 +169,7 @@ def store_plan(
     recompute_time: float,
 ) -> Any:
     """SET with the logical expiry and the computation's duration in the envelope; kept `stale` longer."""
-    expiry_ms = cache._expiry_ms(timeout)
+    expiry_ms = core.expiry_ms(timeout)
     if expiry_ms == 0:
         yield Call(physical, ("DEL", physical), repairable=True)
         return False
@@ -177,9 +178,9 @@ def store_plan(
     if type(value) is int and not stamps and not stale:
         soft_expiry = None  # stored as a bare integer, so incr()/decr() keep working on it
     try:
-        data = cache._codec.encode(
+        data = core.codec.encode(
             value,
-            cache._keys.identity(physical),
+            core.keys.identity(physical),
             soft_expiry=soft_expiry,
             recompute_time=recompute_time,
             tags=stamps or None,
@@ -202,7 +203,7 @@ def kept_ms(expiry_ms: int | None, stale: float) -> int | None:
 
 # -- the whole fetch ----------------------------------------------------------------------------------
 def fetch_plan(
-    cache: Any,
+    core: Core,
     key: Any,
     version: int | None,
     compute: Callable[[], Any],
@@ -214,16 +215,14 @@ def fetch_plan(
     """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale. With
     `on_miss="return"`, a miss returns MISSING instead (the caller then joins the process's single-flight
     for the computation: hits never wait behind it)."""
-    from .cache import Compute, Guarded, Sleep, Spawn
-
     tags = validate_tags(tags)
-    cache._expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
-    made = cache._made_key(key, version)
-    lease = lease_key(cache, made)
-    physical = yield Guarded(cache._physical_key(key, version), "get", None)
+    core.expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
+    made = core.made_key(key, version)
+    lease = lease_key(core, made)
+    physical = yield Guarded(core.physical_key(key, version), "get", None)
     if physical is None:  # the cache is unreachable: compute, store nothing
         return (yield Compute(compute))
-    found = yield Guarded(read_plan(cache, physical, policy.beta), "get", MISS)
+    found = yield Guarded(read_plan(core, physical, policy.beta), "get", MISS)
     if found.state == "fresh":
         return found.value
     if found.state in ("early", "stale") and (found.state == "early" or policy.stale):
@@ -232,7 +231,7 @@ def fetch_plan(
             if policy.refresh == "inline":
                 failures: list[BaseException] = []
                 refresh = refresh_plan(
-                    cache,
+                    core,
                     key,
                     version,
                     physical,
@@ -259,7 +258,7 @@ def fetch_plan(
             if policy.refresh == "thread":
                 yield Spawn(
                     lambda: refresh_plan(
-                        cache, key, version, physical, lease, token, compute, timeout, tags, policy
+                        core, key, version, physical, lease, token, compute, timeout, tags, policy
                     ),
                     "refresh",
                 )
@@ -279,14 +278,14 @@ def fetch_plan(
         if acquired:
             # Looked at again now that the lease is ours: a holder that stored the value and released the
             # lease between our read (a miss) and our acquire has done the work (the lease orders the two).
-            found = yield Guarded(read_plan(cache, physical, 0.0), "get", MISS)
+            found = yield Guarded(read_plan(core, physical, 0.0), "get", MISS)
             if found.state == "fresh":
                 yield Guarded(release_plan(lease, token), "lease", None)
                 return found.value
         if acquired is not False:  # ours, or the cache is down (then everyone computes: nothing to share)
             return (
                 yield from refresh_plan(
-                    cache,
+                    core,
                     key,
                     version,
                     physical,
@@ -302,7 +301,7 @@ def fetch_plan(
         while time.monotonic() < deadline:
             yield Sleep(pause)
             pause = min(POLL_MAX, pause * 2)
-            found = yield Guarded(read_plan(cache, physical, 0.0), "get", MISS)
+            found = yield Guarded(read_plan(core, physical, 0.0), "get", MISS)
             if found.state in ("fresh", "early"):
                 return found.value
             if not (yield Guarded(held_plan(lease), "lease", False)):
@@ -333,7 +332,7 @@ async def _anoting(awaitable: Any, failures: list[BaseException]) -> Any:
 
 
 def refresh_plan(
-    cache: Any,
+    core: Core,
     key: Any,
     version: int | None,
     physical: bytes,
@@ -345,19 +344,17 @@ def refresh_plan(
     policy: Policy,
 ) -> Any:
     """Compute under the lease and store; tag versions are read before the computation starts."""
-    from .cache import Compute, Guarded
-
     try:
         stamps = None
         if tags:
-            expiry_ms = kept_ms(cache._expiry_ms(timeout), policy.stale)
-            stamps = yield Guarded(cache._stamps(tags, expiry_ms), "get_or_set", MISSING)
+            expiry_ms = kept_ms(core.expiry_ms(timeout), policy.stale)
+            stamps = yield Guarded(core.stamps(tags, expiry_ms), "get_or_set", MISSING)
         started = time.monotonic()
         value = yield Compute(compute)
         elapsed = time.monotonic() - started
         if stamps is not MISSING and not isinstance(value, Unstored):
             yield Guarded(
-                store_plan(cache, physical, key, value, timeout, policy.stale, stamps, elapsed), "set", False
+                store_plan(core, physical, key, value, timeout, policy.stale, stamps, elapsed), "set", False
             )
         return value
     finally:
@@ -435,12 +432,12 @@ single_flight = SingleFlight()
 async_single_flight = AsyncSingleFlight()
 
 
-def flight_key(cache: Any, key: Any, version: int | None) -> tuple:
-    return (id(cache._shared), cache._made_key(key, version))
+def flight_key(core: Core, key: Any, version: int | None) -> tuple:
+    return (id(core.shared), core.made_key(key, version))
 
 
 def get_or_compute(
-    cache: Any,
+    core: Core,
     key: Any,
     version: int | None,
     compute: Callable[[], Any],
@@ -450,23 +447,19 @@ def get_or_compute(
     operation: str,
 ) -> Any:
     """Sync: a read (hits, early and stale refreshes) and, on a miss, one computation per process."""
-    from .cache import _STRICT
-
-    value = cache._run(
-        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    value = core.run(
+        fetch_plan(core, key, version, compute, timeout, tags, policy, "return"), operation, STRICT
     )
     if value is not MISSING:
         return value
     return single_flight.do(
-        flight_key(cache, key, version),
-        lambda: cache._run(
-            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
-        ),
+        flight_key(core, key, version),
+        lambda: core.run(fetch_plan(core, key, version, compute, timeout, tags, policy), operation, STRICT),
     )
 
 
 async def aget_or_compute(
-    cache: Any,
+    core: Core,
     key: Any,
     version: int | None,
     compute: Callable[[], Any],
@@ -475,16 +468,12 @@ async def aget_or_compute(
     policy: Policy,
     operation: str,
 ) -> Any:
-    from .cache import _STRICT
-
-    value = await cache._arun(
-        fetch_plan(cache, key, version, compute, timeout, tags, policy, "return"), operation, _STRICT
+    value = await core.arun(
+        fetch_plan(core, key, version, compute, timeout, tags, policy, "return"), operation, STRICT
     )
     if value is not MISSING:
         return value
     return await async_single_flight.do(
-        flight_key(cache, key, version),
-        lambda: cache._arun(
-            fetch_plan(cache, key, version, compute, timeout, tags, policy), operation, _STRICT
-        ),
+        flight_key(core, key, version),
+        lambda: core.arun(fetch_plan(core, key, version, compute, timeout, tags, policy), operation, STRICT),
     )

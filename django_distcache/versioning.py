@@ -23,6 +23,7 @@ from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .keys import GENERATION, KeyLayout
+from .plans import Guarded
 from .topology import OUTAGE_ERRORS, Call, CommandError, is_outage
 
 logger = logging.getLogger("django_distcache.versioning")
@@ -99,8 +100,6 @@ class Namespace:
         if self.head is None:
             generation = yield from self._read_plan(proposed)
         else:
-            from .cache import Guarded  # (cache.py imports this module)
-
             generation = yield Guarded(self._read_plan(proposed), "namespace", _UNREADABLE)
             if generation is _UNREADABLE:
                 # The node holding the generation is down or hung: keep the generation we hold rather

@@ -63,6 +63,7 @@ from django.utils.functional import cached_property
 from django.utils.http import parse_http_date_safe
 
 from . import scripts, stampede
+from .core import Core, core_for
 from .forksafe import renew_locks_after_fork
 from .tags import validate_tags
 from .topology import Call
@@ -569,9 +570,9 @@ class _PassMemory:
 _passes = _PassMemory()
 
 
-def _memory_key(cache: Any, key: str) -> tuple:
+def _memory_key(core: Core, key: str) -> tuple:
     """`key` in the pass memory: one view's URL in one cache (its cluster, KEY_PREFIX and VERSION)."""
-    return (id(cache._shared), cache.key_prefix, cache.version, key)
+    return (id(core.shared), core.key_prefix, core.version, key)
 
 
 _refusals_logged: dict[str, float] = {}  # view name -> when "max_entries reached" was last logged
@@ -590,10 +591,8 @@ class _CachedView:
         self.name = f"{getattr(view, '__module__', '')}.{name}"
 
     @property
-    def cache(self) -> Any:
-        from django.core.cache import caches
-
-        return caches[self.options.using]
+    def core(self) -> Core:
+        return core_for(self.options.using)
 
     def tags_for(self, request: HttpRequest, args: tuple, kwargs: dict) -> list[str]:
         tags = self.options.tags  # a list validated by cached_view(), or a callable
@@ -613,8 +612,8 @@ class _CachedView:
         visit = _Visit(self, request, args, kwargs, user if authenticated else None, query_string)
         head = request.method == "HEAD"
         key, vary_known = visit.base_key, None
-        cache = self.cache
-        while not _passes.holds(_memory_key(cache, key)):
+        core = self.core
+        while not _passes.holds(_memory_key(core, key)):
             reply = yield (_Peek(key) if head else _Fetch(visit, key, vary_known))
             stored = not isinstance(reply, stampede.Unstored)
             entry = reply if stored else reply.value
@@ -660,7 +659,7 @@ class _CachedView:
         if reason is not None:
             logger.debug("not caching %s %s: %s", visit.request.method, visit.request.path, reason)
             visit.rendered = (response, False)
-            _passes.remember(_memory_key(self.cache, key), self.pass_seconds())
+            _passes.remember(_memory_key(self.core, key), self.pass_seconds())
             return {"kind": "pass", "private": private is not None}, False
         if not response.has_header("ETag"):
             response["ETag"] = content_etag(response.content)
@@ -668,7 +667,7 @@ class _CachedView:
         if unkeyed and vary_known is None:
             return {"kind": "vary", "headers": sorted(unkeyed)}, True
         content = response.content
-        if getattr(self.cache._codec.serializer, "name", "pickle") == "json":
+        if getattr(self.core.codec.serializer, "name", "pickle") == "json":
             content = content.decode("latin-1")  # JSON holds no bytes; latin-1 maps each byte to a char
         headers = [[name, value] for name, value in response.items() if name.lower() != "content-length"]
         return {"kind": "page", "status": response.status_code, "headers": headers, "content": content}, True
@@ -681,7 +680,7 @@ class _CachedView:
             return entry
         if admitted is None:
             return stampede.Unstored(entry)
-        _passes.remember(_memory_key(self.cache, key), self.pass_seconds())
+        _passes.remember(_memory_key(self.core, key), self.pass_seconds())
         now = time.monotonic()
         if now - _refusals_logged.get(self.name, -math.inf) >= 60:
             _refusals_logged[self.name] = now
@@ -696,24 +695,22 @@ class _CachedView:
         """Whether the page under `key` may be stored: at most max_entries distinct pages of this view are
         alive at a time (each counts for its timeout plus its stale window)."""
         limit = self.options.max_entries
-        cache = self.cache
-        lifetime_ms = cache._expiry_ms(self.options.timeout)
+        core = self.core
+        lifetime_ms = core.expiry_ms(self.options.timeout)
         if limit is None or lifetime_ms == 0:
             return True  # unbounded, or nothing is kept anyway
         if lifetime_ms is None:
             lifetime_ms = int(FOREVER_SECONDS * 1000)
         lifetime_ms += int((self.options.stale or 0) * 1000)
-        pages = yield from cache._physical_key(
-            f"{self.options.key_prefix}:pages:{_digest([self.name])}", None
-        )
+        pages = yield from core.physical_key(f"{self.options.key_prefix}:pages:{_digest([self.name])}", None)
         now_ms = int(time.time() * 1000)
         admit = ("EVAL", scripts.ADMIT_PAGE, 1, pages, key, now_ms, now_ms + lifetime_ms, limit)
         return bool((yield Call(pages, admit)))
 
     def peek_plan(self, key: str) -> Generator[Any, Any, Any]:
-        cache = self.cache
-        physical = yield from cache._physical_key(key, None)
-        found = yield from stampede.read_plan(cache, physical, 0.0)
+        core = self.core
+        physical = yield from core.physical_key(key, None)
+        found = yield from stampede.read_plan(core, physical, 0.0)
         if found.state == "fresh" or (found.state == "stale" and self.options.stale):
             return found.value
         return None
@@ -730,13 +727,13 @@ class _CachedView:
     def pass_seconds(self) -> float:
         timeout = self.options.timeout
         if timeout is DEFAULT_TIMEOUT:
-            timeout = self.cache.default_timeout
+            timeout = self.core.default_timeout
         return PASS_SECONDS if timeout is None else max(0.0, min(PASS_SECONDS, float(timeout)))
 
-    def policy(self, cache: Any) -> stampede.Policy:
+    def policy(self, core: Core) -> stampede.Policy:
         # Refreshes run inline: a view needs its request, and a render after the response has gone
         # would run outside the request's thread, middleware and database connection.
-        return stampede.policy_for(cache, self.options.stale, self.options.beta, "inline")
+        return stampede.policy_for(core, self.options.stale, self.options.beta, "inline")
 
     # -- the sync driver ----------------------------------------------------------------------------------
     def serve(self, request: HttpRequest, args: tuple, kwargs: dict) -> Any:
@@ -750,19 +747,19 @@ class _CachedView:
             if step is _USER:
                 reply = _user(request)
             elif type(step) is _Fetch:
-                cache = self.cache
+                core = self.core
                 reply = stampede.get_or_compute(
-                    cache,
+                    core,
                     step.key,
                     None,
                     functools.partial(self.render, step.visit, step.key, step.vary_known),
                     self.options.timeout,
                     step.visit.tags,
-                    self.policy(cache),
+                    self.policy(core),
                     "cached_view",
                 )
             elif type(step) is _Peek:
-                reply = self.cache._run(self.peek_plan(step.key), "cached_view", None)
+                reply = self.core.run(self.peek_plan(step.key), "cached_view", None)
             else:
                 reply = _not_awaitable(self.view(request, *args, **kwargs))
 
@@ -779,7 +776,7 @@ class _CachedView:
         entry, storable = self.keep(visit, key, response, shadow, vary_known)
         if not storable:
             return stampede.Unstored(entry)
-        return self.admitted(key, entry, self.cache._run(self.admit_plan(key), "cached_view", None))
+        return self.admitted(key, entry, self.core.run(self.admit_plan(key), "cached_view", None))
 
     # -- the async driver ---------------------------------------------------------------------------------
     async def aserve(self, request: HttpRequest, args: tuple, kwargs: dict) -> Any:
@@ -793,19 +790,19 @@ class _CachedView:
             if step is _USER:
                 reply = await _auser(request)
             elif type(step) is _Fetch:
-                cache = self.cache
+                core = self.core
                 reply = await stampede.aget_or_compute(
-                    cache,
+                    core,
                     step.key,
                     None,
                     functools.partial(self.arender, step.visit, step.key, step.vary_known),
                     self.options.timeout,
                     step.visit.tags,
-                    self.policy(cache),
+                    self.policy(core),
                     "cached_view",
                 )
             elif type(step) is _Peek:
-                reply = await self.cache._arun(self.peek_plan(step.key), "cached_view", None)
+                reply = await self.core.arun(self.peek_plan(step.key), "cached_view", None)
             else:
                 reply = await self.view(request, *args, **kwargs)
 
@@ -822,7 +819,7 @@ class _CachedView:
         entry, storable = self.keep(visit, key, response, shadow, vary_known)
         if not storable:
             return stampede.Unstored(entry)
-        return self.admitted(key, entry, await self.cache._arun(self.admit_plan(key), "cached_view", None))
+        return self.admitted(key, entry, await self.core.arun(self.admit_plan(key), "cached_view", None))
 
 
 def _user(request: HttpRequest) -> Any:

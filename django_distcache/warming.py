@@ -28,6 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
 
 from . import scripts
+from .core import Core, core_for
 from .tags import validate_tags
 from .topology import Call
 
@@ -324,23 +325,6 @@ Progress = Callable[[dict[str, int]], None]
 
 
 # -- running ----------------------------------------------------------------------------------------------
-def _cache_for(alias: str) -> Any:
-    from django.core.cache import InvalidCacheBackendError, caches
-
-    from .cache import RedisClusterCache
-
-    try:
-        cache = caches[alias]
-    except InvalidCacheBackendError:
-        raise ImproperlyConfigured(f"there is no cache alias {alias!r} in CACHES") from None
-    if not isinstance(cache, RedisClusterCache):
-        raise ImproperlyConfigured(
-            f"warming needs a django_distcache.cache.RedisClusterCache; CACHES[{alias!r}] is "
-            f"{type(cache).__module__}.{type(cache).__name__}"
-        )
-    return cache
-
-
 def run_warmer(
     name: str | Warmer,
     *,
@@ -369,10 +353,10 @@ def run_warmer(
         _check_chunk_size(chunk_size)
         chunk = chunk or Chunk(0, 1, chunk_size)
         alias = using or entry.using
-        cache = _cache_for(alias)
+        core = core_for(alias)
         # Tag versions first: an invalidation that lands while the values are computed makes the entries
         # written after it born stale, instead of leaving them current.
-        stamps = _stamps_before_computing(cache, entry.tags, entry.timeout, dry_run)
+        stamps = _stamps_before_computing(core, entry.tags, entry.timeout, dry_run)
         source = entry.source(chunk)
         if entry.pages is not None:
             if using is not None and using != entry.using:
@@ -401,7 +385,7 @@ def run_warmer(
             items = _pairs(entry.name, source)
             if chunk.count > 1 and not entry.takes_chunk:
                 items = (item for position, item in enumerate(items) if chunk.owns(position))
-            _write_pairs(items, cache, entry.timeout, stamps, chunk.size, dry_run, progress)
+            _write_pairs(items, core, entry.timeout, stamps, chunk.size, dry_run, progress)
     except Exception as error:  # noqa: BLE001 - a warmer's boundary: its failure is reported, others go on
         result.errors += 1
         result.error = f"{type(error).__name__}: {error}"
@@ -416,13 +400,13 @@ def _check_chunk_size(chunk_size: Any) -> None:
 
 
 def _stamps_before_computing(
-    cache: Any, tags: tuple[str, ...], timeout: Any, dry_run: bool
+    core: Core, tags: tuple[str, ...], timeout: Any, dry_run: bool
 ) -> dict[str, int] | None:
     if not tags:
         return None
     if dry_run:
         return dict.fromkeys(tags, 0)  # the same envelope size, and no tag key is created
-    return cache._run_strict(cache._stamps(list(tags), cache._expiry_ms(timeout)), "warm")
+    return core.run_strict(core.stamps(list(tags), core.expiry_ms(timeout)), "warm")
 
 
 def _pairs(name: str, source: Any) -> Iterator[tuple[Any, Any]]:
@@ -457,7 +441,7 @@ def _chunks(items: Iterable[tuple[Any, Any]], size: int) -> Iterator[dict[Any, A
 
 def _write_pairs(
     items: Iterable[tuple[Any, Any]],
-    cache: Any,
+    core: Core,
     timeout: Any,
     stamps: dict[str, int] | None,
     chunk_size: int,
@@ -469,12 +453,12 @@ def _write_pairs(
     for batch in _chunks(items, chunk_size):
         if dry_run:
             # (what a value is signed for does not change its size: no namespace read for a dry run)
-            size = sum(len(cache._encode(value, key, b"", stamps)) for key, value in batch.items())
+            size = sum(len(core.encode(value, key, b"", stamps)) for key, value in batch.items())
             progress({"entries": len(batch), "bytes": size})
             continue
         meter = _Meter()
-        plan = _metered(cache._set_many_plan(batch, timeout, None, None, stamps), meter)
-        failed = cache._run(plan, "warm", list(batch))
+        plan = _metered(core.set_many_plan(batch, timeout, None, None, stamps), meter)
+        failed = core.run(plan, "warm", list(batch))
         progress(
             {
                 "entries": len(batch) - len(failed),
@@ -662,7 +646,7 @@ def _warm_rows(
             f"{config.label} rows are cached in CACHES[{config.cache_alias!r}] (cache_model(cache=...)), "
             f"where get_cached reads them; warming them into CACHES[{alias!r}] would never be read"
         )
-    cache = config.cache
+    core = config.core
     if timeout is DEFAULT_TIMEOUT:
         timeout = config.timeout
     manager = config.model._base_manager.using(database)
@@ -671,46 +655,44 @@ def _warm_rows(
     for start in range(0, len(pks), chunk_size):
         chunk = pks[start : start + chunk_size]
         if dry_run:
-            counts = _measure_rows(cache, config, list(manager.filter(pk__in=chunk)), extra_tags)
+            counts = _measure_rows(core, config, list(manager.filter(pk__in=chunk)), extra_tags)
         else:
-            counts = _fill_chunk(cache, config, manager, chunk, timeout, extra_tags)
+            counts = _fill_chunk(core, config, manager, chunk, timeout, extra_tags)
         progress({**counts, "rows": len(chunk)})
 
 
-def _measure_rows(cache: Any, config: Any, rows: list[Any], extra_tags: tuple[str, ...]) -> dict[str, int]:
+def _measure_rows(core: Core, config: Any, rows: list[Any], extra_tags: tuple[str, ...]) -> dict[str, int]:
     """A dry run: the entries and bytes the rows would take, without a write (tags stamped as zeros)."""
     entries = size = 0
     for row in rows:
-        payload = config.row_payload(row, cache)
+        payload = config.row_payload(row, core)
         stamps = dict.fromkeys([*config.static_tags(), *extra_tags, *config.row_tags(row)], 0)
         for key in config.keys_of(row).values():
-            size += len(cache._encode(payload, key, b"", stamps))
+            size += len(core.encode(payload, key, b"", stamps))
             entries += 1
     return {"entries": entries, "bytes": size}
 
 
 def _fill_chunk(
-    cache: Any, config: Any, manager: Any, pks: list[Any], timeout: Any, extra_tags: tuple[str, ...]
+    core: Core, config: Any, manager: Any, pks: list[Any], timeout: Any, extra_tags: tuple[str, ...]
 ) -> dict[str, int]:
     """Lease, read the rows, fill; from the lease again while writers of the model keep voiding it."""
     from .models.read import Lease, epoch_key
 
     def lease_plan() -> Any:
-        key = epoch_key(cache, config)
+        key = epoch_key(core, config)
         epoch = yield Call(key, ("GET", key))
-        stamps = yield from cache._stamps([*config.static_tags(), *extra_tags], cache._expiry_ms(timeout))
+        stamps = yield from core.stamps([*config.static_tags(), *extra_tags], core.expiry_ms(timeout))
         return Lease(epoch, stamps)
 
     for _ in range(FILL_ATTEMPTS):
-        lease = cache._run(lease_plan(), "warm", _FAILED)
+        lease = core.run(lease_plan(), "warm", _FAILED)
         if lease is _FAILED:
             raise WarmingError(f"the cache could not be reached while filling {config.label} rows")
         rows = list(manager.filter(pk__in=pks))  # read after the lease is taken, as get_cached does
         if not rows:
             return {}
-        outcome = cache._run(
-            _fill_rows_plan(cache, config, lease, rows, timeout, extra_tags), "warm", _FAILED
-        )
+        outcome = core.run(_fill_rows_plan(core, config, lease, rows, timeout, extra_tags), "warm", _FAILED)
         if outcome is _FAILED:
             raise WarmingError(f"the cache could not be reached while filling {config.label} rows")
         if outcome is not None:
@@ -720,7 +702,7 @@ def _fill_chunk(
 
 
 def _fill_rows_plan(
-    cache: Any, config: Any, lease: Any, rows: list[Any], timeout: Any, extra_tags: tuple[str, ...]
+    core: Core, config: Any, lease: Any, rows: list[Any], timeout: Any, extra_tags: tuple[str, ...]
 ) -> Any:
     """`models.read.fill_plan` for many rows at once, each step one batch for all the rows: the rows' tag
     versions, then what each key holds now, then the model's epoch (if a writer replaced it since the
@@ -731,24 +713,24 @@ def _fill_rows_plan(
     static = {tag: lease.stamps[tag] for tag in [*config.static_tags(), *extra_tags]}
     tags_of = {row.pk: config.row_tags(row) for row in rows}
     needed = list(dict.fromkeys(tag for tags in tags_of.values() for tag in tags))
-    expiry_ms = cache._expiry_ms(timeout)
-    row_versions = (yield from cache._tags.for_write(needed, expiry_ms)) if needed else {}
-    head = yield from cache._namespace.current()
+    expiry_ms = core.expiry_ms(timeout)
+    row_versions = (yield from core.tags.for_write(needed, expiry_ms)) if needed else {}
+    head = yield from core.namespace.current()
     targets = []  # (physical key, encoded entry, write-behind marker or None)
     for row in rows:
-        payload = config.row_payload(row, cache)
+        payload = config.row_payload(row, core)
         stamps = {**static, **{tag: row_versions[tag] for tag in tags_of[row.pk]}}
         marker = None
         if config.write == "behind":
-            marker = cache._physical_of(head, config.pending_key(row.pk))
+            marker = core.physical_of(head, config.pending_key(row.pk))
         for key in config.keys_of(row).values():
-            physical = cache._physical_of(head, key)
-            targets.append((physical, cache._encode(payload, key, physical, stamps), marker))
+            physical = core.physical_of(head, key)
+            targets.append((physical, core.encode(payload, key, physical, stamps), marker))
     observed = yield [Call(physical, ("GET", physical)) for physical, _, _ in targets]
     for reply in observed:
         if isinstance(reply, BaseException):
             raise reply  # an outage: the driver's failure policy answers _FAILED
-    key = epoch_key(cache, config)
+    key = epoch_key(core, config)
     if (yield Call(key, ("GET", key))) != lease.epoch:
         return None
     expiry = "" if expiry_ms is None else expiry_ms
@@ -769,7 +751,7 @@ def _fill_rows_plan(
     counts = {"entries": 0, "bytes": 0, "batches": 1, "skipped": 0, "errors": 0}
     for (_, data, _), reply in zip(targets, replies, strict=True):
         if isinstance(reply, BaseException):
-            if not cache._failures.check_item("warm", reply):
+            if not core.failures.check_item("warm", reply):
                 counts["errors"] += 1
         elif reply == 1:
             counts["entries"] += 1
@@ -822,8 +804,8 @@ HEARTBEAT_SECONDS = 1.0
 MAX_CHUNK_STARTS = 3
 
 
-def progress_key(cache: Any, run_id: str, name: str) -> bytes:
-    return cache._keys.internal(f"warm:{run_id}:{name}")
+def progress_key(core: Core, run_id: str, name: str) -> bytes:
+    return core.keys.internal(f"warm:{run_id}:{name}")
 
 
 def _hash_plan(key: bytes, fields: Mapping[str, Any], delete: Iterable[str] = ()) -> Any:
@@ -889,10 +871,10 @@ class TaskProgress:
         return len(self.done)
 
 
-def read_progress(cache: Any, run_id: str, name: str) -> TaskProgress:
+def read_progress(core: Core, run_id: str, name: str) -> TaskProgress:
     import json
 
-    raw = cache._run(_read_progress_plan(progress_key(cache, run_id, name)), "warm_progress", {}) or {}
+    raw = core.run(_read_progress_plan(progress_key(core, run_id, name)), "warm_progress", {}) or {}
     progress = TaskProgress({}, {}, {})
     for field_name, value in raw.items():
         text = field_name.decode() if isinstance(field_name, bytes) else field_name
@@ -953,12 +935,12 @@ class _Heartbeat:
     def _run(self) -> None:
         import json
 
-        cache = _cache_for(self.alias)  # this thread's instance (the connections are shared)
+        core = core_for(self.alias)  # this thread's instance (the connections are shared)
         while not self.stopping:
             with self.lock:
                 self.state["beat"] += 1
                 snapshot = json.dumps(self.state)
-            cache._run(_hash_plan(self.key, {f"running:{self.index}": snapshot}), "warm_progress")
+            core.run(_hash_plan(self.key, {f"running:{self.index}": snapshot}), "warm_progress")
             self.wake.wait(HEARTBEAT_SECONDS)
             self.wake.clear()
 
@@ -981,24 +963,24 @@ def run_task(
     import json
     import os
 
-    cache = _cache_for(using) if using else None
+    core = core_for(using) if using else None
     try:
         entry = get_warmer(name)
     except LookupError as error:
         message = f"{error}, in the worker"
-        if run_id and cache is not None:
-            key = progress_key(cache, run_id, name)
+        if run_id and core is not None:
+            key = progress_key(core, run_id, name)
             record = {"errors": 1, "error": f"LookupError: {message}"}
-            cache._run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
+            core.run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
         raise WarmingError(message) from None
     alias = using or entry.using
-    cache = cache or _cache_for(alias)
+    core = core or core_for(alias)
     chunk = Chunk(chunk_index, chunk_count, chunk_size)
     if not run_id:
         result = run_warmer(entry, chunk_size=chunk_size, using=using, chunk=chunk, pks=pks)
         return _finish(name, chunk, result)
-    key = progress_key(cache, run_id, name)
-    done, started = cache._run(_begin_plan(key, chunk_index), "warm_progress", (False, 1))
+    key = progress_key(core, run_id, name)
+    done, started = core.run(_begin_plan(key, chunk_index), "warm_progress", (False, 1))
     if done:
         logger.info("warmer %r chunk %d of run %s is done already: skipped", name, chunk_index, run_id)
         return WarmResult(name)
@@ -1008,7 +990,7 @@ def run_task(
             "time): given up"
         )
         record = {"errors": 1, "error": message}
-        cache._run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
+        core.run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
         raise WarmingError(f"warmer {name!r} {message}")
     holder = f"{worker or 'worker'} (pid {os.getpid()})"
     with _Heartbeat(alias, key, chunk_index, holder, started) as heartbeat:
@@ -1018,7 +1000,7 @@ def run_task(
     record = {**_counts_of(result), "error": result.error}
     if result.errors and not result.error:
         record["error"] = f"{result.errors} entries could not be written"
-    cache._run(
+    core.run(
         _hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}, [f"running:{chunk_index}"]),
         "warm_progress",
     )

@@ -54,7 +54,7 @@ def _settle_outbox() -> None:
     middle of one (where it would empty the cache under the test's feet)."""
     from django.core.cache import caches
 
-    outbox = caches["default"]._tags.outbox
+    outbox = caches["default"].core.tags.outbox
     deadline = time.monotonic() + 30
     while outbox is not None and not outbox.empty:
         assert time.monotonic() < deadline, "the outbox left by an earlier test process never landed"
@@ -133,7 +133,7 @@ def tag_keys(cluster: DevCluster, cache) -> set[bytes]:
         node = redis.Redis(port=port)
         try:
             if node.info("replication")["role"] == "master":
-                found.update(node.scan_iter(match=cache._tags.tag_key("*"), count=1000))
+                found.update(node.scan_iter(match=cache.core.tags.tag_key("*"), count=1000))
         finally:
             node.close()
     return found

@@ -40,8 +40,8 @@ def main() -> None:
         elif request[0] == "stampede":
             answer = _stampede(cache, *request[1:])
         elif request[0] == "stats":
-            backplane = cache._backplane
-            answer = {"connected": backplane.connected, "held_tags": cache._tags.held_count()}
+            backplane = cache.core.backplane
+            answer = {"connected": backplane.connected, "held_tags": cache.core.tags.held_count()}
         elif request[0] == "rss":
             import resource
 

@@ -33,15 +33,15 @@ CASES = [f"kill -9 {step}" for step in STEPS] + [
 def _reset_queues() -> None:
     """An earlier test's leftovers (a failing row held in a stream) are not this run's to drain."""
     cache = caches["default"]
-    keys = [behind.dead_letter_key(cache), behind.stats_key(cache)]
-    for shard in range(cache._settings.options["BEHIND_SHARDS"]):
-        shard_keys = behind.shard_keys(cache, shard)
+    keys = [behind.dead_letter_key(cache.core), behind.stats_key(cache.core)]
+    for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
+        shard_keys = behind.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts]
 
     def plan():
         yield [Call(key, ("DEL", key)) for key in keys]
 
-    cache._run(plan(), "reset")
+    cache.core.run(plan(), "reset")
 
 
 @pytest.fixture(scope="module")

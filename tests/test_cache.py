@@ -83,7 +83,7 @@ def test_get_many_sends_one_batch_per_node_and_writes_all_before_reading(cache, 
 def _wait_for_backplane(cache, timeout=10.0):
     cache.get("warm-up")
     deadline = time.monotonic() + timeout
-    while not cache._backplane.connected:
+    while not cache.core.backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
     cache.get("warm-up")
@@ -257,7 +257,7 @@ def test_clear_drops_only_this_caches_keys_and_never_flushes(cluster, raw):
     assert raw.get("foreign:key") == b"kept"
     assert _command_calls(raw, ("flushall", "flushdb", "keys")) == before
     # The background purge reclaims the old generation's memory on every primary.
-    assert mine._shared.purger.idle.wait(30)
+    assert mine.core.shared.purger.idle.wait(30)
     assert _keys_with_prefix(raw, mine.key_prefix) == 0
     assert _keys_with_prefix(raw, theirs.key_prefix) == 1
     raw.delete("foreign:key")
@@ -275,8 +275,8 @@ def test_clear_is_seen_by_another_process(cluster):
 
 def test_deleted_namespace_key_makes_entries_miss(cache, raw):
     cache.set("k", "v")
-    raw.delete(cache._namespace.key)
-    cache._namespace.checked_at = 0  # as if the check interval had passed
+    raw.delete(cache.core.namespace.key)
+    cache.core.namespace.checked_at = 0  # as if the check interval had passed
     assert cache.get("k") is None
 
 

@@ -62,9 +62,9 @@ def test_bad_input_still_raises_during_an_outage(dead_location):
 
 
 def test_repeated_failures_are_all_counted_but_logged_once_per_interval(caplog):
-    from django_distcache.cache import FailurePolicy
+    from django_distcache.core import FailurePolicy
 
-    policy = FailurePolicy("miss", {})
+    policy = FailurePolicy("miss")
     with caplog.at_level("WARNING", logger="django_distcache"):
         for number in range(50):
             policy.note("behind_unreplicated", "change %s reached 0 of 1 replicas", number)

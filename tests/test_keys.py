@@ -107,8 +107,8 @@ def test_every_key_and_the_channel_of_a_cache_start_with_its_key_prefix(cache, r
     # may be gone already; invalidating "other", which nothing carries, created no key)
     assert len(found) >= 4
     assert all(key.startswith(f"{cache.key_prefix}:".encode()) for key in found), found
-    assert cache._backplane.channel == f"{cache.key_prefix}:~{{invalidations}}".encode()
-    generation = cache._namespace.head.split(b":")[1]
+    assert cache.core.backplane.channel == f"{cache.key_prefix}:~{{invalidations}}".encode()
+    generation = cache.core.namespace.head.split(b":")[1]
     assert cache.physical_key("after") == f"{cache.key_prefix}:{generation.decode()}:1:after".encode()
 
 
@@ -116,7 +116,7 @@ def test_the_empty_default_key_prefix_puts_every_key_under_a_colon(raw):
     cache = make_cache(KEY_PREFIX="")
     cache.set("k", "v", tags=["t"])
     assert cache.physical_key("k").startswith(b":") and cache.physical_key("k").endswith(b":1:k")
-    assert cache._tags.tag_key("t") == b":~tag:t" and cache._namespace.key == b":~ns"
+    assert cache.core.tags.tag_key("t") == b":~tag:t" and cache.core.namespace.key == b":~ns"
     assert cache.get("k") == "v"
     cache.delete("k")
 
@@ -124,7 +124,7 @@ def test_the_empty_default_key_prefix_puts_every_key_under_a_colon(raw):
 def test_a_custom_key_function_keeps_its_whole_key_after_the_generation(raw):
     cache = make_cache(KEY_FUNCTION=lambda key, prefix, version: f"{version}|{key}")
     cache.set("k", ["v"])
-    generation = cache._namespace.head.split(b":")[1].decode()
+    generation = cache.core.namespace.head.split(b":")[1].decode()
     assert cache.physical_key("k") == f"{cache.key_prefix}:{generation}:1|k".encode()
     assert cache.get("k") == ["v"]
     cache.clear()
@@ -141,17 +141,17 @@ def test_the_purge_of_a_prefix_with_glob_characters_matches_only_its_own_keys(ra
     generation = retired.split(b":")[1].decode()
     plain.set(f"x:{generation}:y", "kept")
     starred.clear()
-    assert starred._shared.purger.idle.wait(30)
+    assert starred.core.shared.purger.idle.wait(30)
     assert raw.exists(retired) == 0
     assert plain.get(f"x:{generation}:y") == "kept"
 
 
 def test_a_namespace_key_that_holds_no_generation_is_replaced(raw):
     cache = make_cache()
-    raw.set(cache._namespace.key, "not a generation*")
+    raw.set(cache.core.namespace.key, "not a generation*")
     cache.set("k", "v")
     assert cache.get("k") == "v"
-    assert raw.get(cache._namespace.key) == cache._namespace.head.split(b":")[1]
+    assert raw.get(cache.core.namespace.key) == cache.core.namespace.head.split(b":")[1]
 
 
 # -- a least-privilege ACL user ----------------------------------------------------------------------
@@ -175,11 +175,11 @@ def test_the_documented_acl_runs_the_whole_cache(acl_user, raw):
     lock = cache.lock("job", timeout=10)
     assert lock.acquire(blocking=False)
     lock.release()
-    wait_until(lambda: cache._backplane.connected, message="the invalidation channel")
+    wait_until(lambda: cache.core.backplane.connected, message="the invalidation channel")
     retired = cache.physical_key("n")
     cache.clear()
     assert cache.get("n") is None
-    assert cache._shared.purger.idle.wait(30)
+    assert cache.core.shared.purger.idle.wait(30)
     assert raw.exists(retired) == 0  # purged through the ACL user's SCAN and UNLINK
     assert cache.failure_counts.get("undecodable", 0) == 0
 
@@ -190,7 +190,7 @@ def test_the_documented_acl_reads_from_replicas(acl_user, cluster):
     cache = acl_cache(acl_user, documented_acl_rules, OPTIONS={"READ_FROM_REPLICAS": True})
     cache.set("k", "v")
     wait_until(lambda: cache.get("k") == "v", message="the write to reach a replica")
-    state = cache._shared.state
+    state = cache.core.shared.state
     replica = state.slot_map.node_for(cache.physical_key("k"), read=True, use_replicas=True)
     assert replica not in state.slot_map.primary_nodes
 
@@ -209,7 +209,7 @@ def test_the_documented_acl_runs_model_caching_and_write_behind(acl_user, settin
 
     cache = acl_cache(acl_user, documented_acl_rules)
     default = settings.CACHES["default"]
-    credentials = {"USERNAME": cache._settings.connection.username, "PASSWORD": "pw"}
+    credentials = {"USERNAME": cache.core.settings.connection.username, "PASSWORD": "pw"}
     settings.CACHES = {
         "default": {
             **default,
@@ -261,7 +261,7 @@ def test_clear_without_rpush_raises_and_leaves_the_namespace_as_it_was(acl_user,
     before = cache.physical_key("k")
     with pytest.raises(PermissionRefusedError, match=rf"RPUSH on key '{cache.key_prefix}:~purge'"):
         cache.clear()
-    assert raw.get(cache._namespace.key) == before.split(b":")[1]
+    assert raw.get(cache.core.namespace.key) == before.split(b":")[1]
     assert cache.physical_key("k") == before
     assert cache.get("k") == "v"
 
@@ -277,13 +277,13 @@ def test_a_purge_without_scan_logs_a_clear_error_and_leaves_the_generation_liste
     generation = retired.split(b":")[1]
     with caplog.at_level("ERROR", logger="django_distcache.versioning"):
         assert cache.clear() is True
-        assert cache._shared.purger.idle.wait(30)
+        assert cache.core.shared.purger.idle.wait(30)
     errors = [record for record in caplog.records if record.name == "django_distcache.versioning"]
     # One error per purge attempt (the purge of what an earlier process left listed may try too), each
     # naming what was refused; no traceback, no thread dying.
     assert errors and all("refused SCAN" in record.getMessage() for record in errors), errors
     assert crashed == []
-    assert generation in raw.lrange(cache._namespace.purge_list, 0, -1)
+    assert generation in raw.lrange(cache.core.namespace.purge_list, 0, -1)
     assert raw.get(retired) is not None  # not purged, still listed for a later purge
     assert cache.get("k") is None
 

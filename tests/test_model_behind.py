@@ -25,15 +25,15 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _reset_queues() -> None:
     cache = caches["default"]
-    keys = [behind.dead_letter_key(cache), behind.stats_key(cache)]
-    for shard in range(cache._settings.options["BEHIND_SHARDS"]):
-        shard_keys = behind.shard_keys(cache, shard)
+    keys = [behind.dead_letter_key(cache.core), behind.stats_key(cache.core)]
+    for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
+        shard_keys = behind.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts, shard_keys.stats]
 
     def plan():
         yield [Call(key, ("DEL", key)) for key in keys]
 
-    cache._run(plan(), "reset")
+    cache.core.run(plan(), "reset")
 
 
 @pytest.fixture(autouse=True)
@@ -180,9 +180,9 @@ def test_save_behind_waits_the_whole_timeout_only_for_replicas_that_exist(cluste
     original, config.cache_alias = config.cache_alias, alias
     try:
         cache.get("warm-up")
-        cache._shared.topology.refresh(force=True)  # the slot map as it is now, with its replicas
-        stream = behind.shard_keys(cache, behind.shard_of(cache, config.label, counter.pk)).stream
-        assert cache._replicas_listed(stream) == 1
+        cache.core.shared.topology.refresh(force=True)  # the slot map as it is now, with its replicas
+        stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk)).stream
+        assert cache.core.replicas_listed(stream) == 1
         unreplicated = cache.failure_counts.get("behind_unreplicated", 0)
         counter.views = 5
 
@@ -200,7 +200,7 @@ def test_save_behind_waits_the_whole_timeout_only_for_replicas_that_exist(cluste
 
 
 def _node_of(cache, physical: bytes):
-    return cache._shared.state.slot_map.primaries[key_slot(physical)]
+    return cache.core.shared.state.slot_map.primaries[key_slot(physical)]
 
 
 def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster):
@@ -211,12 +211,14 @@ def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster
         row.views = 3
         django_distcache.save_behind(row, update_fields=["views"])
     streams = {
-        shard: behind.shard_keys(cache, shard).stream
-        for shard in range(cache._settings.options["BEHIND_SHARDS"])
+        shard: behind.shard_keys(cache.core, shard).stream
+        for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
     }
     victim = _node_of(cache, streams[0])
     unreachable = {shard for shard, stream in streams.items() if _node_of(cache, stream) == victim}
-    behind_victim = {row.pk for row in rows if behind.shard_of(cache, config.label, row.pk) in unreachable}
+    behind_victim = {
+        row.pk for row in rows if behind.shard_of(cache.core, config.label, row.pk) in unreachable
+    }
     assert behind_victim and len(behind_victim) < len(rows)  # both kinds of rows are in the test
 
     with hung_primary(cluster, victim.port):
@@ -243,11 +245,11 @@ def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster
 def test_save_behind_queues_when_only_the_cached_rows_node_is_down(cluster):
     cache = caches["default"]
     config = config_for(PageCounter)
-    victim = _node_of(cache, behind.shard_keys(cache, 0).stream)
+    victim = _node_of(cache, behind.shard_keys(cache.core, 0).stream)
     for n in range(500):  # a row whose cache entry is on the victim and whose stream is not
         row = PageCounter.objects.create(name=f"row {n}")
         entry = cache.physical_key(config.entry_key("pk", row.pk))
-        stream = behind.shard_keys(cache, behind.shard_of(cache, config.label, row.pk)).stream
+        stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, row.pk)).stream
         if _node_of(cache, entry) == victim and _node_of(cache, stream) != victim:
             break
     else:
@@ -263,7 +265,9 @@ def test_save_behind_queues_when_only_the_cached_rows_node_is_down(cluster):
         assert stored_views(row.pk) == 9
 
     # The entry the hung node kept still says views=1; its row tag was invalidated, so it is not served.
-    wait_until(lambda: cache._tags.outbox is None or cache._tags.outbox.empty, message="the outbox to drain")
+    wait_until(
+        lambda: cache.core.tags.outbox is None or cache.core.tags.outbox.empty, message="the outbox to drain"
+    )
     assert django_distcache.get_cached(PageCounter, pk=row.pk).views == 9
 
 
@@ -289,7 +293,7 @@ def test_a_failing_row_goes_to_the_dead_letters_and_can_be_replayed(capsys):
     django_distcache.save_behind(two, update_fields=["code"])
     healthy.views = 1
     django_distcache.save_behind(healthy, update_fields=["views"])
-    attempts = caches["default"]._settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
     for _ in range(attempts - 1):
         report = django_distcache.flush_behind()
         assert report.failed_rows == 1 and report.dead_lettered == 0
@@ -347,8 +351,8 @@ def test_shards_spread_over_the_slot_space():
     from redis.crc import key_slot
 
     cache = caches["default"]
-    count = cache._settings.options["BEHIND_SHARDS"]
-    slots = [key_slot(behind.shard_keys(cache, shard).stream) for shard in range(count)]
+    count = cache.core.settings.options["BEHIND_SHARDS"]
+    slots = [key_slot(behind.shard_keys(cache.core, shard).stream) for shard in range(count)]
     assert [slot * count // 16384 for slot in slots] == list(range(count))
 
 
@@ -387,7 +391,7 @@ def test_a_backlog_past_the_threshold_triggers_a_drain(start_worker, settings):
     start_worker("trigger")
     counter = PageCounter.objects.create(name="trigger")
     cache = caches["default"]
-    options = cache._settings.options
+    options = cache.core.settings.options
     original, options["BEHIND_TRIGGER_BACKLOG"] = options["BEHIND_TRIGGER_BACKLOG"], 20
     try:
         for number in range(1, 21):
@@ -422,14 +426,14 @@ def test_kill_9_mid_batch_loses_nothing(start_worker):
 
         def draining() -> bool:
             locks = [
-                behind.shard_keys(cache, shard).lock
-                for shard in range(cache._settings.options["BEHIND_SHARDS"])
+                behind.shard_keys(cache.core, shard).lock
+                for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
             ]
 
             def plan():
                 return (yield [Call(lock, ("EXISTS", lock)) for lock in locks])
 
-            return any(cache._run(plan(), "test"))
+            return any(cache.core.run(plan(), "test"))
 
         wait_until(draining, message="the worker to start a drain")
         time.sleep(0.3)  # inside its transaction, blocked on our lock
@@ -483,7 +487,7 @@ def test_a_drain_that_died_after_its_commit_is_not_applied_again_in_slices(monke
         seen.append(stored_views(counter.pk))
 
     cache = caches["default"]
-    monkeypatch.setitem(cache._settings.options, "BEHIND_BATCH_SIZE", 1)
+    monkeypatch.setitem(cache.core.settings.options, "BEHIND_BATCH_SIZE", 1)
     monkeypatch.setattr(behind, "READ_FACTOR", 3)  # slices of 3 entries
     monkeypatch.setattr(behind, "_apply_transaction", watch)
     report = django_distcache.flush_behind()
@@ -504,20 +508,20 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
     for number in range(1, 4):
         counter.views = number
         ids.append(django_distcache.save_behind(counter, update_fields=["views"]))
-    stream = behind.shard_keys(cache, behind.shard_of(cache, config.label, counter.pk)).stream
+    stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk)).stream
 
     def read():
         return (yield Call(stream, ("XRANGE", stream, "-", "+")))
 
-    stalled = behind._entries(cache._run(read(), "test"))  # what drain A read before it stalled
+    stalled = behind._entries(cache.core.core.run(read(), "test"))  # what drain A read before it stalled
     for number in range(4, 7):
         counter.views = number
         django_distcache.save_behind(counter, update_fields=["views"])
     assert django_distcache.flush_behind().changes_applied == 6  # drain B
     assert stored_views(counter.pk) == 6
     report = behind.DrainReport()
-    keys = behind.shard_keys(cache, behind.shard_of(cache, config.label, counter.pk))
-    behind._apply_batch(cache, 0, keys, stalled, set(), report)  # drain A wakes up
+    keys = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk))
+    behind._apply_batch(cache.core, 0, keys, stalled, set(), report)  # drain A wakes up
     assert stored_views(counter.pk) == 6
     assert (report.changes_applied, report.rows_written) == (0, 0)
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == 6
@@ -526,7 +530,7 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
 def test_a_failure_count_belongs_to_one_change_and_ends_with_it():
     """4 failures of a change, then the clash is fixed and it is applied; a new failing change of the same
     row starts from 1 (before, it was dead-lettered at once with the old count)."""
-    attempts = caches["default"]._settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
     blocker = PageCounter.objects.create(name="blocker", code="X")
     row = PageCounter.objects.create(name="row")
     row.code = "X"
@@ -550,7 +554,7 @@ def test_a_poison_change_goes_to_the_dead_letters_alone():
     """A row gets valid changes, then one that always fails (a unique clash), then more valid ones. Only
     the failing change is dead-lettered; every valid one reaches the database, in order (before, the
     valid changes coalesced with it were dead-lettered with it)."""
-    attempts = caches["default"]._settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
     PageCounter.objects.create(name="owner", code="TAKEN")
     row = PageCounter.objects.create(name="row")
     other = PageCounter.objects.create(name="other")
@@ -691,11 +695,11 @@ def test_a_forged_patch_value_is_not_shown():
     django_distcache.save_behind(counter, update_fields=["note"])
 
     def forge():
-        head = yield from cache._namespace.current()
-        patch = cache._physical_of(head, config.pending_key(counter.pk))
-        yield Call(patch, ("HSET", patch, "v:note", cache._codec.encode("evil", b"elsewhere")))
+        head = yield from cache.core.namespace.current()
+        patch = cache.core.physical_of(head, config.pending_key(counter.pk))
+        yield Call(patch, ("HSET", patch, "v:note", cache.core.codec.encode("evil", b"elsewhere")))
 
-    cache._run(forge(), "test")
+    cache.core.run(forge(), "test")
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).note == "real"
 
 

@@ -280,13 +280,15 @@ def _slow_fill_steps(lookup, value):
     """The steps of get_cached's miss path, so a test can put a write between the read and the fill."""
     config = config_for(Product)
     cache = config.cache
-    miss = cache._run(read.lookup_plan(cache, config, lookup, value, "default"), "get_cached")
+    miss = cache.core.run(read.lookup_plan(cache.core, config, lookup, value, "default"), "get_cached")
     assert isinstance(miss, read.Miss)
-    lease = cache._run(read.lease_plan(cache, config), "get_cached")
+    lease = cache.core.run(read.lease_plan(cache.core, config), "get_cached")
     found = read._load(config, "default", lookup, value)
 
     def fill():
-        return cache._run(read.fill_plan(cache, config, lease, found, {lookup: miss}, lookup, value), "fill")
+        return cache.core.run(
+            read.fill_plan(cache.core, config, lease, found, {lookup: miss}, lookup, value), "fill"
+        )
 
     return found, fill
 

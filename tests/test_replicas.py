@@ -17,7 +17,7 @@ from tests.conftest import hung_primary, make_cache, wait_replicas_listed
 
 def _keys_on(cache, primary, count: int) -> list[str]:
     """User keys whose hash tag puts them on `primary` (by the cache's slot map)."""
-    slot_map = cache._shared.state.slot_map
+    slot_map = cache.core.shared.state.slot_map
     keys, number = [], 0
     while len(keys) < count:
         tag = f"r{number}"
@@ -40,7 +40,7 @@ def _replicated(primary_port: int, replica_ports: list[int], timeout: float = 10
 def test_read_from_replicas_accepts_false_true_or_fallback():
     with pytest.raises(ImproperlyConfigured, match="READ_FROM_REPLICAS.*'sometimes'"):
         make_cache(OPTIONS={"READ_FROM_REPLICAS": "sometimes"})
-    assert make_cache(OPTIONS={"READ_FROM_REPLICAS": "fallback"})._settings.connection.replica_fallback
+    assert make_cache(OPTIONS={"READ_FROM_REPLICAS": "fallback"}).core.settings.connection.replica_fallback
 
 
 def test_fallback_reads_are_served_by_replicas_while_the_primary_is_hung(cluster):
@@ -57,7 +57,7 @@ def test_fallback_reads_are_served_by_replicas_while_the_primary_is_hung(cluster
     cache = make_cache(OPTIONS={**options, "READ_FROM_REPLICAS": "fallback"})
     plain = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS=options)  # the same keys, no fallback
     cache.get("warm-up")
-    state = cache._shared.state
+    state = cache.core.shared.state
     primary = state.slot_map.primaries[key_slot(b"r0")]
     replicas = [node.port for node in state.slot_map.replicas[key_slot(b"r0")]]
     assert replicas, "the slot map lists the slot's replicas"
@@ -80,7 +80,7 @@ def test_fallback_reads_are_served_by_replicas_while_the_primary_is_hung(cluster
 
     with hung_primary(cluster, primary.port):
         assert cache.get(keys[0]) is None  # the call that finds the node hung: a miss, opens the breaker
-        assert cache._shared.state.breakers(primary).state != "closed"
+        assert cache.core.shared.state.breakers(primary).state != "closed"
         # From now on the replica answers for the hung primary's keys, sync and async, one by one and in
         # batches; keys of other nodes are served by their primaries as before.
         assert cache.get(keys[1]) == values[keys[1]]
@@ -110,28 +110,28 @@ def test_fallback_reads_are_served_by_replicas_while_the_primary_is_hung(cluster
     # every other process (here: a cache instance of its own); the others are served as before.
     assert redis.Redis(port=primary.port).keys(f"*{cache.key_prefix}*{keys[4]}")  # the old value is there
     deadline = time.monotonic() + 10
-    cache._shared.state.breakers(primary).cooldown = 0.05
-    while cache._shared.state.breakers(primary).state != "closed":
+    cache.core.shared.state.breakers(primary).cooldown = 0.05
+    while cache.core.shared.state.breakers(primary).state != "closed":
         assert time.monotonic() < deadline, "the breaker never closed"
         cache.get(keys[0])
         time.sleep(0.05)
-    assert primary not in cache._shared.state.unsynced
+    assert primary not in cache.core.shared.state.unsynced
     assert cache.get(keys[4]) is None
     assert cache.get(keys[5]) is None
     assert cache.get(keys[1]) == values[keys[1]]
     other_process = make_cache(KEY_PREFIX=cache.key_prefix)
     deadline = time.monotonic() + 10
     while other_process.get(keys[4]) is not None or other_process.get(keys[5]) is not None:
-        assert time.monotonic() < deadline, f"never repaired: {sorted(cache._shared.state.repair)}"
+        assert time.monotonic() < deadline, f"never repaired: {sorted(cache.core.shared.state.repair)}"
         time.sleep(0.05)
-    assert not cache._shared.state.repair
+    assert not cache.core.shared.state.repair
     assert other_process.get(keys[1]) == values[keys[1]]
 
 
 def test_a_map_older_than_its_max_age_is_reloaded_in_the_background(cluster, caplog):
     cache = make_cache()
     cache.get("k")
-    state = cache._shared.state
+    state = cache.core.shared.state
     # A reload started earlier (an earlier test's node failure asked for one) may still be finishing; while
     # it runs, no other starts, so the one this test asks for would never happen.
     deadline = time.monotonic() + 5
@@ -164,7 +164,7 @@ def test_with_reads_from_replicas_a_hung_replica_sends_reads_to_the_primary(clus
         }
     )
     cache.get("warm-up")
-    slot_map = cache._shared.state.slot_map
+    slot_map = cache.core.shared.state.slot_map
     primary = slot_map.primaries[key_slot(b"r0")]
     replica = slot_map.replicas[key_slot(b"r0")][0]
     key = _keys_on(cache, primary, 1)[0]
@@ -172,7 +172,7 @@ def test_with_reads_from_replicas_a_hung_replica_sends_reads_to_the_primary(clus
     _replicated(primary.port, [replica.port])
     with hung_primary(cluster, replica.port):  # a replica this time: nothing fails over
         cache.get(key)  # may be the call that finds the replica hung (a miss) and opens its breaker
-        assert cache._shared.state.breakers(replica).state != "closed"
+        assert cache.core.shared.state.breakers(replica).state != "closed"
         assert [cache.get(key) for _ in range(4)] == ["value"] * 4  # served by the primary
         assert cache.get_many([key]) == {key: "value"}
 
@@ -212,7 +212,7 @@ def test_writes_a_failover_may_have_lost_are_deleted_not_served_old(cluster):
     window = 0.5
     cache = make_cache(OPTIONS={"FAILOVER_REPAIR_WINDOW": window})
     cache.get("warm-up")
-    state = cache._shared.state
+    state = cache.core.shared.state
     primary = state.slot_map.primaries[key_slot(b"r0")]
     (replica,) = state.slot_map.replicas[key_slot(b"r0")][:1]
     first, second, older = _keys_on(cache, primary, 3)

@@ -83,14 +83,16 @@ def test_a_value_stored_between_a_miss_and_taking_the_lease_is_served_not_recomp
     assert cache.get_or_set("raced", lambda: calls.append(1) or "ours", timeout=60) == "theirs"
     assert calls == []
     made = cache.make_and_validate_key("raced")
-    assert cache._run(stampede.held_plan(stampede.lease_key(cache, made)), "test") is False  # released
+    assert (
+        cache.core.run(stampede.held_plan(stampede.lease_key(cache.core, made)), "test") is False
+    )  # released
 
 
 def test_a_crashed_lease_holder_blocks_nobody_past_the_lease_timeout():
     cache = make_cache(OPTIONS={"STAMPEDE_LEASE_TIMEOUT": 0.5})
     made = cache.make_and_validate_key("orphan")
     # A process took the lease and died without releasing it.
-    cache._run(stampede.acquire_plan(stampede.lease_key(cache, made), "dead-process", 0.5), "test")
+    cache.core.run(stampede.acquire_plan(stampede.lease_key(cache.core, made), "dead-process", 0.5), "test")
     started = time.monotonic()
     assert cache.get_or_set("orphan", lambda: "recomputed", timeout=60) == "recomputed"
     assert 0.3 <= time.monotonic() - started < 3.0
@@ -330,19 +332,22 @@ def test_a_command_error_during_an_inline_refresh_is_raised_not_served_stale(cac
     assert cache.get_or_set("early", lambda: "kept", timeout=60, tags=["fine"]) == "kept"
     client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
     try:
-        client.rpush(cache._tags.tag_key("a-list"), "not a version")
+        client.rpush(cache.core.tags.tag_key("a-list"), "not a version")
         # beta so large that XFetch always finds the entry due: this read refreshes it inline.
-        policy = stampede.policy_for(cache, beta=1e12, refresh="inline")
+        policy = stampede.policy_for(cache.core, beta=1e12, refresh="inline")
         with pytest.raises(ResponseError, match="WRONGTYPE"):
-            stampede.get_or_compute(cache, "early", None, lambda: "new", 60, ["a-list"], policy, "test")
-        failing = stampede.policy_for(cache, beta=1e12, refresh="inline")
+            stampede.get_or_compute(cache.core, "early", None, lambda: "new", 60, ["a-list"], policy, "test")
+        failing = stampede.policy_for(cache.core, beta=1e12, refresh="inline")
 
         def broken():
             raise RuntimeError("database down")
 
-        assert stampede.get_or_compute(cache, "early", None, broken, 60, ["fine"], failing, "test") == "kept"
+        assert (
+            stampede.get_or_compute(cache.core, "early", None, broken, 60, ["fine"], failing, "test")
+            == "kept"
+        )
     finally:
-        client.delete(cache._tags.tag_key("a-list"))
+        client.delete(cache.core.tags.tag_key("a-list"))
         client.close()
 
 

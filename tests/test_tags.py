@@ -26,9 +26,9 @@ def raw(cluster):
 
 
 def _wait_for_backplane(cache, timeout=10.0):
-    cache._backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
+    cache.core.backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
     deadline = time.monotonic() + timeout
-    while not cache._backplane.connected:
+    while not cache.core.backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
 
@@ -92,8 +92,8 @@ def test_module_level_invalidate_tags(settings):
 def test_a_missing_tag_key_makes_its_entries_miss(cache, raw):
     cache.set("k", "v", tags=["fragile", "other"])
     assert cache.get("k") == "v"
-    raw.delete(cache._tags.tag_key("fragile"))  # evicted, deleted by hand, lost in a failover
-    cache._tags._local.clear()  # as another process that has not held it would see it
+    raw.delete(cache.core.tags.tag_key("fragile"))  # evicted, deleted by hand, lost in a failover
+    cache.core.tags._local.clear()  # as another process that has not held it would see it
     assert cache.get("k") is None
     assert cache.get_many(["k"]) == {}
 
@@ -103,7 +103,7 @@ def test_tag_versions_are_random_64_bit_values(cache, raw):
     seen = set()
     for _ in range(5):
         cache.invalidate_tags("t")
-        seen.add(int(raw.get(cache._tags.tag_key("t"))))
+        seen.add(int(raw.get(cache.core.tags.tag_key("t"))))
     assert len(seen) == 5
     assert max(seen) > 2**40  # not a small counter
 
@@ -119,7 +119,10 @@ def test_invalidation_touches_only_the_tags_own_key(cache, monkeypatch):
 
     monkeypatch.setattr(ClusterTopology, "execute_batch", spy)
     cache.invalidate_tags("wide")
-    assert touched == [cache._tags.tag_key("wide"), cache._backplane.channel]  # one SET, one publish: O(1)
+    assert touched == [
+        cache.core.tags.tag_key("wide"),
+        cache.core.backplane.channel,
+    ]  # one SET, one publish: O(1)
 
 
 def test_get_or_set_is_race_safe_against_an_invalidation_during_the_computation(cache):
@@ -160,8 +163,8 @@ def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache
     _wait_for_backplane(cache)
     cache.get("k")
     cache.get("k")
-    assert cache._tags.held_count() >= 1
-    backplane = cache._backplane
+    assert cache.core.tags.held_count() >= 1
+    backplane = cache.core.backplane
     drops_before = backplane.drops
     # The server kills every pub/sub connection; then the tag changes without any message being sent.
     for port in cluster.ports:
@@ -170,9 +173,9 @@ def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache
     while backplane.drops == drops_before:  # the subscriber notices at once (EOF), not after a timeout
         assert time.monotonic() < deadline, "the dropped channel went unnoticed"
         time.sleep(0.005)
-    raw.set(cache._tags.tag_key("t"), 12345)
+    raw.set(cache.core.tags.tag_key("t"), 12345)
     # Not one read may use the version held from before the drop.
-    assert cache._tags.held_count() == 0
+    assert cache.core.tags.held_count() == 0
     assert cache.get("k") is None
 
 
@@ -180,7 +183,7 @@ def test_without_in_process_versions_every_read_asks_redis(raw):
     strict = make_cache(OPTIONS={"TAG_VERSION_TTL": 0})
     strict.set("k", "v", tags=["t"])
     assert strict.get("k") == "v"
-    raw.set(strict._tags.tag_key("t"), 1)  # changed behind our back, no message
+    raw.set(strict.core.tags.tag_key("t"), 1)  # changed behind our back, no message
     assert strict.get("k") is None
 
 
@@ -216,12 +219,12 @@ def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
     pid = os.fork()
     if pid == 0:  # the child: report what it trusts right after the fork, and that it resubscribes
         try:
-            held_after_fork = cache._tags.held_count()
+            held_after_fork = cache.core.tags.held_count()
             value = cache.get("k")
             deadline = time.monotonic() + 5
-            while not cache._backplane.connected and time.monotonic() < deadline:
+            while not cache.core.backplane.connected and time.monotonic() < deadline:
                 time.sleep(0.01)
-            os.write(write, f"{held_after_fork}|{value}|{cache._backplane.connected}".encode())
+            os.write(write, f"{held_after_fork}|{value}|{cache.core.backplane.connected}".encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -254,7 +257,7 @@ MARGIN_MS = int(TAG_TTL_MARGIN * 1000)
 
 
 def _tag_ttl_ms(raw, cache, tag) -> int:
-    return raw.pttl(cache._tags.tag_key(tag))
+    return raw.pttl(cache.core.tags.tag_key(tag))
 
 
 def test_invalidating_tags_never_written_creates_no_key(cache, cluster):
@@ -277,7 +280,7 @@ def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(
     if held:
         _wait_for_backplane(cache)
         cache.set("short", "v", timeout=100, tags=["t"])  # held from a write made while the channel is up
-        assert cache._tags.held_count() == 1
+        assert cache.core.tags.held_count() == 1
     cache.set("long", "v", timeout=5000, tags=["t"])  # a held version still extends the key
     assert 5_000_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 5_000_000 + MARGIN_MS
     cache.set("shorter", "v", timeout=10, tags=["t"])
@@ -289,7 +292,7 @@ def test_a_held_version_whose_key_lives_long_enough_costs_no_command(raw, monkey
     cache = make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0})
     _wait_for_backplane(cache)
     cache.set("a", 1, timeout=100, tags=["t"])
-    tag_key = cache._tags.tag_key("t")
+    tag_key = cache.core.tags.tag_key("t")
     sent = []
     for method in ("execute", "execute_batch"):
         real = getattr(ClusterTopology, method)
@@ -338,9 +341,9 @@ def test_get_or_set_and_get_many_or_set_give_the_tag_key_its_ttl_before_computin
 
 def test_invalidation_keeps_the_tag_key_ttl_and_still_makes_its_entries_miss(cache, raw):
     cache.set("k", "v", timeout=100, tags=["t"])
-    before = raw.get(cache._tags.tag_key("t"))
+    before = raw.get(cache.core.tags.tag_key("t"))
     assert cache.invalidate_tags("t") == 1
-    assert raw.get(cache._tags.tag_key("t")) != before  # a new version
+    assert raw.get(cache.core.tags.tag_key("t")) != before  # a new version
     assert 100_000 - 5_000 <= _tag_ttl_ms(raw, cache, "t") <= 100_000 + MARGIN_MS  # the same lifetime
     assert cache.get("k") is None
     cache.set("k", "again", timeout=100, tags=["t"])
@@ -350,9 +353,9 @@ def test_invalidation_keeps_the_tag_key_ttl_and_still_makes_its_entries_miss(cac
 def test_a_tag_key_that_expired_makes_its_entries_miss(cache, raw):
     strict = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"TAG_VERSION_TTL": 0})
     strict.set("k", "v", timeout=300, tags=["t", "other"])
-    raw.pexpire(strict._tags.tag_key("t"), 1)  # expired (or evicted) before the entry
+    raw.pexpire(strict.core.tags.tag_key("t"), 1)  # expired (or evicted) before the entry
     deadline = time.monotonic() + 10
-    while raw.exists(strict._tags.tag_key("t")):
+    while raw.exists(strict.core.tags.tag_key("t")):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert strict.get("k") is None
@@ -367,10 +370,10 @@ def test_invalidating_an_evicted_tag_drops_the_version_other_processes_hold(cach
         other.wait_connected()
         assert other.get("k") == "v"
         assert other.ask("stats")["held_tags"] >= 1
-        raw.delete(cache._tags.tag_key("shared"))  # evicted: the other process still holds its version
+        raw.delete(cache.core.tags.tag_key("shared"))  # evicted: the other process still holds its version
         cache.invalidate_tags("shared")
         other.wait_for_miss("k", within=1.0)
-    assert not raw.exists(cache._tags.tag_key("shared"))  # and the invalidation did not re-create it
+    assert not raw.exists(cache.core.tags.tag_key("shared"))  # and the invalidation did not re-create it
 
 
 @pytest.mark.django_db(transaction=True)
@@ -478,17 +481,17 @@ def test_every_prefix_of_a_process_is_listened_to_over_one_subscription(raw):
         assert cache.get("k") == "v"  # the tag's version is now held in-process for 30 s
     for cache in caches:
         _wait_for_backplane(cache)
-    assert len({cache._backplane.subscriber for cache in caches}) == 1
+    assert len({cache.core.backplane.subscriber for cache in caches}) == 1
     threads_after = sum(1 for t in threading.enumerate() if t.name == "distcache-backplane")
     assert threads_after - threads_before <= 1
     for cache in caches[::3]:  # another process invalidates: a new version, pushed on the prefix's channel
-        raw.set(cache._tags.tag_key("t"), 12345)
+        raw.set(cache.core.tags.tag_key("t"), 12345)
         message = json.dumps(["tag", cache.key_prefix, "t", 12345])
         raw.execute_command(
             "SPUBLISH",
-            cache._backplane.channel,
+            cache.core.backplane.channel,
             message,
-            target_nodes=raw.get_node_from_key(cache._backplane.channel),
+            target_nodes=raw.get_node_from_key(cache.core.backplane.channel),
         )
     for cache in caches:
         deadline = time.monotonic() + 10
@@ -503,7 +506,7 @@ def test_a_malformed_message_on_the_channel_is_ignored_not_a_dropped_subscriptio
     prefix of the process shares must not drop (and stop trusting everything held) for it."""
     cache.set("k", "v", tags=["t"])
     _wait_for_backplane(cache)
-    backplane = cache._backplane
+    backplane = cache.core.backplane
     drops, messages = backplane.drops, backplane.messages
     for junk in (b"not json", b"[1, 2]", b"{}", b"null"):
         raw.execute_command(

@@ -208,7 +208,7 @@ def test_a_pool_child_killed_mid_chunk_has_its_chunk_put_back_and_run_again(cach
     cache.set(worker_warmers.GATE_KEY, True)
 
     def progress() -> warming.TaskProgress:
-        return warming.read_progress(cache, run_id, NAME)
+        return warming.read_progress(cache.core, run_id, NAME)
 
     wait_until(lambda: 0 in progress().done, 60, lambda: f"chunk 0 never ran again\n{worker.tail()}")
     assert progress().started[0] == 2

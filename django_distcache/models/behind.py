@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from django.core.cache import caches
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import (
     DEFAULT_DB_ALIAS,
@@ -54,7 +53,7 @@ from django.db.models.expressions import Combinable, CombinedExpression
 from redis.crc import key_slot
 
 from .. import scripts
-from ..cache import CacheUnavailable, Guarded
+from ..core import CacheUnavailable, Core, Guarded, core_for
 from ..keys import BEHIND_CHANGE_IDENTITY
 from ..topology import OUTAGE_ERRORS, Call
 from ..versioning import model_fingerprint
@@ -99,10 +98,10 @@ class ShardKeys:
     stats: bytes
 
 
-def shard_keys(cache: Any, shard: int) -> ShardKeys:
+def shard_keys(core: Core, shard: int) -> ShardKeys:
     """A shard's stream, lock, failure counts and counters: `<KEY_PREFIX>:~behind:{<tag>}` and alike, in
     one slot."""
-    return _shard_keys(cache._keys, cache._settings.options["BEHIND_SHARDS"], shard)
+    return _shard_keys(core.keys, core.settings.options["BEHIND_SHARDS"], shard)
 
 
 @lru_cache(maxsize=1024)
@@ -117,18 +116,18 @@ def _shard_keys(layout: Any, count: int, shard: int) -> ShardKeys:
     )
 
 
-def dead_letter_key(cache: Any) -> bytes:
-    return cache._keys.internal("behind-dead")
+def dead_letter_key(core: Core) -> bytes:
+    return core.keys.internal("behind-dead")
 
 
-def stats_key(cache: Any) -> bytes:
+def stats_key(core: Core) -> bytes:
     """Counters of earlier versions, which kept them in one key; still added into behind_metrics()."""
-    return cache._keys.internal("behind-stats")
+    return core.keys.internal("behind-stats")
 
 
-def shard_of(cache: Any, label: str, pk: Any) -> int:
+def shard_of(core: Core, label: str, pk: Any) -> int:
     digest = hashlib.blake2b(f"{label}:{pk!r}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % cache._settings.options["BEHIND_SHARDS"]
+    return int.from_bytes(digest, "big") % core.settings.options["BEHIND_SHARDS"]
 
 
 def _check(replies: Iterable[Any]) -> list[Any]:
@@ -253,13 +252,13 @@ def _changed_values(
     return values, increments
 
 
-def _field_identity(cache: Any, patch: bytes, name: str) -> bytes:
+def _field_identity(core: Core, patch: bytes, name: str) -> bytes:
     """What a patched value is signed for: this row's patch and this field, nothing else."""
-    return cache._keys.identity(patch) + b"\x00" + name.encode()
+    return core.keys.identity(patch) + b"\x00" + name.encode()
 
 
 def _queue_plan(
-    cache: Any,
+    core: Core,
     config: ModelCacheConfig,
     pk: Any,
     values: dict[str, Any],
@@ -268,13 +267,13 @@ def _queue_plan(
 ) -> Any:
     """Append the change to its stream and lay it onto the row's patch: one batch, so one round trip.
     Returns (stream id, backlog, the new value of `counted` as readers see it, or None if not known)."""
-    options = cache._settings.options
-    head = yield from cache._namespace.current()
-    patch = cache._physical_of(head, config.pending_key(pk))
-    keys = shard_keys(cache, shard_of(cache, config.label, pk))
+    options = core.settings.options
+    head = yield from core.namespace.current()
+    patch = core.physical_of(head, config.pending_key(pk))
+    keys = shard_keys(core, shard_of(core, config.label, pk))
     token = _order_token()
     payload = _encode_change(
-        cache,
+        core,
         {
             "model": config.label,
             "pk": pk,
@@ -286,7 +285,7 @@ def _queue_plan(
     )
     ops: list[Any] = []
     for name, value in values.items():
-        ops += ["v", name, cache._codec.encode(value, _field_identity(cache, patch, name))]
+        ops += ["v", name, core.codec.encode(value, _field_identity(core, patch, name))]
     for name, delta in increments.items():
         ops += ["d", name, delta]
     calls = [
@@ -298,13 +297,13 @@ def _queue_plan(
         # In the same per-node batch, so on the same connection as the XADD: WAIT counts that connection's
         # writes only.
         wait_ms = max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000))
-        if cache._replicas_listed(keys.stream) < wait_replicas:
+        if core.replicas_listed(keys.stream) < wait_replicas:
             # Fewer replicas than asked for exist (a promoted primary has none until one rejoins): waiting
             # the whole timeout would not make the change safer, only every save slower. A replica that
             # the slot map does not list yet may still acknowledge within the millisecond.
             wait_ms = 1
         calls.append(Call(keys.stream, ("WAIT", wait_replicas, wait_ms)))
-    entry = cache._physical_of(head, config.entry_key("pk", pk)) if counted else None
+    entry = core.physical_of(head, config.entry_key("pk", pk)) if counted else None
     script_keys = (patch, entry) if entry else (patch,)
     calls.append(
         Call(
@@ -328,7 +327,7 @@ def _queue_plan(
     backlog = 0 if isinstance(replies[1], BaseException) else int(replies[1])
     reached = 0 if not wait_replicas or isinstance(replies[2], BaseException) else int(replies[2])
     if wait_replicas and reached < wait_replicas:
-        cache._failures.note(
+        core.failures.note(
             "behind_unreplicated",
             "write-behind change %s reached %s of %s replicas",
             stream_id,
@@ -342,21 +341,21 @@ def _queue_plan(
         # queued, so raising would invite a second, duplicate call.
         if not isinstance(patched, OUTAGE_ERRORS):
             logger.error("write-behind change %s queued, but its patch was refused: %s", stream_id, patched)
-        cache._failures.note(
+        core.failures.note(
             "behind_unpatched", "write-behind change %s not laid on the cache: %s", stream_id, patched
         )
-        yield Guarded(cache._tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
+        yield Guarded(core.tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
         return stream_id, backlog, None
     value = None
     if counted and isinstance(patched, list | tuple):
         value = yield Guarded(
-            _counted_plan(cache, config, pk, entry, patch, counted, patched), "save_behind_cache", None
+            _counted_plan(core, config, pk, entry, patch, counted, patched), "save_behind_cache", None
         )
     return stream_id, backlog, value
 
 
 def _counted_plan(
-    cache: Any, config: ModelCacheConfig, pk: Any, entry: bytes, patch: bytes, name: str, reply: Any
+    core: Core, config: ModelCacheConfig, pk: Any, entry: bytes, patch: bytes, name: str, reply: Any
 ) -> Any:
     """The field's value as a reader would see it now: the cached row's, or the value queued last, plus
     the increments queued since. None when the row is not cached (only the database knows it then)."""
@@ -364,13 +363,13 @@ def _counted_plan(
     model_field = config.model._meta.get_field(name)
     if queued is not None:
         try:
-            base = cache._codec.decode(queued, _field_identity(cache, patch, name))
+            base = core.codec.decode(queued, _field_identity(core, patch, name))
         except Exception:  # noqa: BLE001 - not ours (see patch_fields): the value is not known
             return None
     else:
         if data is None:
             return None
-        found = yield from cache._valid_values({0: (entry, data)})
+        found = yield from core.valid_values({0: (entry, data)})
         row = config.instance_from(found[0], "pk", pk, DEFAULT_DB_ALIAS) if 0 in found else None
         if not isinstance(row, config.model):
             return None
@@ -400,13 +399,13 @@ def _queue(
     increments: dict[str, int],
     counted: str | None = None,
 ) -> tuple[str, Any]:
-    cache = config.cache
-    stream_id, backlog, value = cache._run_strict(
-        _queue_plan(cache, config, pk, values, increments, counted), "save_behind"
+    core = config.core
+    stream_id, backlog, value = core.run_strict(
+        _queue_plan(core, config, pk, values, increments, counted), "save_behind"
     )
-    threshold = cache._settings.options["BEHIND_TRIGGER_BACKLOG"]
+    threshold = core.settings.options["BEHIND_TRIGGER_BACKLOG"]
     if threshold and backlog >= threshold:
-        _trigger_drain(config.cache_alias, shard_of(cache, config.label, pk))
+        _trigger_drain(config.cache_alias, shard_of(core, config.label, pk))
     return stream_id, value
 
 
@@ -459,7 +458,7 @@ def _trigger_drain(alias: str, shard: int) -> None:
 
 
 # -- reading the patch --------------------------------------------------------------------------------
-def patch_fields(cache: Any, patch: bytes, reply: Any) -> dict[str, tuple]:
+def patch_fields(core: Core, patch: bytes, reply: Any) -> dict[str, tuple]:
     """{attname: ("set", value, n added since) or ("add", n)} from a patch's HGETALL; a value that does not
     verify (not written by this cache for this row and field) is left out and logged."""
     pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
@@ -470,9 +469,9 @@ def patch_fields(cache: Any, patch: bytes, reply: Any) -> dict[str, tuple]:
         kind, _, attname = name.partition(":")
         if kind == "v":
             try:
-                sets[attname] = cache._codec.decode(raw_value, _field_identity(cache, patch, attname))
+                sets[attname] = core.codec.decode(raw_value, _field_identity(core, patch, attname))
             except Exception as error:  # noqa: BLE001 - a forged or corrupt value is not laid on the row
-                cache._failures.count("behind_patch_refused")
+                core.failures.count("behind_patch_refused")
                 logger.warning("a queued value of %r in %r does not verify: %s", attname, patch, error)
         elif kind == "d":
             try:
@@ -684,7 +683,7 @@ def _apply_transaction(config: ModelCacheConfig, rows: list[_Row], db: str) -> N
 
 
 def _apply_model_rows(
-    cache: Any, keys: ShardKeys, config: ModelCacheConfig, rows: list[_Row], held: set, report: DrainReport
+    core: Core, keys: ShardKeys, config: ModelCacheConfig, rows: list[_Row], held: set, report: DrainReport
 ) -> None:
     """All rows in one transaction; if one of them fails, each row alone; if a row fails, its changes one
     by one, so that only the change at fault is held back (and dead-lettered after BEHIND_MAX_ATTEMPTS)."""
@@ -705,11 +704,11 @@ def _apply_model_rows(
                 raise
             except Exception:  # noqa: BLE001, S110 - this row has a failing change: find it
                 pass
-        _apply_change_by_change(cache, keys, config, row, db, held, report)
+        _apply_change_by_change(core, keys, config, row, db, held, report)
 
 
 def _apply_change_by_change(
-    cache: Any, keys: ShardKeys, config: ModelCacheConfig, row: _Row, db: str, held: set, report: DrainReport
+    core: Core, keys: ShardKeys, config: ModelCacheConfig, row: _Row, db: str, held: set, report: DrainReport
 ) -> None:
     applied: list[_Change] = []
     found: list[_Change] = []
@@ -722,7 +721,7 @@ def _apply_change_by_change(
             except DatabaseUnavailable:
                 raise
             except Exception as error:  # noqa: BLE001 - this change is at fault
-                if _charge(cache, keys, row, change, f"{type(error).__name__}: {error}", held, report):
+                if _charge(core, keys, row, change, f"{type(error).__name__}: {error}", held, report):
                     continue
                 return
             applied += single.applied
@@ -734,14 +733,14 @@ def _apply_change_by_change(
 
 
 def _charge(
-    cache: Any, keys: ShardKeys, row: _Row, change: _Change, error: str, held: set, report: DrainReport
+    core: Core, keys: ShardKeys, row: _Row, change: _Change, error: str, held: set, report: DrainReport
 ) -> bool:
     """Count a failure of one change of the row. True if it goes to the dead letters (the row's later
     changes go on), False if it is held back, with the row's later changes, for the next drain."""
     attempts = int(
-        _call(cache, Call(keys.attempts, ("HINCRBY", keys.attempts, _text(change.id), 1), idempotent=False))
+        _call(core, Call(keys.attempts, ("HINCRBY", keys.attempts, _text(change.id), 1), idempotent=False))
     )
-    if attempts >= cache._settings.options["BEHIND_MAX_ATTEMPTS"]:
+    if attempts >= core.settings.options["BEHIND_MAX_ATTEMPTS"]:
         row.dead.append((change, error, attempts))
         return True
     held.add((row.label, row.pk))
@@ -757,19 +756,19 @@ def _charge(
     return False
 
 
-def _run(cache: Any, plan: Any, operation: str) -> Any:
-    return cache._run_strict(plan, operation)
+def _run(core: Core, plan: Any, operation: str) -> Any:
+    return core.run_strict(plan, operation)
 
 
-def _call(cache: Any, call: Call, operation: str = "flush_behind") -> Any:
-    return _run(cache, _one(call), operation)
+def _call(core: Core, call: Call, operation: str = "flush_behind") -> Any:
+    return _run(core, _one(call), operation)
 
 
-def _batch(cache: Any, calls: list[Call], operation: str = "flush_behind") -> list[Any]:
+def _batch(core: Core, calls: list[Call], operation: str = "flush_behind") -> list[Any]:
     def plan() -> Any:
         return _check((yield calls))
 
-    return _run(cache, plan(), operation)
+    return _run(core, plan(), operation)
 
 
 def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
@@ -794,8 +793,8 @@ def flush_behind(
 
     Every shard is tried whatever happens to the others; `report.problems` says what could not be applied
     and why (`report.complete` is False then). Raises CacheUnavailable only if no shard could be read."""
-    cache = caches[using]
-    count = cache._settings.options["BEHIND_SHARDS"]
+    core = core_for(using)
+    count = core.settings.options["BEHIND_SHARDS"]
     report = DrainReport()
     started = time.monotonic()
     wanted = list(range(count) if shards is None else shards)
@@ -805,7 +804,7 @@ def flush_behind(
     failure = None
     for shard in wanted:
         try:
-            report.add(_drain_shard(cache, int(shard), max_batches))
+            report.add(_drain_shard(core, int(shard), max_batches))
         except CacheUnavailable as error:
             # One unreachable stream must not hold up the others: its changes wait there for the next drain.
             failure = error
@@ -818,13 +817,13 @@ def flush_behind(
     return report
 
 
-def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport:
-    options = cache._settings.options
-    keys = shard_keys(cache, shard)
+def _drain_shard(core: Core, shard: int, max_batches: int | None) -> DrainReport:
+    options = core.settings.options
+    keys = shard_keys(core, shard)
     report = DrainReport()
     token = os.urandom(8).hex()
     idle_ms = max(1, int(options["BEHIND_IDLE_TIMEOUT"] * 1000))
-    if not _call(cache, Call(keys.lock, ("SET", keys.lock, token, "NX", "PX", idle_ms))):
+    if not _call(core, Call(keys.lock, ("SET", keys.lock, token, "NX", "PX", idle_ms))):
         report.shards_busy.append(shard)
         return report
     read_count = options["BEHIND_BATCH_SIZE"] * READ_FACTOR
@@ -833,13 +832,13 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
     try:
         # From the head: the stream holds exactly the changes whose cleanup is not done, in order.
         while max_batches is None or report.batches < max_batches:
-            reply = _call(cache, Call(keys.stream, ("XRANGE", keys.stream, start, "+", "COUNT", read_count)))
+            reply = _call(core, Call(keys.stream, ("XRANGE", keys.stream, start, "+", "COUNT", read_count)))
             entries = _entries(reply)
             if not entries:
                 break
-            if not _still_ours(cache, keys, token, idle_ms):
+            if not _still_ours(core, keys, token, idle_ms):
                 break  # another drainer goes on from the head; nothing here depends on the lock for safety
-            _apply_batch(cache, shard, keys, entries, held, report)
+            _apply_batch(core, shard, keys, entries, held, report)
             if len(entries) < read_count:
                 break
             start = "(" + _text(entries[-1][0])
@@ -853,14 +852,14 @@ def _drain_shard(cache: Any, shard: int, max_batches: int | None) -> DrainReport
         )
     finally:
         try:
-            _call(cache, Call(keys.lock, ("EVAL", scripts.RELEASE_IF_OWNER, 1, keys.lock, token)))
+            _call(core, Call(keys.lock, ("EVAL", scripts.RELEASE_IF_OWNER, 1, keys.lock, token)))
         except CacheUnavailable:
             pass  # the lock expires by itself
     return report
 
 
-def _still_ours(cache: Any, keys: ShardKeys, token: str, idle_ms: int) -> bool:
-    renewed = _call(cache, Call(keys.lock, ("EVAL", scripts.RENEW_IF_OWNER, 1, keys.lock, token, idle_ms)))
+def _still_ours(core: Core, keys: ShardKeys, token: str, idle_ms: int) -> bool:
+    renewed = _call(core, Call(keys.lock, ("EVAL", scripts.RENEW_IF_OWNER, 1, keys.lock, token, idle_ms)))
     if not renewed:
         logger.warning(
             "lost the write-behind lock of %s (a batch took longer than BEHIND_IDLE_TIMEOUT)", keys.stream
@@ -868,20 +867,20 @@ def _still_ours(cache: Any, keys: ShardKeys, token: str, idle_ms: int) -> bool:
     return bool(renewed)
 
 
-def _encode_change(cache: Any, change: dict[str, Any]) -> bytes:
+def _encode_change(core: Core, change: dict[str, Any]) -> bytes:
     """A queued change is signed for what it is (not a cache entry, which could never pass for it) and for
     its KEY_PREFIX, not for one stream: replay_dead_letters moves it between streams."""
     try:
-        return cache._codec.encode(change, BEHIND_CHANGE_IDENTITY)
+        return core.codec.encode(change, BEHIND_CHANGE_IDENTITY)
     except Exception as error:
         error.add_note("while encoding a write-behind change; nothing was queued")
         raise
 
 
-def _decode_change(cache: Any, payload: bytes | None) -> dict[str, Any]:
+def _decode_change(core: Core, payload: bytes | None) -> dict[str, Any]:
     if payload is None:
         raise BehindError("the stream entry has no payload")
-    change = cache._codec.decode(payload, BEHIND_CHANGE_IDENTITY)
+    change = core.codec.decode(payload, BEHIND_CHANGE_IDENTITY)
     if not isinstance(change, dict) or not {"model", "pk", "fields"} <= set(change):
         raise BehindError("the stream entry is not a write-behind change")
     if not isinstance(change["fields"], dict) or not isinstance(change.get("incr") or {}, dict):
@@ -890,7 +889,7 @@ def _decode_change(cache: Any, payload: bytes | None) -> dict[str, Any]:
 
 
 def _apply_batch(
-    cache: Any,
+    core: Core,
     shard: int,
     keys: ShardKeys,
     entries: list[tuple[bytes, bytes | None]],
@@ -904,7 +903,7 @@ def _apply_batch(
     letters: list[tuple[bytes, bytes | None, str, int]] = []  # (id, payload, error, attempts)
     for entry_id, payload in entries:
         try:
-            change = _decode_change(cache, payload)
+            change = _decode_change(core, payload)
         except Exception as error:  # noqa: BLE001 - a corrupt or forged entry goes to the dead letters
             letters.append((entry_id, payload, f"undecodable: {type(error).__name__}: {error}", 0))
             continue
@@ -931,7 +930,7 @@ def _apply_batch(
             continue
         if stop is None:
             try:
-                _apply_model_rows(cache, keys, config, model_rows, held, report)
+                _apply_model_rows(core, keys, config, model_rows, held, report)
             except DatabaseUnavailable as error:
                 stop = error  # what was committed before is still cleaned up below
         settled += [(config, row) for row in model_rows]
@@ -941,8 +940,8 @@ def _apply_batch(
         for change, error, attempts in row.dead
     ]
     if letters or row_letters:
-        _dead_letter(cache, shard, letters + row_letters)
-    refreshed = _refresh_cached_rows(cache, [(config, row) for config, row in settled if row.done()])
+        _dead_letter(core, shard, letters + row_letters)
+    refreshed = _refresh_cached_rows(core, [(config, row) for config, row in settled if row.done()])
     applied_ids: list[bytes] = []
     dropped_ids: list[bytes] = []
     dead_ids = [letter[0] for letter in letters]
@@ -967,17 +966,17 @@ def _apply_batch(
         dropped_ids += [c.id for c in row.dropped]
         dead_ids += [c.id for c, _, _ in row.dead]
     report.rows_written += written
-    _delete_entries(cache, keys, applied_ids, dropped_ids, dead_ids, written, time.monotonic() - started)
+    _delete_entries(core, keys, applied_ids, dropped_ids, dead_ids, written, time.monotonic() - started)
     if stop is not None:
         raise stop
 
 
-def _refresh_cached_rows(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> set[tuple[str, Any]]:
+def _refresh_cached_rows(core: Core, settled: list[tuple[ModelCacheConfig, _Row]]) -> set[tuple[str, Any]]:
     """After the commit: each row's entry becomes the row as the transaction left it, and the patch lets
     go of the changes done. Returns the rows whose cleanup is done (now or by an earlier drain)."""
     if not settled:
         return set()
-    replies = cache._run(_refresh_plan(cache, settled), "flush_behind_refresh", None)
+    replies = core.run(_refresh_plan(core, settled), "flush_behind_refresh", None)
     if replies is None:
         return set()
     done = set()
@@ -987,8 +986,8 @@ def _refresh_cached_rows(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]
     return done
 
 
-def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> Any:
-    head = yield from cache._namespace.current()
+def _refresh_plan(core: Core, settled: list[tuple[ModelCacheConfig, _Row]]) -> Any:
+    head = yield from core.namespace.current()
     # The tag versions of every row to store, read together per model (one batch, not a round trip per row).
     versions: dict[Any, dict[str, int]] = {}
     for config in {config.model: config for config, _ in settled}.values():
@@ -997,15 +996,13 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
             wanted = list(
                 dict.fromkeys([*config.static_tags(), *(tag for row_tags in tags for tag in row_tags)])
             )
-            versions[config.model] = (
-                yield from cache._stamps(wanted, cache._expiry_ms(config.timeout))
-            ) or {}
+            versions[config.model] = (yield from core.stamps(wanted, core.expiry_ms(config.timeout))) or {}
     calls = []
     for config, row in settled:
-        expiry_ms = cache._expiry_ms(config.timeout)
-        entry = cache._physical_of(head, config.entry_key("pk", row.pk))
-        patch = cache._physical_of(head, config.pending_key(row.pk))
-        drained = cache._physical_of(head, config.drained_key(row.pk))
+        expiry_ms = core.expiry_ms(config.timeout)
+        entry = core.physical_of(head, config.entry_key("pk", row.pk))
+        patch = core.physical_of(head, config.pending_key(row.pk))
+        drained = core.physical_of(head, config.drained_key(row.pk))
         if not row.read:
             data: bytes | str = "-"  # no transaction read the row (its only change was dead-lettered)
         elif row.fresh is None:
@@ -1013,7 +1010,7 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
         else:
             held = versions[config.model]
             stamps = {tag: held[tag] for tag in [*config.static_tags(), *config.row_tags(row.fresh)]}
-            data = cache._encode(config.row_payload(row.fresh, cache), "flush_behind", entry, stamps)
+            data = core.encode(config.row_payload(row.fresh, core), "flush_behind", entry, stamps)
         done = row.done()
         newest_set: dict[str, str] = {}
         last_set: dict[str, str] = {}
@@ -1044,7 +1041,7 @@ def _refresh_plan(cache: Any, settled: list[tuple[ModelCacheConfig, _Row]]) -> A
 
 
 def _delete_entries(
-    cache: Any,
+    core: Core,
     keys: ShardKeys,
     applied: list[bytes],
     dropped: list[bytes],
@@ -1056,7 +1053,7 @@ def _delete_entries(
     if not (applied or dropped or dead):
         return
     _call(
-        cache,
+        core,
         Call(
             keys.stream,
             (
@@ -1080,8 +1077,8 @@ def _delete_entries(
     )
 
 
-def _dead_letter(cache: Any, shard: int, letters: list[tuple[bytes, bytes | None, str, int]]) -> None:
-    key = dead_letter_key(cache)
+def _dead_letter(core: Core, shard: int, letters: list[tuple[bytes, bytes | None, str, int]]) -> None:
+    key = dead_letter_key(core)
     calls = [
         Call(
             key,
@@ -1106,7 +1103,7 @@ def _dead_letter(cache: Any, shard: int, letters: list[tuple[bytes, bytes | None
         )
         for entry_id, payload, error, attempts in letters
     ]
-    _batch(cache, calls)
+    _batch(core, calls)
     logger.error("moved %d write-behind change(s) to the dead-letter stream: %s", len(letters), letters[0][2])
 
 
@@ -1123,14 +1120,14 @@ class DeadLetter:
 
 
 def dead_letters(using: str = "default", count: int = 1000) -> list[DeadLetter]:
-    cache = caches[using]
-    key = dead_letter_key(cache)
-    reply = _call(cache, Call(key, ("XRANGE", key, "-", "+", "COUNT", count)))
+    core = core_for(using)
+    key = dead_letter_key(core)
+    reply = _call(core, Call(key, ("XRANGE", key, "-", "+", "COUNT", count)))
     letters = []
     for entry_id, fields in reply or []:
         pairs = dict(zip(fields[::2], fields[1::2], strict=True))
         try:
-            change = _decode_change(cache, pairs.get(b"c") or None)
+            change = _decode_change(core, pairs.get(b"c") or None)
         except Exception:  # noqa: BLE001 - shown as undecodable
             change = {"model": None, "pk": None, "fields": None}
         letters.append(
@@ -1149,8 +1146,8 @@ def dead_letters(using: str = "default", count: int = 1000) -> list[DeadLetter]:
 
 def replay_dead_letters(using: str = "default", ids: Iterable[str] | None = None) -> int:
     """Queue dead-lettered changes again (as new changes, in their original order); returns how many."""
-    cache = caches[using]
-    key = dead_letter_key(cache)
+    core = core_for(using)
+    key = dead_letter_key(core)
     wanted = None if ids is None else set(ids)
     replayed = 0
     for letter in dead_letters(using):
@@ -1158,41 +1155,41 @@ def replay_dead_letters(using: str = "default", ids: Iterable[str] | None = None
             continue
         if letter.model is None:
             continue
-        raw = _call(cache, Call(key, ("XRANGE", key, letter.id, letter.id)))
+        raw = _call(core, Call(key, ("XRANGE", key, letter.id, letter.id)))
         payload = dict(zip(raw[0][1][::2], raw[0][1][1::2], strict=True))[b"c"]
-        shard = shard_keys(cache, shard_of(cache, letter.model, letter.pk))
-        _call(cache, Call(shard.stream, ("XADD", shard.stream, "*", "c", payload), idempotent=False))
-        _call(cache, Call(key, ("XDEL", key, letter.id)))
+        shard = shard_keys(core, shard_of(core, letter.model, letter.pk))
+        _call(core, Call(shard.stream, ("XADD", shard.stream, "*", "c", payload), idempotent=False))
+        _call(core, Call(key, ("XDEL", key, letter.id)))
         replayed += 1
     return replayed
 
 
 def purge_dead_letters(using: str = "default", ids: Iterable[str] | None = None) -> int:
-    cache = caches[using]
-    key = dead_letter_key(cache)
+    core = core_for(using)
+    key = dead_letter_key(core)
     targets = [letter.id for letter in dead_letters(using)] if ids is None else list(ids)
     if not targets:
         return 0
-    return int(_call(cache, Call(key, ("XDEL", key, *targets))))
+    return int(_call(core, Call(key, ("XDEL", key, *targets))))
 
 
 def behind_metrics(using: str = "default") -> dict[str, Any]:
     """Backlog per shard, lag (age of the oldest change not yet applied), applied/s, coalescing ratio."""
-    cache = caches[using]
-    count = cache._settings.options["BEHIND_SHARDS"]
+    core = core_for(using)
+    count = core.settings.options["BEHIND_SHARDS"]
     now_ms = time.time() * 1000
     shards = []
     calls = []
     for shard in range(count):
-        keys = shard_keys(cache, shard)
+        keys = shard_keys(core, shard)
         calls += [
             Call(keys.stream, ("XLEN", keys.stream)),
             Call(keys.stream, ("XRANGE", keys.stream, "-", "+", "COUNT", 1)),
             Call(keys.stats, ("HGETALL", keys.stats)),
         ]
-    calls.append(Call(stats_key(cache), ("HGETALL", stats_key(cache))))
-    calls.append(Call(dead_letter_key(cache), ("XLEN", dead_letter_key(cache))))
-    replies = _batch(cache, calls, "behind_metrics")
+    calls.append(Call(stats_key(core), ("HGETALL", stats_key(core))))
+    calls.append(Call(dead_letter_key(core), ("XLEN", dead_letter_key(core))))
+    replies = _batch(core, calls, "behind_metrics")
     oldest_lag = 0.0
     stats: dict[str, float] = {}
 

@@ -26,6 +26,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from .. import scripts
+from ..core import Core
 from ..topology import Call
 from . import behind
 from .registry import MISSING_ROW, ModelCacheConfig, config_for
@@ -33,13 +34,13 @@ from .registry import MISSING_ROW, ModelCacheConfig, config_for
 logger = logging.getLogger("django_distcache.models")
 
 
-def epoch_key(cache: Any, config: ModelCacheConfig) -> bytes:
-    return cache._keys.internal(f"epoch:{config.label}")
+def epoch_key(core: Core, config: ModelCacheConfig) -> bytes:
+    return core.keys.internal(f"epoch:{config.label}")
 
 
-def bump_epoch_plan(cache: Any, config: ModelCacheConfig) -> Any:
+def bump_epoch_plan(core: Core, config: ModelCacheConfig) -> Any:
     """Writers call this first: every fill that started before it is dropped. Returns the new epoch."""
-    key = epoch_key(cache, config)
+    key = epoch_key(core, config)
     epoch = os.urandom(8).hex().encode()
     yield Call(key, ("SET", key, epoch))
     return epoch
@@ -62,15 +63,15 @@ def observed_fingerprint(observed: bytes | None) -> str:
     return hashlib.sha1(observed).hexdigest() if observed is not None else "-"
 
 
-def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
+def lookup_plan(core: Core, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
     """A hit (an instance or MISSING_ROW), or a Miss saying what the key held. For a write-behind model
     (cached by pk only) the row's patch, its queued changes, is read in the same round trip (the same
     slot) and laid over the row."""
-    head = yield from cache._namespace.current()
-    physical = cache._physical_of(head, config.entry_key(lookup, value))
+    head = yield from core.namespace.current()
+    physical = core.physical_of(head, config.entry_key(lookup, value))
     patch_key = None
     if config.write == "behind" and lookup == "pk":
-        patch_key = cache._physical_of(head, config.pending_key(value))
+        patch_key = core.physical_of(head, config.pending_key(value))
         data, raw_patch = yield [
             Call(physical, ("GET", physical), read=True),
             Call(patch_key, ("HGETALL", patch_key), read=True),
@@ -83,10 +84,10 @@ def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, u
         raw_patch = None
     result = None
     if data is not None:
-        found = yield from cache._valid_values({0: (physical, data)})
+        found = yield from core.valid_values({0: (physical, data)})
         if 0 in found:
             result = config.instance_from(found[0], lookup, value, using)
-    patch = behind.patch_fields(cache, patch_key, raw_patch) if raw_patch else None
+    patch = behind.patch_fields(core, patch_key, raw_patch) if raw_patch else None
     if result is None:
         return Miss(physical, data, patch)
     if patch and result is not MISSING_ROW:
@@ -94,19 +95,19 @@ def lookup_plan(cache: Any, config: ModelCacheConfig, lookup: str, value: Any, u
     return result
 
 
-def lease_plan(cache: Any, config: ModelCacheConfig) -> Any:
+def lease_plan(core: Core, config: ModelCacheConfig) -> Any:
     """Taken at miss time, before the database is read."""
-    key = epoch_key(cache, config)
+    key = epoch_key(core, config)
     epoch = yield Call(key, ("GET", key))
     # The fill stores the row (config.timeout) or that it is missing (negative_timeout): tags for either.
-    timeouts = [cache._expiry_ms(config.timeout), cache._expiry_ms(config.negative_timeout)]
+    timeouts = [core.expiry_ms(config.timeout), core.expiry_ms(config.negative_timeout)]
     expiry_ms = None if None in timeouts else max(timeouts)
-    stamps = yield from cache._stamps([*config.static_tags(), config.missing_tag()], expiry_ms)
+    stamps = yield from core.stamps([*config.static_tags(), config.missing_tag()], expiry_ms)
     return Lease(epoch, stamps)
 
 
 def fill_plan(
-    cache: Any,
+    core: Core,
     config: ModelCacheConfig,
     lease: Lease,
     found: Any,
@@ -126,16 +127,16 @@ def fill_plan(
     else:
         tags = config.row_tags(found)
         keys = config.keys_of(found)
-        payload = config.row_payload(found, cache)
+        payload = config.row_payload(found, core)
         payloads = dict.fromkeys(keys, payload)
         timeout = config.timeout
     if not keys or (found is MISSING_ROW and not timeout):
         return False
     # (2) the row's tags before the epoch
-    expiry_ms = cache._expiry_ms(timeout)
-    row_versions = (yield from cache._tags.for_write(tags, expiry_ms)) if tags else {}
-    head = yield from cache._namespace.current()
-    physical = {name: cache._physical_of(head, key) for name, key in keys.items()}
+    expiry_ms = core.expiry_ms(timeout)
+    row_versions = (yield from core.tags.for_write(tags, expiry_ms)) if tags else {}
+    head = yield from core.namespace.current()
+    physical = {name: core.physical_of(head, key) for name, key in keys.items()}
     unseen = [name for name in physical if name not in misses]
     observed = {name: (misses[name].observed if misses.get(name) else None) for name in physical}
     if unseen:
@@ -144,7 +145,7 @@ def fill_plan(
             if isinstance(reply, BaseException):
                 raise reply
             observed[name] = reply
-    key = epoch_key(cache, config)
+    key = epoch_key(core, config)
     if (yield Call(key, ("GET", key))) != lease.epoch:  # (1) a writer came after our miss
         return False
     stamps = {**static, **row_versions}
@@ -152,14 +153,14 @@ def fill_plan(
     marker = None
     if config.write == "behind" and found is not MISSING_ROW:
         # Refused while the row has queued changes (its patch): the drain writes the entry after its commit.
-        marker = cache._physical_of(head, config.pending_key(found.pk))
+        marker = core.physical_of(head, config.pending_key(found.pk))
     calls = []
     for name, target in physical.items():
         try:
-            data = cache._encode(payloads[name], keys[name], target, stamps)
+            data = core.encode(payloads[name], keys[name], target, stamps)
         except (TypeError, ValueError) as error:
             # The configured serializer cannot hold this row (JSON and a Decimal, say): serve it uncached.
-            cache._failures.count("model_unencodable")
+            core.failures.count("model_unencodable")
             logger.warning("%s rows cannot be cached with this cache's serializer: %s", config.label, error)
             return False
         script_keys = (target, marker) if marker is not None else (target,)
@@ -249,21 +250,21 @@ def get_cached(model: Any, **lookup: Any) -> Any:
     config = config_for(model)
     name, value = _single_lookup(config, lookup)
     using = _db_alias(config)
-    cache = config.cache
+    core = config.core
     connection = connections[using]
     in_transaction = connection.in_atomic_block
     if in_transaction and written_in_this_transaction(config, using):
         return _found_or_raise(config, _load(config, using, name, value), name, value)
-    result = cache._run(lookup_plan(cache, config, name, value, using), "get_cached", None)
+    result = core.run(lookup_plan(core, config, name, value, using), "get_cached", None)
     if result is not None and not isinstance(result, Miss):
         return _found_or_raise(config, result, name, value)
     if in_transaction or result is None:
         # Inside a transaction nothing is cached; after an outage the cache is skipped for this call.
         return _found_or_raise(config, _load(config, using, name, value), name, value)
-    lease = cache._run(lease_plan(cache, config), "get_cached", None)
+    lease = core.run(lease_plan(core, config), "get_cached", None)
     found = _load(config, using, name, value)
     if lease is not None:
-        cache._run(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
+        core.run(fill_plan(core, config, lease, found, {name: result}, name, value), "fill", False)
     return _found_or_raise(config, _patched(config, found, result), name, value)
 
 
@@ -272,14 +273,14 @@ async def aget_cached(model: Any, **lookup: Any) -> Any:
     config = config_for(model)
     name, value = _single_lookup(config, lookup)
     using = _db_alias(config)
-    cache = config.cache
-    result = await cache._arun(lookup_plan(cache, config, name, value, using), "get_cached", None)
+    core = config.core
+    result = await core.arun(lookup_plan(core, config, name, value, using), "get_cached", None)
     if result is not None and not isinstance(result, Miss):
         return _found_or_raise(config, result, name, value)
     if result is None:
         return _found_or_raise(config, await _aload(config, using, name, value), name, value)
-    lease = await cache._arun(lease_plan(cache, config), "get_cached", None)
+    lease = await core.arun(lease_plan(core, config), "get_cached", None)
     found = await _aload(config, using, name, value)
     if lease is not None:
-        await cache._arun(fill_plan(cache, config, lease, found, {name: result}, name, value), "fill", False)
+        await core.arun(fill_plan(core, config, lease, found, {name: result}, name, value), "fill", False)
     return _found_or_raise(config, _patched(config, found, result), name, value)

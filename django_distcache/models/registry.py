@@ -18,6 +18,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured, ValidationError
 from django.db import models
 
+from ..core import Core, core_for
 from ..versioning import model_fingerprint
 
 WRITE_MODES = ("through", "behind")
@@ -45,18 +46,13 @@ class ModelCacheConfig:
         return self.model._meta.label_lower
 
     @property
-    def cache(self) -> Any:
-        from django.core.cache import caches
-
-        from ..cache import RedisClusterCache
-
-        cache = caches[self.cache_alias]
-        if not isinstance(cache, RedisClusterCache):
+    def core(self) -> Core:
+        try:
+            return core_for(self.cache_alias)
+        except ImproperlyConfigured as error:
             raise ImproperlyConfigured(
-                f"{self.label} is cached in CACHES[{self.cache_alias!r}], which is not a "
-                "django_distcache.cache.RedisClusterCache"
-            )
-        return cache
+                f"{self.label} is cached in CACHES[{self.cache_alias!r}]: {error}"
+            ) from None
 
     # -- tags -----------------------------------------------------------------------------------------
     def model_tag(self) -> str:
@@ -121,11 +117,11 @@ class ModelCacheConfig:
         return keys
 
     # -- stored form ----------------------------------------------------------------------------------
-    def row_payload(self, instance: models.Model, cache: Any) -> tuple:
+    def row_payload(self, instance: models.Model, core: Core) -> tuple:
         """The stored form of a row. Pickle keeps every value as it is; for a text serializer (JSON,
         msgpack) each value is written as its field writes it to text, losing nothing (read back with
         the field's to_python)."""
-        if getattr(cache._codec.serializer, "name", "pickle") == "pickle":
+        if getattr(core.codec.serializer, "name", "pickle") == "pickle":
             return ("row", tuple(getattr(instance, name) for name in self.field_names))
         values = []
         for model_field in self.model._meta.concrete_fields:
@@ -237,7 +233,7 @@ def cache_model(
     timeout: Any = DEFAULT_TIMEOUT,
     write: str = "through",
     tags: Iterable[str] | Callable[[models.Model], Iterable[str]] = (),
-    cache: str = "default",
+    core: str = "default",
     negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT,
 ) -> Any:
     """Register a model for read-through caching and write-through/write-behind; a class decorator, or
@@ -251,7 +247,7 @@ def cache_model(
             timeout=timeout,
             write=write,
             tags=tags if callable(tags) else tuple(tags),
-            cache_alias=cache,
+            cache_alias=core,
             negative_timeout=negative_timeout,
         )
         _registry[target] = config

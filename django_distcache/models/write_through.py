@@ -24,6 +24,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
 
+from ..core import Core, Guarded
 from ..topology import Call, is_outage
 from .read import MISSING_ROW, Lease, bump_epoch_plan, fill_plan
 from .registry import ModelCacheConfig, config_for
@@ -35,7 +36,7 @@ _NO_EPOCH = b""  # the epoch could not be written (its node is down)
 
 
 def _invalidate_plan(
-    cache: Any, config: ModelCacheConfig, pks: list[Any], extra_keys: Iterable[str], whole_model: bool
+    core: Core, config: ModelCacheConfig, pks: list[Any], extra_keys: Iterable[str], whole_model: bool
 ) -> Any:
     """Epoch first (voids every fill in flight), then the tags, then the keys we know.
 
@@ -43,20 +44,18 @@ def _invalidate_plan(
     cannot reach its node waits in the outbox (outbox.py) with the entries missing meanwhile. If the
     epoch's node is down, fills cannot read it either, so none completes; a key that cannot be deleted
     is dead by its tag."""
-    from ..cache import Guarded
-
-    epoch = yield Guarded(bump_epoch_plan(cache, config), "write_through", None)
+    epoch = yield Guarded(bump_epoch_plan(core, config), "write_through", None)
     if whole_model:
         tags = [config.model_tag(), config.missing_tag()]
     else:
         tags = [config.row_tag(pk) for pk in pks] + [config.missing_tag()]
-    yield from cache._tags.invalidate(tags)
+    yield from core.tags.invalidate(tags)
     keys = list(
         dict.fromkeys([*(config.entry_key("pk", config.normalize("pk", pk)) for pk in pks), *extra_keys])
     )
     if keys:
-        head = yield from cache._namespace.current()
-        physical = [cache._physical_of(head, key) for key in keys]
+        head = yield from core.namespace.current()
+        physical = [core.physical_of(head, key) for key in keys]
         replies = yield [Call(p, ("DEL", p)) for p in physical]
         for reply in replies:
             if isinstance(reply, BaseException) and not is_outage(reply):
@@ -68,8 +67,8 @@ def _write_through(
     config: ModelCacheConfig, pk: Any, stale_keys: list[str], refill: bool, using: str
 ) -> None:
     """Runs after the commit. A cache outage is logged and counted, never raised into the request."""
-    cache = config.cache
-    epoch = cache._run(_invalidate_plan(cache, config, [pk], stale_keys, False), "write_through", None)
+    core = config.core
+    epoch = core.run(_invalidate_plan(core, config, [pk], stale_keys, False), "write_through", None)
     if epoch is None:
         logger.error(
             "write-through of %s pk=%r could not reach the cache; its entries may be stale until they expire",
@@ -84,10 +83,10 @@ def _write_through(
     except config.model.DoesNotExist:
         return  # deleted by a later transaction; its own write-through removed the keys
     lease = Lease(epoch, None)
-    stamps_plan = cache._stamps(config.static_tags(), cache._expiry_ms(config.timeout))
-    lease.stamps = cache._run(stamps_plan, "write_through", None)
+    stamps_plan = core.stamps(config.static_tags(), core.expiry_ms(config.timeout))
+    lease.stamps = core.run(stamps_plan, "write_through", None)
     if lease.stamps is not None:
-        cache._run(fill_plan(cache, config, lease, found, {}), "write_through", False)
+        core.run(fill_plan(core, config, lease, found, {}), "write_through", False)
 
 
 def _on_commit(config: ModelCacheConfig, using: str, callback: Any) -> None:
@@ -208,7 +207,7 @@ def _prepare_invalidation(model: Any, pks: Iterable[Any] | None, using: str | No
     db = using or router.db_for_write(config.model) or DEFAULT_DB_ALIAS
 
     def plan() -> Any:
-        return _invalidate_plan(config.cache, config, pk_list or [], [], pk_list is None)
+        return _invalidate_plan(config.core, config, pk_list or [], [], pk_list is None)
 
     return config, db, plan
 
@@ -217,7 +216,7 @@ def _deferred_to_commit(config: ModelCacheConfig, db: str, plan: Any) -> bool:
     """Inside a transaction, the invalidation runs when it commits (True); outside, the caller runs it now."""
     if not connections[db].in_atomic_block:
         return False
-    _on_commit(config, db, lambda: config.cache._run_strict(plan(), "invalidate_model"))
+    _on_commit(config, db, lambda: config.core.run_strict(plan(), "invalidate_model"))
     return True
 
 
@@ -227,7 +226,7 @@ def invalidate_model(model: Any, pks: Iterable[Any] | None = None, *, using: str
     runs when the transaction commits. Raises CacheUnavailable if the cache cannot be reached."""
     config, db, plan = _prepare_invalidation(model, pks, using)
     if not _deferred_to_commit(config, db, plan):
-        config.cache._run_strict(plan(), "invalidate_model")
+        config.core.run_strict(plan(), "invalidate_model")
 
 
 async def ainvalidate_model(
@@ -238,7 +237,7 @@ async def ainvalidate_model(
     for as well."""
     config, db, plan = _prepare_invalidation(model, pks, using)
     if not await sync_to_async(_deferred_to_commit, thread_sensitive=True)(config, db, plan):
-        await config.cache._arun_strict(plan(), "invalidate_model")
+        await config.core.arun_strict(plan(), "invalidate_model")
 
 
 __all__ = ["invalidate_model", "ainvalidate_model", "MISSING_ROW"]

@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
 from django_distcache import warming
+from django_distcache.core import Core, core_for
 from django_distcache.warming import WarmResult
 
 POLL_INTERVAL = 0.1  # seconds between two readings of the --async tasks' progress
@@ -275,7 +276,7 @@ class Command(BaseCommand):
             started = time.perf_counter()
             try:
                 alias = options["using"] or entry.using
-                cache = warming._cache_for(alias)
+                core = core_for(alias)
                 arguments = warming.task_arguments(
                     entry,
                     chunk_size=options["chunk_size"],
@@ -290,7 +291,7 @@ class Command(BaseCommand):
                 result.seconds = time.perf_counter() - started
                 display.done(_outcome(result))
                 continue
-            following[entry.name] = _FollowedWarmer(cache, arguments, started)
+            following[entry.name] = _FollowedWarmer(core, arguments, started)
         total_tasks = sum(len(followed.arguments) for followed in following.values())
         display.done(f"run {run_id}: sent {total_tasks} task(s) for {len(following)} warmer(s)")
 
@@ -309,7 +310,7 @@ class Command(BaseCommand):
             now = time.monotonic()
             tasks_done = finished_tasks
             for name, followed in list(following.items()):
-                progress = warming.read_progress(followed.cache, run_id, name)
+                progress = warming.read_progress(followed.core, run_id, name)
                 if followed.observe(progress, now):
                     last_change = now
                 result = results[name]
@@ -397,8 +398,8 @@ class _FollowedWarmer:
     are done, and for each attempt under way its heartbeat and when that last moved (on this machine's
     clock: the workers' clocks are never compared with it)."""
 
-    def __init__(self, cache: Any, arguments: list[dict[str, Any]], started: float) -> None:
-        self.cache, self.arguments, self.started = cache, arguments, started
+    def __init__(self, core: Core, arguments: list[dict[str, Any]], started: float) -> None:
+        self.core, self.arguments, self.started = core, arguments, started
         now = time.monotonic()
         self.sent_at = dict.fromkeys(range(len(arguments)), now)
         self.done: set[int] = set()
