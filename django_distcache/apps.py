@@ -8,3 +8,7 @@ class DistcacheConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .dispatch import celery_installed
+
+        if celery_installed():
+            from . import tasks  # noqa: F401  (registers the tasks, which features queue by name)

@@ -34,13 +34,13 @@ def _our_caches() -> list[tuple[str, dict[str, Any]]]:
 
 @register(Tags.caches)
 def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
-    from django.core.cache import caches
+    from .core import core_for
 
     messages: list = []
     for alias, _params in _our_caches():
         # Bad LOCATION/OPTIONS raise ImproperlyConfigured right here (and in Django's own cache checks).
-        cache = caches[alias]
-        topology = cache._shared.topology
+        core = core_for(alias)
+        topology = core.topology
         try:
             topology.refresh(force=True)
         except NotAClusterError as error:
@@ -62,10 +62,10 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
                 )
             )
             continue
-        if _HASH_TAG.search(cache.key_prefix):
+        if _HASH_TAG.search(core.key_prefix):
             messages.append(
                 Warning(
-                    f"CACHES[{alias!r}]: KEY_PREFIX {cache.key_prefix!r} contains a hash tag, so every key of "
+                    f"CACHES[{alias!r}]: KEY_PREFIX {core.key_prefix!r} contains a hash tag, so every key of "
                     "this cache maps to one slot on one node",
                     hint="Remove the braces from KEY_PREFIX; put {...} in individual keys that must share a slot.",
                     id="django_distcache.W002",

@@ -19,10 +19,11 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.db import models
 
-from . import stampede
+from . import dispatch, stampede
 from .core import Core, core_for
 from .tags import validate_tags
 
@@ -137,10 +138,10 @@ class CachedFunction:
         )
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        return self.core.delete(self.key_for(*args, **kwargs), version=self.version)
+        return bool(caches[self.using].delete(self.key_for(*args, **kwargs), version=self.version))
 
     async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
-        return await self.core.adelete(self.key_for(*args, **kwargs), version=self.version)
+        return bool(await caches[self.using].adelete(self.key_for(*args, **kwargs), version=self.version))
 
     def refresh_now(self, token: str | None, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store one entry now (what the Celery refresh task runs); releases `token`'s lease."""
@@ -169,9 +170,7 @@ def _run_coroutine(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _queue_refresh(name: str, args: tuple, kwargs: dict, key: Any, version: Any, token: str) -> None:
-    from .tasks import refresh_task
-
-    refresh_task.apply_async(kwargs={"name": name, "args": list(args), "kwargs": kwargs, "token": token})
+    dispatch.send(dispatch.REFRESH, {"name": name, "args": list(args), "kwargs": kwargs, "token": token})
 
 
 def refresh_by_name(name: str, args: Iterable[Any], kwargs: dict[str, Any], token: str | None) -> None:

@@ -320,7 +320,7 @@ def test_fills_wait_for_queued_changes_and_the_drain_refreshes_the_entry():
     django_distcache.save_behind(counter, update_fields=["views"])
     # The entry is then lost (evicted, say) while the change is still queued:
     config = config_for(PageCounter)
-    cache = config.cache
+    cache = caches[config.cache_alias]
     cache.delete(config.entry_key("pk", counter.pk))
     # The database's row with the queued change laid over it; the row is not cached meanwhile (an entry
     # holds the database's row only, and the drain writes it after its commit).
@@ -503,7 +503,7 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
     row's mark says they are applied: A writes nothing (before, it committed its older value)."""
     counter = PageCounter.objects.create(name="stale")
     config = config_for(PageCounter)
-    cache = config.cache
+    cache = caches[config.cache_alias]
     ids = []
     for number in range(1, 4):
         counter.views = number
@@ -648,7 +648,7 @@ def test_sets_and_increments_of_one_field_apply_in_order():
     counter = PageCounter.objects.create(name="mixed", views=5)
     assert django_distcache.incr_behind(PageCounter, counter.pk, "views", 2) == 7
     config = config_for(PageCounter)
-    config.cache.delete(config.entry_key("pk", counter.pk))  # evicted, say
+    caches[config.cache_alias].delete(config.entry_key("pk", counter.pk))  # evicted, say
     assert (
         django_distcache.incr_behind(PageCounter, counter.pk, "views", 0) is None
     )  # only the database knows
@@ -690,7 +690,7 @@ def test_incr_behind_refuses_bad_input_and_changes_nothing():
 def test_a_forged_patch_value_is_not_shown():
     counter = PageCounter.objects.create(name="forged", note="real")
     config = config_for(PageCounter)
-    cache = config.cache
+    cache = caches[config.cache_alias]
     counter.note = "queued"
     django_distcache.save_behind(counter, update_fields=["note"])
 
@@ -815,7 +815,7 @@ async def test_aget_cached_lays_the_queued_changes_over_the_row():
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     config = config_for(PageCounter)
-    await config.cache.adelete(config.entry_key("pk", counter.pk))  # not cached: the database, patched
+    await caches[config.cache_alias].adelete(config.entry_key("pk", counter.pk))  # not cached: the database, patched
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     await sync_to_async(django_distcache.flush_behind)()

@@ -279,7 +279,7 @@ def test_ainvalidate_model_waits_for_the_commit_of_a_transaction_around_it():
 def _slow_fill_steps(lookup, value):
     """The steps of get_cached's miss path, so a test can put a write between the read and the fill."""
     config = config_for(Product)
-    cache = config.cache
+    cache = caches[config.cache_alias]
     miss = cache.core.run(read.lookup_plan(cache.core, config, lookup, value, "default"), "get_cached")
     assert isinstance(miss, read.Miss)
     lease = cache.core.run(read.lease_plan(cache.core, config), "get_cached")

@@ -11,8 +11,10 @@ from .behind import (
     save_behind,
 )
 from .read import aget_cached, get_cached
-from .registry import cache_model
-from .write_through import ainvalidate_model, invalidate_model
+from .registry import cache_model, on_register
+from .write_through import ainvalidate_model, connect_signals, invalidate_model
+
+on_register(connect_signals)
 
 __all__ = [
     "BehindApplied",

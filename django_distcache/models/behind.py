@@ -50,12 +50,11 @@ from django.db import (
 )
 from django.db.models import F, Value
 from django.db.models.expressions import Combinable, CombinedExpression
-from redis.crc import key_slot
 
-from .. import scripts
+from .. import dispatch, scripts
 from ..core import CacheUnavailable, Core, Guarded, core_for
 from ..keys import BEHIND_CHANGE_IDENTITY
-from ..topology import OUTAGE_ERRORS, Call
+from ..topology import OUTAGE_ERRORS, Call, key_slot
 from ..versioning import model_fingerprint
 from .registry import ModelCacheConfig, config_for, config_for_label
 
@@ -447,12 +446,10 @@ def _trigger_drain(alias: str, shard: int) -> None:
     if now - _last_trigger.get((alias, shard), 0.0) < 1.0:
         return
     _last_trigger[(alias, shard)] = now
-    try:
-        from ..tasks import flush_behind_task
-    except ImportError:  # Celery is not installed: the beat schedule or flush_behind() must drain
+    if not dispatch.celery_installed():  # the beat schedule or flush_behind() must drain
         return
     try:
-        flush_behind_task.apply_async(kwargs={"using": alias, "shards": [shard]}, ignore_result=True)
+        dispatch.send(dispatch.FLUSH_BEHIND, {"using": alias, "shards": [shard]}, ignore_result=True)
     except Exception as error:  # noqa: BLE001 - the broker is not ours; a failed trigger must not fail the save
         logger.warning("could not queue a write-behind drain of shard %s: %s", shard, error)
 

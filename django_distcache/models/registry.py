@@ -226,6 +226,15 @@ def _validate(model: Any, lookups: Any, write: Any, timeout: Any, tags: Any, neg
         )
 
 
+_on_register: list[Callable[[ModelCacheConfig], None]] = []
+
+
+def on_register(hook: Callable[[ModelCacheConfig], None]) -> None:
+    """Call `hook` with each model's config as `cache_model` registers it (models/__init__.py connects
+    the write-through signals this way, so the registry does not import what builds on it)."""
+    _on_register.append(hook)
+
+
 def cache_model(
     model: type[models.Model] | None = None,
     *,
@@ -233,7 +242,7 @@ def cache_model(
     timeout: Any = DEFAULT_TIMEOUT,
     write: str = "through",
     tags: Iterable[str] | Callable[[models.Model], Iterable[str]] = (),
-    core: str = "default",
+    cache: str = "default",
     negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT,
 ) -> Any:
     """Register a model for read-through caching and write-through/write-behind; a class decorator, or
@@ -247,13 +256,12 @@ def cache_model(
             timeout=timeout,
             write=write,
             tags=tags if callable(tags) else tuple(tags),
-            cache_alias=core,
+            cache_alias=cache,
             negative_timeout=negative_timeout,
         )
         _registry[target] = config
-        from .write_through import connect_signals
-
-        connect_signals(config)
+        for hook in _on_register:
+            hook(config)
         return target
 
     if model is None:
