@@ -28,30 +28,12 @@ class Letter(NamedTuple):
 
 def send_to_dead_letters(core: Core, shard: int, letters: list[Letter]) -> None:
     key = dead_letter_key(core)
-    calls = [
-        Call(
-            key,
-            (
-                "XADD",
-                key,
-                "*",
-                "c",
-                letter.payload or b"",
-                "error",
-                letter.error[:2000],
-                "attempts",
-                letter.attempts,
-                "shard",
-                shard,
-                "original_id",
-                letter.id,
-                "at",
-                f"{time.time():.3f}",
-            ),
-            idempotent=False,
-        )
-        for letter in letters
-    ]
+    now = f"{time.time():.3f}"
+    calls = []
+    for letter in letters:
+        fields = ("c", letter.payload or b"", "error", letter.error[:2000], "attempts", letter.attempts)
+        where = ("shard", shard, "original_id", letter.id, "at", now)
+        calls.append(Call(key, ("XADD", key, "*", *fields, *where), idempotent=False))
     strict_batch(core, calls)
     logger.error(
         "moved %d write-behind change(s) to the dead-letter stream: %s", len(letters), letters[0].error

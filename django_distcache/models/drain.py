@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from django.db import (
@@ -88,22 +88,12 @@ class DrainReport:
         return not self.problems
 
     def add(self, other: DrainReport) -> None:
-        for name in (
-            "changes_read",
-            "changes_applied",
-            "changes_found_applied",
-            "rows_written",
-            "dropped_deleted",
-            "dead_lettered",
-            "failed_rows",
-            "batches",
-            "database_errors",
-            "seconds",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.shards_busy.extend(other.shards_busy)
-        self.shards_unreachable.extend(other.shards_unreachable)
-        self.problems.extend(other.problems)
+        for name in (f.name for f in fields(self)):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            else:
+                setattr(self, name, mine + theirs)
 
 
 @dataclass
@@ -125,9 +115,8 @@ class _Row:
     found_applied: list[_Change] = field(default_factory=list)
     dropped: list[_Change] = field(default_factory=list)
     dead: list[tuple[_Change, str, int]] = field(default_factory=list)
-    fresh: models.Model | None = (
-        None  # the row as the database holds it after the last transaction, if one ran
-    )
+    # The row as the database holds it after the last transaction, if one ran.
+    fresh: models.Model | None = None
     read: bool = False  # whether `fresh` was read (None then means the row is gone)
 
     @property
@@ -250,9 +239,7 @@ def _apply_batch(
         send_to_dead_letters(core, shard, letters + row_letters)
     refreshed = _refresh_cached_rows(core, [(config, row) for config, row in settled if row.done()])
     done = _count_done(settled, refreshed, letters, report)
-    _delete_entries(
-        core, keys, done.applied, done.dropped, done.dead, done.rows_written, time.monotonic() - started
-    )
+    _delete_entries(core, keys, done, time.monotonic() - started)
     if stop is not None:
         raise stop
 
@@ -298,8 +285,8 @@ def _apply_per_model(
     for label, model_rows in by_model.items():
         config = config_for_label(label)
         if config is None:
-            error = f"{label} is not registered with cache_model()"
-            letters += [Letter(c.id, c.payload, error, 0) for row in model_rows for c in row.changes]
+            reason = f"{label} is not registered with cache_model()"
+            letters += [Letter(c.id, c.payload, reason, 0) for row in model_rows for c in row.changes]
             continue
         if stop is None:
             try:
@@ -350,21 +337,14 @@ def _count_done(
     return done
 
 
-def _delete_entries(
-    core: Core,
-    keys: ShardKeys,
-    applied: list[bytes],
-    dropped: list[bytes],
-    dead: list[bytes],
-    rows_written: int,
-    seconds: float,
-) -> None:
+def _delete_entries(core: Core, keys: ShardKeys, done: _Done, seconds: float) -> None:
     """Delete the done entries from the stream and count them, each once, in one script."""
-    if not (applied or dropped or dead):
+    ids = [*done.applied, *done.dropped, *done.dead]
+    if not ids:
         return
-    counts = (len(applied), len(dropped), len(dead), rows_written, f"{seconds:.6f}")
+    counts = (len(done.applied), len(done.dropped), len(done.dead), done.rows_written, f"{seconds:.6f}")
     script = ("EVAL", scripts.FINISH_DRAINED_BATCH, 3, keys.stream, keys.attempts, keys.stats)
-    strict_call(core, Call(keys.stream, (*script, *counts, *applied, *dropped, *dead), idempotent=False))
+    strict_call(core, Call(keys.stream, (*script, *counts, *ids), idempotent=False))
 
 
 # -- the database side ----------------------------------------------------------------------------------

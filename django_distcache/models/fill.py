@@ -68,7 +68,7 @@ class EntryGuard(Protocol[C]):
 def write_entries_plan(
     core: Core, rows: Sequence[RowEntries[C]], guard: EntryGuard[C], *, skip_unencodable: bool = False
 ) -> PlanOf[list[tuple[Target[C], Any]] | None]:
-    """Write `rows`' entries in one batch, each key through `guard`. Returns (key, reply) per key, rows in
+    """Write `rows`' entries in one batch, each key through `guard`. Returns (target, reply) per key, rows in
     order (the reply is None where nothing was sent), or None if the guard refused the batch.
 
     A payload the cache's serializer cannot hold (JSON and a Decimal, say) raises, or with

@@ -154,8 +154,8 @@ def _changed_values(
 
 # -- the queueing plan --------------------------------------------------------------------------------
 @dataclass(slots=True)
-class _Change:
-    """One change on its way: its stream, its row's patch (and entry, when a field's new value is asked
+class _Outgoing:
+    """A change on its way to the queue: its stream, its row's patch (and entry, when a field's new value is asked
     for), and the patch's operations (op, field, value) for PATCH_ROW."""
 
     config: ModelCacheConfig
@@ -176,7 +176,7 @@ def _change(
     values: dict[str, Any],
     increments: dict[str, int],
     counted: str | None,
-) -> _Change:
+) -> _Outgoing:
     patch = core.physical_of(head, config.pending_key(pk))
     token = _order_token()
     payload = encode_change(
@@ -197,7 +197,7 @@ def _change(
         ops += ["d", name, delta]
     entry = core.physical_of(head, config.entry_key("pk", pk)) if counted else None
     stream = shard_keys(core, shard_of(core, config.label, pk)).stream
-    return _Change(config, pk, stream, patch, entry, token, payload, ops)
+    return _Outgoing(config, pk, stream, patch, entry, token, payload, ops)
 
 
 def _replicas_to_wait(core: Core, stream: bytes) -> tuple[int, int]:
@@ -214,7 +214,7 @@ def _replicas_to_wait(core: Core, stream: bytes) -> tuple[int, int]:
     return wait_replicas, max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000))
 
 
-def _queue_calls(change: _Change, wait: tuple[int, int]) -> list[Call]:
+def _queue_calls(change: _Outgoing, wait: tuple[int, int]) -> list[Call]:
     """XADD, XLEN, WAIT (if asked for), PATCH_ROW: one batch."""
     stream, patch = change.stream, change.patch
     calls = [
@@ -303,7 +303,7 @@ def _unpatched(
     yield Guarded(core.tags.invalidate([config.row_tag(pk)]), "save_behind_cache", None)
 
 
-def _counted_plan(core: Core, change: _Change, name: str, reply: Any) -> PlanOf[int | None]:
+def _counted_plan(core: Core, change: _Outgoing, name: str, reply: Any) -> PlanOf[int | None]:
     """The field's value as a reader would see it now: the cached row's, or the value queued last, plus
     the increments queued since. None when the row is not cached (only the database knows it then)."""
     config, entry = change.config, change.entry
