@@ -447,19 +447,17 @@ def _apply_transaction(config: ModelCacheConfig, rows: list[_Row], db: str) -> N
     try:
         with transaction.atomic(using=db):
             fresh = _apply_in_transaction(config, rows, db)
-    except (OperationalError, InterfaceError) as error:
+    except Exception as error:
         for row in rows:
             row.forget_outcomes()
+        if not isinstance(error, OperationalError | InterfaceError):
+            raise
         connection = connections[db]
         if not connection.in_atomic_block:
             # A terminated backend leaves the connection broken: the next drain in this process (a Celery
             # worker lives long) must open a new one rather than fail on the old one forever.
             connection.close_if_unusable_or_obsolete()
         raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
-    except Exception:
-        for row in rows:
-            row.forget_outcomes()
-        raise
     for row in rows:
         row.fresh, row.read = fresh.get(row.pk), True
 
