@@ -459,13 +459,13 @@ class Core:
                 ) from None
         return made
 
-    def physical_key(self, key: Any, version: int | None) -> Plan:
+    def physical_key(self, key: Any, version: int | None) -> PlanOf[bytes]:
         """The Redis key of `key` under the current namespace generation."""
         made = self.made_key(key, version)
         head = yield from self.namespace.current()
         return self.keys.entry(head, made)
 
-    def physical_keys(self, keys: Iterable[Any], version: int | None) -> Plan:
+    def physical_keys(self, keys: Iterable[Any], version: int | None) -> PlanOf[dict[bytes, Any]]:
         """{Redis key: key} of `keys` under one read of the namespace generation."""
         made = {self.made_key(key, version): key for key in keys}
         head = yield from self.namespace.current()
@@ -529,7 +529,7 @@ class Core:
         self.failures.count("undecodable")
         logger.warning("ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error)
 
-    def valid_values(self, stored: Mapping[Any, tuple[bytes, bytes]]) -> Plan:
+    def valid_values(self, stored: Mapping[Any, tuple[bytes, bytes]]) -> PlanOf[dict[Any, Any]]:
         """Decode stored bytes (key -> (physical key, bytes)); drop what cannot be decoded and what carries
         a stale or missing tag."""
         values: dict[Any, Any] = {}
@@ -561,12 +561,13 @@ class Core:
             return None
         return (yield from self.tags.for_write(tags, expiry_ms))
 
-    def invalidate_tags_plan(self, tags: Any) -> Plan:
+    def invalidate_tags_plan(self, tags: Any) -> PlanOf[int]:
         """Invalidate every entry carrying any of `tags` (validated here): O(1) per tag."""
         tags = validate_tags(tags, limit=None)
         if not tags:
             return 0
-        return (yield from self.tags.invalidate(tags))
+        invalidated: int = yield from self.tags.invalidate(tags)
+        return invalidated
 
     def set_many_plan(
         self,
@@ -575,7 +576,7 @@ class Core:
         version: int | None,
         tags: Any = None,
         stamps: dict[str, int] | None = None,
-    ) -> Plan:
+    ) -> PlanOf[list[Any]]:
         """Store `data` in one batch (tagged with `tags`, or with `stamps` already read); returns the keys
         that could not be stored."""
         made = [(self.made_key(key, version), key) for key in data]
