@@ -150,6 +150,7 @@ def plugin(kind: str, registry: Mapping[str, object]) -> Check:
 
 
 def default_outbox_dir() -> Path:
+    """Where the outbox records pending invalidations when OUTBOX_DIR is None."""
     return Path(tempfile.gettempdir()) / "django-distcache-outbox"
 
 
