@@ -23,7 +23,6 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast, overload
 
 from django.core.cache import InvalidCacheBackendError, caches
@@ -32,10 +31,10 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .backplane import Backplane, Subscriber
 from .codec import EXPIRED, Codec, SignatureError, UndecodableValueError
-from .conf import CacheSettings, build_codec, expiry_ms
+from .conf import OUTBOX_SIZE, CacheSettings, build_codec, expiry_ms
 from .forksafe import renew_locks_after_fork
 from .keys import KeyLayout
-from .outbox import Outbox, default_outbox_dir, run_plan
+from .outbox import Outbox, run_plan
 from .plans import MISSING, STRICT, CacheUnavailable, Compute, Guarded, Plan, PlanOf, Sleep, Spawn, T
 from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import (
@@ -295,7 +294,7 @@ class Core:
                     self.keys, interval, shared.purger, self.backplane
                 )
             self.namespace = shared.namespaces[namespace_id]
-            tags_id = (key_prefix, float(settings.options["TAG_VERSION_TTL"]))
+            tags_id = (key_prefix, settings.version_check_interval)
             if tags_id not in shared.tag_versions:
                 tag_versions = TagVersions(key_prefix, tags_id[1], self.backplane)
                 tag_versions.outbox = self._make_outbox(tag_versions)
@@ -303,16 +302,12 @@ class Core:
             self.tags = shared.tag_versions[tags_id]
 
     def _make_outbox(self, tag_versions: TagVersions) -> Outbox:
-        topology, options, namespace, prefix, backplane = (
+        topology, namespace, prefix, backplane = (
             self.topology,
-            self.settings.options,
             self.namespace,
             self.key_prefix,
             self.backplane,
         )
-        directory = options["OUTBOX_DIR"]
-        if directory is None:
-            directory = default_outbox_dir()
 
         def publish(landed: dict[str, int]) -> None:
             topology.execute_batch(
@@ -322,8 +317,8 @@ class Core:
         return Outbox(
             prefix,
             topology,
-            int(options["OUTBOX_SIZE"]),
-            Path(directory) if directory else None,
+            OUTBOX_SIZE,
+            self.settings.outbox_dir,
             tag_versions.tag_key,
             publish,
             lambda: run_plan(topology, namespace.bump()),

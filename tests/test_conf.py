@@ -296,7 +296,7 @@ def test_the_old_tag_version_name_still_makes_every_tagged_read_ask_redis(cluste
     strict.set("k", "v", tags=["t"])
     assert strict.get("k") == "v"
     with _raw(cluster) as raw:
-        raw.set(strict._tags.tag_key("t"), 1)  # changed behind its back, no message
+        raw.set(strict.core.tags.tag_key("t"), 1)  # changed behind its back, no message
     assert strict.get("k") is None
 
 
@@ -315,9 +315,9 @@ class _raw:
 
 
 def _wait_for_backplane(cache, timeout=10.0):
-    cache._backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
+    cache.core.backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
     deadline = time.monotonic() + timeout
-    while not cache._backplane.connected:
+    while not cache.core.backplane.connected:
         assert time.monotonic() < deadline, "the invalidation channel did not come up"
         time.sleep(0.01)
 
@@ -384,18 +384,18 @@ def test_version_check_interval_bounds_how_long_a_namespace_generation_is_truste
     cache.set("k", "v")
     assert cache.get("k") == "v"
     with _raw(cluster) as raw:
-        raw.set(cache._namespace.key, "another-generation")  # a clear() whose push was lost
+        raw.set(cache.core.namespace.key, "another-generation")  # a clear() whose push was lost
         if interval:
             assert cache.get("k") == "v"  # the generation held is trusted for the interval
         else:
             assert cache.get("k") is None  # every command reads the generation
-        raw.delete(cache._namespace.key)
+        raw.delete(cache.core.namespace.key)
 
 
 def test_outbox_dir_is_where_pending_invalidations_are_recorded(tmp_path):
     cache = make_cache(OPTIONS={"OUTBOX_DIR": str(tmp_path)})
     cache.set("k", "v", tags=["t"])
-    outbox = cache._tags.outbox
+    outbox = cache.core.tags.outbox
     outbox.add({"t": 99})  # as if the tag's node had been unreachable
     assert [path.name for path in tmp_path.iterdir()] == [f"{cache.key_prefix}.{os.getpid()}.json"]
     deadline = time.monotonic() + 10
@@ -407,7 +407,7 @@ def test_outbox_dir_is_where_pending_invalidations_are_recorded(tmp_path):
 
 def test_outbox_dir_false_records_nothing():
     cache = make_cache(OPTIONS={"OUTBOX_DIR": False})
-    outbox = cache._tags.outbox
+    outbox = cache.core.tags.outbox
     outbox.add({"t": 99})
     assert not list(conf.default_outbox_dir().glob(f"{cache.key_prefix}.*"))
     deadline = time.monotonic() + 10
