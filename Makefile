@@ -131,12 +131,10 @@ dist-check: venv
 	$(PY) .ci/dist_check.py contents $(DIST_DIR)
 	$(PYTHON) -m venv $(DIST_VENV)
 	$(DIST_VENV)/bin/python -m pip install --quiet "$$(ls $(DIST_DIR)/*.whl)[celery]"
-	@status=0; \
-	$(PY) -m django_distcache.devcluster up --base-port $(DIST_PORT) --data-dir $(DIST_DATA) >/dev/null || exit 1; \
-	( cd example_project && env -u PYTHONPATH $(DIST_ENV) $(CURDIR)/$(DIST_VENV)/bin/python $(CURDIR)/.ci/dist_check.py example ) \
-	  || status=$$?; \
-	$(PY) -m django_distcache.devcluster down --base-port $(DIST_PORT) --data-dir $(DIST_DATA) || status=1; \
-	exit $$status
+	@trap '$(CURDIR)/$(PY) -m django_distcache.devcluster down --base-port $(DIST_PORT) --data-dir $(DIST_DATA)' EXIT; \
+	trap 'exit 130' INT TERM; set -e; \
+	$(PY) -m django_distcache.devcluster up --base-port $(DIST_PORT) --data-dir $(DIST_DATA) >/dev/null; \
+	cd example_project && env -u PYTHONPATH $(DIST_ENV) $(CURDIR)/$(DIST_VENV)/bin/python ../.ci/dist_check.py example
 
 clean:
 	rm -rf $(VENV) $(VENV_NEWEST) .cache .devcluster
