@@ -294,11 +294,13 @@ def test_a_refresh_that_cannot_be_queued_still_serves_the_stale_value(cache):
         raise ConnectionError("broker down")
 
     values = iter(["v1", "v2"])
-    policy = policy_for(cache, stale=30, refresh=broken_queue)
+    policy = policy_for(cache.core, stale=30, refresh=broken_queue)
     from django_distcache import stampede as module
 
     def fetch():
-        return module.get_or_compute(cache, "queued", None, lambda: next(values), 0.2, None, policy, "test")
+        return module.get_or_compute(
+            cache.core, "queued", None, lambda: next(values), 0.2, None, policy, "test"
+        )
 
     assert fetch() == "v1"
     time.sleep(0.3)
@@ -318,8 +320,8 @@ def test_a_failing_early_or_stale_recompute_serves_the_value_held(cache):
     # policy_for picks "thread" for stale, so use @cached's inline path through fetch_plan directly).
     from django_distcache import stampede as module
 
-    policy = module.policy_for(cache, stale=30, refresh="inline")
-    value = module.get_or_compute(cache, "fail-safe", None, failing, 0.2, None, policy, "test")
+    policy = module.policy_for(cache.core, stale=30, refresh="inline")
+    value = module.get_or_compute(cache.core, "fail-safe", None, failing, 0.2, None, policy, "test")
     assert value == "kept"
 
 

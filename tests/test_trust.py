@@ -83,7 +83,7 @@ def test_no_planted_value_is_unpickled_through_any_read_path(cache, raw):
         raw.set(cache.physical_key("victim"), planted)
         policy = stampede.policy_for(cache.core, stale=60, refresh="inline")
         reads["stale read"] = stampede.get_or_compute(
-            cache, "victim", None, lambda: "<c>", 60, None, policy, "t"
+            cache.core, "victim", None, lambda: "<c>", 60, None, policy, "t"
         )
         raw.set(cache.physical_key("victim"), planted)
         reads["add"] = cache.add("victim", "<added>")

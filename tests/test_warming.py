@@ -286,7 +286,7 @@ def test_a_queryset_warmer_fills_every_lookup_so_get_cached_runs_no_query(cache)
     assert len(queries) == 0
     # The stored form is the one get_cached's fills store.
     config = config_for(Product)
-    assert cache.get(config.entry_key("pk", products[3].pk)) == config.row_payload(products[3], cache)
+    assert cache.get(config.entry_key("pk", products[3].pk)) == config.row_payload(products[3], cache.core)
 
 
 def test_queryset_entries_carry_the_models_tags_and_the_warmers(cache):
