@@ -106,7 +106,7 @@ _CONDITIONAL_HEADERS = (
     "HTTP_IF_UNMODIFIED_SINCE",
 )
 
-# Commas (with any spaces) between the items of Cache-Control and Vary (Django 6.1 dropped its own).
+# Commas (with any spaces) between the items of Cache-Control and Vary; ours, as Django 6.1 has none.
 _HEADER_LIST = re.compile(r"\s*,\s*")
 CACHE_STATUS = "cache_status"  # the attribute of a response that says how the cache answered it
 R = TypeVar("R")
