@@ -364,6 +364,8 @@ class _NoSession(SessionBase):
 
 
 class _Touched(Protocol):
+    """The stand-in messages storage: whether the render read or added a message."""
+
     touched: bool
 
 
