@@ -23,7 +23,7 @@ NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
 	done)
 VENV_NEWEST := .venv-newest-django
 
-.PHONY: chaos venv demo test test-main test-newest-django bench lint cluster-up cluster-down clean
+.PHONY: chaos venv demo docs-options test test-main test-newest-django bench lint cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +98,11 @@ bench: venv
 # `make test` runs the short forms (tests/test_chaos.py, tests/test_behind_chaos.py).
 chaos: venv
 	$(PY) -m bench.chaos
+
+# The options table of docs/configuration.md, rendered from the options declared in django_distcache/conf.py
+# (tests/test_conf.py fails while the two differ).
+docs-options: venv
+	$(PY) -m django_distcache.conf docs/configuration.md
 
 lint: venv
 	$(PY) -m ruff check django_distcache tests bench example_project

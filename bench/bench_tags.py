@@ -108,7 +108,7 @@ def configure_django(environment: Environment) -> None:
         CACHES={
             "default": ours,  # TAG_VERSION_TTL 1 s, the default
             # The same entries (same prefix and secret), read without in-process tag versions.
-            "strict": {**ours, "OPTIONS": {"TAG_VERSION_TTL": 0}},
+            "strict": {**ours, "OPTIONS": {"VERSION_CHECK_INTERVAL": 0}},
             "django_redis": {
                 "BACKEND": "django_redis.cache.RedisCache",
                 "LOCATION": f"{environment.standalone.url}/0",

@@ -416,7 +416,7 @@ class RedisClusterCache(BaseCache):
         except OUTAGE_ERRORS as error:
             raise CacheUnavailable(f"cache lock: cannot reach the node for {key!r}: {error}") from error
         return client.lock(
-            physical.decode(),
+            physical,  # type: ignore[arg-type]  # (typed str; a bytes name works and is what the docs show)
             timeout=timeout,
             sleep=sleep,
             blocking=blocking,
@@ -560,7 +560,7 @@ class RedisClusterCache(BaseCache):
         except OUTAGE_ERRORS as error:
             raise CacheUnavailable(f"cache lock: cannot reach the node for {key!r}: {error}") from error
         return client.lock(
-            physical.decode(),
+            physical,
             timeout=timeout,
             sleep=sleep,
             blocking=blocking,
@@ -577,6 +577,8 @@ class RedisClusterCache(BaseCache):
         process first used this cluster; shared by every instance with the same connection settings."""
         return dict(self.core.failures.counts)
 
-    def physical_key(self, key: Any, version: int | None = None) -> bytes:
-        """The exact Redis key a cache key is stored under: `<KEY_PREFIX>:<generation>:<VERSION>:<key>`."""
-        return self.core.run_strict(self.core.physical_key(key, version), "physical_key")
+    def physical_key(self, key: Any, version: int | None = None) -> bytes | None:
+        """The exact Redis key a cache key is stored under: `<KEY_PREFIX>:<generation>:<VERSION>:<key>`;
+        None while the namespace generation cannot be read."""
+        physical: bytes | None = self.core.run(self.core.physical_key(key, version), "physical_key")
+        return physical

@@ -20,9 +20,9 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 MAGIC = b"\xdc\x5e"
 # 2: the signature binds the key (format 1 values are misses: their signature binds no key).
@@ -125,7 +125,8 @@ class MsgpackSerializer:
         self._msgpack = msgpack
 
     def dumps(self, value: Any) -> bytes:
-        return self._msgpack.packb(value, use_bin_type=True)
+        packed: bytes = self._msgpack.packb(value, use_bin_type=True)
+        return packed
 
     def loads(self, data: bytes) -> Any:
         return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
@@ -191,12 +192,16 @@ class ZstdCompressor:
         return b"".join(parts)
 
 
-SERIALIZERS: dict[str, type] = {
+SERIALIZERS: dict[str, type[Serializer]] = {
     "pickle": PickleSerializer,
     "json": JSONSerializer,
     "msgpack": MsgpackSerializer,
 }
-COMPRESSORS: dict[str, type] = {"none": NoCompressor, "zlib": ZlibCompressor, "zstd": ZstdCompressor}
+COMPRESSORS: dict[str, type[Compressor]] = {
+    "none": NoCompressor,
+    "zlib": ZlibCompressor,
+    "zstd": ZstdCompressor,
+}
 
 
 @dataclass(slots=True)
@@ -339,7 +344,7 @@ class Codec:
         return head + self._mac(self._signer, new_key, head, payload) + payload
 
     @staticmethod
-    def _mac(prepared: Any, key: bytes, head: bytes, payload: bytes) -> bytes:
+    def _mac(prepared: hashlib.blake2b, key: bytes, head: bytes, payload: bytes) -> bytes:
         mac = prepared.copy()
         mac.update(key)
         mac.update(head)
@@ -474,7 +479,7 @@ class Codec:
         return _plugin_by_id(self._decompressors, COMPRESSORS, compressor_id, "compressor")
 
 
-def _keyed(signing_key: bytes, bound_prefix: bytes) -> Any:
+def _keyed(signing_key: bytes, bound_prefix: bytes) -> hashlib.blake2b:
     prepared = hashlib.blake2b(key=signing_key, digest_size=MAC_SIZE)
     prepared.update(bound_prefix)
     return prepared
@@ -490,7 +495,12 @@ def _decompress_takes_no_cap(compressor: Any) -> bool:
     return len(parameters) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
 
 
-def _plugin_by_id(loaded: dict[int, Any], registry: dict[str, type], plugin_id: int, kind: str) -> Any:
+_Plugin = TypeVar("_Plugin", Serializer, Compressor)
+
+
+def _plugin_by_id(
+    loaded: dict[int, _Plugin], registry: Mapping[str, type[_Plugin]], plugin_id: int, kind: str
+) -> _Plugin:
     plugin = loaded.get(plugin_id)
     if plugin is None:
         cls = next((cls for cls in registry.values() if cls.id == plugin_id), None)

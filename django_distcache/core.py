@@ -23,7 +23,6 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast, overload
 
 from django.core.cache import InvalidCacheBackendError, caches
@@ -32,10 +31,10 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .backplane import Backplane, Subscriber
 from .codec import EXPIRED, Codec, SignatureError, UndecodableValueError
-from .conf import CacheSettings, build_codec, expiry_ms
+from .conf import OUTBOX_SIZE, CacheSettings, build_codec, expiry_ms
 from .forksafe import renew_locks_after_fork
 from .keys import KeyLayout
-from .outbox import Outbox, default_outbox_dir, run_plan
+from .outbox import Outbox, run_plan
 from .plans import MISSING, STRICT, CacheUnavailable, Compute, Guarded, Plan, PlanOf, Sleep, Spawn, T
 from .tags import TagVersions, stamps_are_current, validate_tags
 from .topology import (
@@ -295,7 +294,7 @@ class Core:
                     self.keys, interval, shared.purger, self.backplane
                 )
             self.namespace = shared.namespaces[namespace_id]
-            tags_id = (key_prefix, float(settings.options["TAG_VERSION_TTL"]))
+            tags_id = (key_prefix, settings.version_check_interval)
             if tags_id not in shared.tag_versions:
                 tag_versions = TagVersions(key_prefix, tags_id[1], self.backplane)
                 tag_versions.outbox = self._make_outbox(tag_versions)
@@ -303,16 +302,12 @@ class Core:
             self.tags = shared.tag_versions[tags_id]
 
     def _make_outbox(self, tag_versions: TagVersions) -> Outbox:
-        topology, options, namespace, prefix, backplane = (
+        topology, namespace, prefix, backplane = (
             self.topology,
-            self.settings.options,
             self.namespace,
             self.key_prefix,
             self.backplane,
         )
-        directory = options["OUTBOX_DIR"]
-        if directory is None:
-            directory = default_outbox_dir()
 
         def publish(landed: dict[str, int]) -> None:
             topology.execute_batch(
@@ -322,8 +317,8 @@ class Core:
         return Outbox(
             prefix,
             topology,
-            int(options["OUTBOX_SIZE"]),
-            Path(directory) if directory else None,
+            OUTBOX_SIZE,
+            self.settings.outbox_dir,
             tag_versions.tag_key,
             publish,
             lambda: run_plan(topology, namespace.bump()),
@@ -459,13 +454,13 @@ class Core:
                 ) from None
         return made
 
-    def physical_key(self, key: Any, version: int | None) -> Plan:
+    def physical_key(self, key: Any, version: int | None) -> PlanOf[bytes]:
         """The Redis key of `key` under the current namespace generation."""
         made = self.made_key(key, version)
         head = yield from self.namespace.current()
         return self.keys.entry(head, made)
 
-    def physical_keys(self, keys: Iterable[Any], version: int | None) -> Plan:
+    def physical_keys(self, keys: Iterable[Any], version: int | None) -> PlanOf[dict[bytes, Any]]:
         """{Redis key: key} of `keys` under one read of the namespace generation."""
         made = {self.made_key(key, version): key for key in keys}
         head = yield from self.namespace.current()
@@ -529,7 +524,7 @@ class Core:
         self.failures.count("undecodable")
         logger.warning("ignoring a stored value that cannot be used (%s: %s)", type(error).__name__, error)
 
-    def valid_values(self, stored: Mapping[Any, tuple[bytes, bytes]]) -> Plan:
+    def valid_values(self, stored: Mapping[Any, tuple[bytes, bytes]]) -> PlanOf[dict[Any, Any]]:
         """Decode stored bytes (key -> (physical key, bytes)); drop what cannot be decoded and what carries
         a stale or missing tag."""
         values: dict[Any, Any] = {}
@@ -561,12 +556,13 @@ class Core:
             return None
         return (yield from self.tags.for_write(tags, expiry_ms))
 
-    def invalidate_tags_plan(self, tags: Any) -> Plan:
+    def invalidate_tags_plan(self, tags: Any) -> PlanOf[int]:
         """Invalidate every entry carrying any of `tags` (validated here): O(1) per tag."""
         tags = validate_tags(tags, limit=None)
         if not tags:
             return 0
-        return (yield from self.tags.invalidate(tags))
+        invalidated: int = yield from self.tags.invalidate(tags)
+        return invalidated
 
     def set_many_plan(
         self,
@@ -575,7 +571,7 @@ class Core:
         version: int | None,
         tags: Any = None,
         stamps: dict[str, int] | None = None,
-    ) -> Plan:
+    ) -> PlanOf[list[Any]]:
         """Store `data` in one batch (tagged with `tags`, or with `stamps` already read); returns the keys
         that could not be stored."""
         made = [(self.made_key(key, version), key) for key in data]

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -35,10 +34,6 @@ from .topology import Call, ClusterTopology, is_outage
 logger = logging.getLogger("django_distcache.outbox")
 
 RETRY_INTERVAL = 0.2  # seconds between two attempts to flush the outbox
-
-
-def default_outbox_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "django-distcache-outbox"
 
 
 class Outbox:

@@ -87,18 +87,18 @@ def policy_for(
     beta: float | None = None,
     refresh: str | RefreshQueue | None = None,
 ) -> Policy:
-    options = core.settings.options
+    settings = core.settings
     stale = 0.0 if stale is None else stale
     if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
         raise ValueError(f"stale must be a finite number of seconds >= 0, got {stale!r}")
-    beta = float(options["XFETCH_BETA"]) if beta is None else beta
+    beta = settings.xfetch_beta if beta is None else beta
     if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < math.inf:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if refresh is None:
         refresh = "thread" if stale else "inline"
     if refresh not in ("inline", "thread") and not callable(refresh):
         raise ValueError(f"refresh must be 'inline', 'thread' or a callable, got {refresh!r}")
-    return Policy(float(stale), float(beta), float(options["STAMPEDE_LEASE_TIMEOUT"]), refresh)
+    return Policy(float(stale), float(beta), settings.stampede_lease_timeout, refresh)
 
 
 # -- reads ------------------------------------------------------------------------------------------------

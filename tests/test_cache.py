@@ -270,7 +270,7 @@ def test_clear_is_seen_by_another_process(cluster):
         assert reader.get("k") == "v"
         assert reader.get("k") == "v"  # now held in-process by the reader
         writer.clear()
-        assert reader.wait_for_miss("k", within=1.0) <= 1.0  # NAMESPACE_CHECK_INTERVAL, the documented bound
+        assert reader.wait_for_miss("k", within=1.0) <= 1.0  # VERSION_CHECK_INTERVAL, the documented bound
 
 
 def test_deleted_namespace_key_makes_entries_miss(cache, raw):

@@ -513,7 +513,7 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
     def read():
         return (yield Call(stream, ("XRANGE", stream, "-", "+")))
 
-    stalled = behind._entries(cache.core.core.run(read(), "test"))  # what drain A read before it stalled
+    stalled = behind._entries(cache.core.run(read(), "test"))  # what drain A read before it stalled
     for number in range(4, 7):
         counter.views = number
         django_distcache.save_behind(counter, update_fields=["views"])

@@ -155,7 +155,7 @@ def test_another_process_stops_returning_an_invalidated_entry_within_the_bound(c
         assert other.ask("stats")["held_tags"] >= 1  # the other process holds the version in-process
         cache.invalidate_tags("shared")
         elapsed = other.wait_for_miss("k", within=1.0)
-    assert elapsed <= 1.0  # TAG_VERSION_TTL, the documented bound; the push makes it ~milliseconds
+    assert elapsed <= 1.0  # VERSION_CHECK_INTERVAL, the documented bound; the push makes it ~milliseconds
 
 
 def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache, raw, cluster):
@@ -180,7 +180,7 @@ def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache
 
 
 def test_without_in_process_versions_every_read_asks_redis(raw):
-    strict = make_cache(OPTIONS={"TAG_VERSION_TTL": 0})
+    strict = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 0})
     strict.set("k", "v", tags=["t"])
     assert strict.get("k") == "v"
     raw.set(strict.core.tags.tag_key("t"), 1)  # changed behind our back, no message
@@ -275,7 +275,7 @@ def test_a_tagged_write_gives_its_tag_key_a_ttl_that_covers_the_entry(cache, raw
 
 @pytest.mark.parametrize("held", [True, False], ids=["held-in-process", "asked-every-time"])
 def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(raw, held):
-    cache = make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0 if held else 0})
+    cache = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 30.0 if held else 0})
     cache.set("short", "v", timeout=100, tags=["t"])
     if held:
         _wait_for_backplane(cache)
@@ -289,7 +289,7 @@ def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(
 
 
 def test_a_held_version_whose_key_lives_long_enough_costs_no_command(raw, monkeypatch):
-    cache = make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0})
+    cache = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 30.0})
     _wait_for_backplane(cache)
     cache.set("a", 1, timeout=100, tags=["t"])
     tag_key = cache.core.tags.tag_key("t")
@@ -351,7 +351,7 @@ def test_invalidation_keeps_the_tag_key_ttl_and_still_makes_its_entries_miss(cac
 
 
 def test_a_tag_key_that_expired_makes_its_entries_miss(cache, raw):
-    strict = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"TAG_VERSION_TTL": 0})
+    strict = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"VERSION_CHECK_INTERVAL": 0})
     strict.set("k", "v", timeout=300, tags=["t", "other"])
     raw.pexpire(strict.core.tags.tag_key("t"), 1)  # expired (or evicted) before the entry
     deadline = time.monotonic() + 10
@@ -475,7 +475,7 @@ def test_every_prefix_of_a_process_is_listened_to_over_one_subscription(raw):
     """Each KEY_PREFIX has its own channel, and one connection and one thread carry them all: a process
     with many prefixes (a test run makes hundreds) does not pay a subscriber thread for each."""
     threads_before = sum(1 for t in threading.enumerate() if t.name == "distcache-backplane")
-    caches = [make_cache(OPTIONS={"TAG_VERSION_TTL": 30.0}) for _ in range(12)]
+    caches = [make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 30.0}) for _ in range(12)]
     for cache in caches:
         cache.set("k", "v", tags=["t"])
         assert cache.get("k") == "v"  # the tag's version is now held in-process for 30 s
