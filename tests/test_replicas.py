@@ -115,16 +115,16 @@ def test_fallback_reads_are_served_by_replicas_while_the_primary_is_hung(cluster
         assert time.monotonic() < deadline, "the breaker never closed"
         cache.get(keys[0])
         time.sleep(0.05)
-    assert primary not in cache._shared.state.unsynced
+    assert primary not in cache._shared.state.repair.unsynced
     assert cache.get(keys[4]) is None
     assert cache.get(keys[5]) is None
     assert cache.get(keys[1]) == values[keys[1]]
     other_process = make_cache(KEY_PREFIX=cache.key_prefix)
     deadline = time.monotonic() + 10
     while other_process.get(keys[4]) is not None or other_process.get(keys[5]) is not None:
-        assert time.monotonic() < deadline, f"never repaired: {sorted(cache._shared.state.repair)}"
+        assert time.monotonic() < deadline, f"never repaired: {sorted(cache._shared.state.repair.pending)}"
         time.sleep(0.05)
-    assert not cache._shared.state.repair
+    assert not cache._shared.state.repair.pending
     assert other_process.get(keys[1]) == values[keys[1]]
 
 
@@ -242,10 +242,12 @@ def test_writes_a_failover_may_have_lost_are_deleted_not_served_old(cluster):
         other_process = make_cache(KEY_PREFIX=cache.key_prefix)
         deadline = time.monotonic() + 10
         while other_process.get(second) is not None:
-            assert time.monotonic() < deadline, f"{second} never repaired: queued {sorted(state.repair)}"
+            assert time.monotonic() < deadline, (
+                f"{second} never repaired: queued {sorted(state.repair.pending)}"
+            )
             time.sleep(0.05)
         assert async_to_sync(cache.aget)(second) is None
-        assert state.repaired >= 2
+        assert state.repair.repaired >= 2
         cache.set(first, "after")
         assert other_process.get(first) == "after"
     finally:

@@ -193,7 +193,7 @@ class _TopologyCommon:
         for a slot being imported; DEL of the key first when its value may be older than this process
         wrote."""
         state = self.state
-        repairing = bool(state.repair or state.unsynced) and state.repair_due(call, node)
+        repairing = bool(state.repair.pending or state.repair.unsynced) and state.repair.due(call, node)
         if not repairing:
             return ([("ASKING",), call.args] if call.asking is not None else [call.args]), False
         if call.asking is not None:
@@ -215,7 +215,7 @@ class _TopologyCommon:
         slot_map = self.state.slot_map
         if slot_map is None:
             return None
-        if call.read and self.state.repair and call.key in self.state.repair:
+        if call.read and self.state.repair.pending and call.key in self.state.repair.pending:
             return slot_map.primaries[key_slot(call.key)]  # a replica could not delete it first
         return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
 
@@ -275,7 +275,7 @@ class _TopologyCommon:
             other_breaker = self.state.breakers(other)
             if other_breaker.allow():
                 return other, other_breaker
-        self.state.note_unsynced(call, node)
+        self.state.repair.note_unsynced(call, node)
         raise error
 
     # -- what a reply or a failure means ----------------------------------------------------------------
@@ -288,7 +288,7 @@ class _TopologyCommon:
             # OOM, CLUSTERDOWN, TRYAGAIN or READONLY (a write that reached a demoted primary): the slot map
             # may be stale, and a write the failure policy drops leaves an older value to repair.
             self.state.refresh_wanted = True
-            self.state.note_unsynced(call, node)
+            self.state.repair.note_unsynced(call, node)
 
     def _after_outage(
         self, call: Call, node: NodeAddress, breaker: Breaker, error: BaseException, retries: int
@@ -307,7 +307,7 @@ class _TopologyCommon:
             and not isinstance(error, TIMEOUT_ERRORS)
         )
         if not again:
-            self.state.note_unsynced(call, node)
+            self.state.repair.note_unsynced(call, node)
         return again
 
     def _batch_plan(
@@ -329,7 +329,7 @@ class _TopologyCommon:
             for i in indexes:
                 other = self._substitute(calls[i], node)
                 if other is None:
-                    self.state.note_unsynced(calls[i], node)
+                    self.state.repair.note_unsynced(calls[i], node)
                     results[positions[i]] = error
                 else:
                     substitutes.setdefault(other, []).append(i)
@@ -348,7 +348,11 @@ class _TopologyCommon:
         """`node`'s commands; and, when any call sends more than its own command, how many each sends
         and whether it repairs its key (None: one command per call, the common case)."""
         state = self.state
-        if not state.repair and not state.unsynced and not any(calls[i].asking is not None for i in indexes):
+        if (
+            not state.repair.pending
+            and not state.repair.unsynced
+            and not any(calls[i].asking is not None for i in indexes)
+        ):
             return [calls[i].args for i in indexes], None
         commands: list[tuple] = []
         layout = []
@@ -375,7 +379,7 @@ class _TopologyCommon:
         for i in indexes:
             if results[positions[i]] is None:
                 results[positions[i]] = error
-                self.state.note_unsynced(calls[i], node)
+                self.state.repair.note_unsynced(calls[i], node)
 
     def _batch_replies(
         self,
@@ -403,9 +407,9 @@ class _TopologyCommon:
                     if not isinstance(reply, Exception):
                         acked.append(calls[i])
                     elif is_outage(reply):
-                        state.note_unsynced(calls[i], node)
+                        state.repair.note_unsynced(calls[i], node)
             if acked:
-                state.acked_calls(acked, node)
+                state.repair.acked(node, acked)
             return
         start = 0
         for i, (count, repairing) in zip(indexes, layout, strict=True):
@@ -421,10 +425,10 @@ class _TopologyCommon:
             results[positions[i]] = reply
             if isinstance(reply, Exception):
                 if is_outage(reply):
-                    state.note_unsynced(calls[i], node)
+                    state.repair.note_unsynced(calls[i], node)
                 continue
             if calls[i].repairable or repairing:
-                state.acked_call(calls[i], node, repairing)
+                state.repair.acked(node, (calls[i],), repairing)
 
     def _next_round(self, calls: list[Call], redo: list) -> list[int]:
         """After a round: the redirected calls, aimed at their new nodes."""
@@ -523,7 +527,7 @@ class ClusterTopology(_TopologyCommon):
                     reply = self.node_execute(node, "CLUSTER", "SLOTS")
                 except (ResponseError, *OUTAGE_ERRORS) as caught:
                     error = caught
-        if state.repair_wanted:  # the new map names nodes that lost keys: repair now, not at the next call
+        if state.repair.wanted:  # the new map names nodes that lost keys: repair now, not at the next call
             self.repair_in_background()
 
     def ensure_map(self) -> None:
@@ -532,38 +536,36 @@ class ClusterTopology(_TopologyCommon):
             self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
-        if state.repair_wanted and state.repair_due_now():
+        if state.repair.due_now():
             self.repair_in_background()
 
     def repair_in_background(self) -> None:
         """Delete the keys queued for repair in a thread of its own, one such thread at a time."""
-        state = self.state
-        if not state.repair_running.acquire(blocking=False):
+        repair = self.state.repair
+        if not repair.running.acquire(blocking=False):
             return
-        state.repair_wanted = False
+        repair.wanted = False
 
         def run() -> None:
             try:
                 self.repair_now()
             except Exception as error:  # noqa: BLE001 - a background thread: tried again on a later call
                 logger.warning("failover repair failed, tried again later: %s", error)
-                state.repair_wanted = True
-                state.repair_after = time.monotonic() + self.settings.breaker_cooldown
+                repair.retry_later()
 
-        _start_claimed(state.repair_running, run, "distcache-failover-repair")
+        _start_claimed(repair.running, run, "distcache-failover-repair")
 
     def repair_now(self) -> int:
         """Delete the keys queued for repair on their slots' primaries; those that cannot be reached now
         stay queued and are tried again a breaker cooldown later. Returns how many are left."""
-        state = self.state
-        keys = list(state.repair)
+        repair = self.state.repair
+        keys = list(repair.pending)
         for start in range(0, len(keys), REPAIR_CHUNK):
             chunk = keys[start : start + REPAIR_CHUNK]
             self.execute_batch([Call(key, ("DEL", key), repairable=True) for key in chunk])
-        left = len(state.repair)
+        left = len(repair.pending)
         if left:
-            state.repair_wanted = True
-            state.repair_after = time.monotonic() + self.settings.breaker_cooldown
+            repair.retry_later()
         return left
 
     def _refresh_in_background(self) -> None:
@@ -617,7 +619,7 @@ class ClusterTopology(_TopologyCommon):
             pool.put(connection)
             breaker.success()
             if call.repairable or repairing:
-                self.state.acked_call(call, node, repairing)
+                self.state.repair.acked(node, (call,), repairing)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
@@ -841,7 +843,7 @@ class AsyncClusterTopology(_TopologyCommon):
                 reply = await self._node_execute(node, "CLUSTER", "SLOTS")
             except (ResponseError, *OUTAGE_ERRORS) as caught:
                 error = caught
-        if state.repair_wanted:
+        if state.repair.wanted:
             self._repair_in_background()
 
     async def _node_execute(self, node: NodeAddress, *args: Any) -> Any:
@@ -865,7 +867,7 @@ class AsyncClusterTopology(_TopologyCommon):
             await self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
-        if state.repair_wanted and state.repair_due_now():
+        if state.repair.due_now():
             self._repair_in_background()
 
     def _repair_in_background(self) -> None:
@@ -930,7 +932,7 @@ class AsyncClusterTopology(_TopologyCommon):
             pool.put(connection)
             breaker.success()
             if call.repairable or repairing:
-                self.state.acked_call(call, node, repairing)
+                self.state.repair.acked(node, (call,), repairing)
             return result
         raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
 
