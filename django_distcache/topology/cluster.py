@@ -44,6 +44,7 @@ from .base import (
 )
 from .breaker import OPEN, Breaker
 from .steps import IO_ERRORS, ClusterSteps, Command, Read, Send, drive, drive_async, too_many_redirects
+from .subscription import Subscription
 
 _pack_one: Callable[[Command], bytes] | None
 try:  # hiredis packs a command in C; redis-py's own packer is the fallback
@@ -248,6 +249,9 @@ class ClusterTopology(ClusterSteps):
         super().__init__(state)
         self._pools: dict[tuple[NodeAddress, bool], _NodePool] = {}
         self._clients: dict[NodeAddress, redis.Redis] = {}
+        # Whether the cluster has sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7.0); None until a
+        # subscription found out.
+        self.sharded_pubsub: bool | None = None
 
     def _pool(self, node: NodeAddress) -> _NodePool:
         readonly = self._readonly(node)
@@ -438,16 +442,27 @@ class ClusterTopology(ClusterSteps):
             client = self._clients[node] = redis.Redis(**kwargs)
         return client
 
-    def dedicated_connection(self, key: bytes) -> Any:
-        """A connection of its own (not pooled) to the primary owning `key`, e.g. for a subscription."""
+    def subscribe(self, channels: list[bytes], ping_every: float = 1.0) -> Subscription:
+        """A connection of its own to the primary serving `channels` (all of one slot), subscribed to them,
+        probed with PING after `ping_every` seconds of silence. Raises PermissionRefusedError when the ACL
+        refuses the channel, an outage error when the node cannot be reached."""
         self.refresh(force=True)
-        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
+        node = self.state.slot_map.node_for(channels[0]) if self.state.slot_map else None
         if node is None:
-            raise NoNodeReachableError("no node serves this key's slot")
+            raise NoNodeReachableError("no node serves this channel's slot")
         connection_class, kwargs = _connection_args(self.settings, node, False, False)
-        connection = connection_class(**kwargs)
+        connection: _Connection = connection_class(**kwargs)
         connection.connect()
-        return connection
+        subscription = Subscription(connection, node, ping_every)
+        try:
+            subscription.start(channels, self.sharded_pubsub)
+        except BaseException:
+            subscription.close()
+            raise
+        finally:
+            if subscription.sharded is not None:
+                self.sharded_pubsub = subscription.sharded
+        return subscription
 
     def close(self) -> None:
         for pool in self._pools.values():
