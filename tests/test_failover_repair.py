@@ -181,8 +181,8 @@ def test_a_write_refused_with_clusterdown_is_repaired_and_a_bug_is_not(clock):
     state = _state()
     topology = ClusterTopology(state)
     refused, wrong = _key_on(A, state, "refused"), _key_on(A, state, "wrong")
-    topology._after_reply_error(
-        _write(refused), A, state.breakers(A), ClusterDownError("The cluster is down")
-    )
-    topology._after_reply_error(_write(wrong), A, state.breakers(A), ResponseError("WRONGTYPE"))
+    with pytest.raises(ClusterDownError):
+        topology.failed(_write(refused), A, state.breakers(A), ClusterDownError("The cluster is down"), 1)
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        topology.failed(_write(wrong), A, state.breakers(A), ResponseError("WRONGTYPE"), 1)
     assert state.repair.pending == {refused}

@@ -157,12 +157,31 @@ class ClusterSteps:
         if isinstance(error, REDIRECT_ERRORS):
             breaker.success()
             return self.state.redirect(error, call, node), retries
-        if isinstance(error, ResponseError):
-            self._after_reply_error(call, node, breaker, error)
+        state = self.state
+        if isinstance(error, ResponseError):  # the node answered: it is up
+            breaker.success()
+            if is_outage(error):
+                # OOM, CLUSTERDOWN, TRYAGAIN or READONLY (a write that reached a demoted primary): the slot
+                # map may be stale, and a write the failure policy drops leaves an older value to repair.
+                state.refresh_wanted = True
+                state.repair.note_unsynced(call, node)
             raise refused(error, call.args, call.key)
-        if not self._after_outage(call, node, breaker, error, retries):
-            raise error
-        return call, retries - 1
+        state.refresh_wanted = True
+        opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
+        self._refresh_in_background()
+        # Sent again only after a dropped connection (an idle socket the server closed), never after a
+        # timeout: a hung node would make the caller wait twice.
+        again = (
+            retries > 0
+            and call.idempotent
+            and not opened
+            and breaker.state == CLOSED
+            and not isinstance(error, TIMEOUT_ERRORS)
+        )
+        if again:
+            return call, retries - 1
+        state.repair.note_unsynced(call, node)
+        raise error
 
     # -- routing --------------------------------------------------------------------------------------------
     def _route(self, call: Call) -> NodeAddress | None:
@@ -245,38 +264,6 @@ class ClusterSteps:
         if call.asking is not None:
             return [("ASKING",), ("DEL", call.key), ("ASKING",), call.args], True
         return [("DEL", call.key), call.args], True
-
-    # -- what a reply or a failure means --------------------------------------------------------------------
-    def _after_reply_error(
-        self, call: Call, node: NodeAddress, breaker: Breaker, error: ResponseError
-    ) -> None:
-        """The node answered with an error that is not a redirect: always the caller's."""
-        breaker.success()
-        if is_outage(error):
-            # OOM, CLUSTERDOWN, TRYAGAIN or READONLY (a write that reached a demoted primary): the slot map
-            # may be stale, and a write the failure policy drops leaves an older value to repair.
-            self.state.refresh_wanted = True
-            self.state.repair.note_unsynced(call, node)
-
-    def _after_outage(
-        self, call: Call, node: NodeAddress, breaker: Breaker, error: BaseException, retries: int
-    ) -> bool:
-        """The connection to `node` failed while running `call`: send it again (True) or raise."""
-        self.state.refresh_wanted = True
-        opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
-        self._refresh_in_background()
-        # Sent again only after a dropped connection (an idle socket the server closed), never after a
-        # timeout: a hung node would make the caller wait twice.
-        again = (
-            retries > 0
-            and call.idempotent
-            and not opened
-            and breaker.state == CLOSED
-            and not isinstance(error, TIMEOUT_ERRORS)
-        )
-        if not again:
-            self.state.repair.note_unsynced(call, node)
-        return again
 
     # -- many calls -----------------------------------------------------------------------------------------
     def slice_steps(self, calls: list[Call]) -> Generator[Send | Read, Any, list[Any]]:
