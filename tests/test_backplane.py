@@ -27,8 +27,8 @@ def test_a_refused_channel_is_logged_once_with_its_name_and_nothing_is_held_in_p
     wait_until(lambda: refusals(), message="the refusal to be logged")
     time.sleep(1.0)  # two more attempts (RECONNECT_DELAYS), not logged again
     (message,) = refusals()
-    assert "SSUBSCRIBE" in message and repr(cache._backplane.channel.decode()) in message
+    assert "SSUBSCRIBE" in message and repr(cache.core.backplane.channel.decode()) in message
     assert "docs/security.md" in message
-    assert not cache._backplane.connected
-    assert cache._tags.held_count() == 0
+    assert not cache.core.backplane.connected
+    assert cache.core.tags.held_count() == 0
     assert cache.get("k") == "v"
