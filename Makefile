@@ -1,4 +1,5 @@
 # The two commands a fresh machine needs: `make demo` and `make test`. Everything they need is set up here.
+# Before a release: `make dist-check` builds the sdist and wheel and runs the example shop on the wheel.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +24,7 @@ NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
 	done)
 VENV_NEWEST := .venv-newest-django
 
-.PHONY: chaos venv demo docs-options test test-main test-newest-django bench lint cluster-up cluster-down clean
+.PHONY: chaos venv demo docs-options test test-main test-newest-django bench lint cluster-up cluster-down clean dist-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -104,9 +105,38 @@ chaos: venv
 docs-options: venv
 	$(PY) -m django_distcache.conf docs/configuration.md
 
+# Ruff (lint, format, complexity at 12 on the package) and mypy --strict on the package (pyproject.toml).
 lint: venv
 	$(PY) -m ruff check django_distcache tests bench example_project
 	$(PY) -m ruff format --check django_distcache tests bench
+	$(PY) -m mypy
+
+# Build the sdist and wheel (python -m build), check them (twine check --strict, and .ci/dist_check.py: what
+# they must and must not hold), install the wheel with its celery extra into a fresh venv, and run the
+# example shop on it against a cluster of its own (its own ports and data dir; stopped however the run
+# ends): check, migrate, seed, warmcache, two visits of two pages through the test client, a drain.
+DIST_PORT ?= 7200
+DIST_DIR := .cache/dist
+DIST_VENV := .cache/dist-venv
+DIST_DATA := $(CURDIR)/.devcluster/dist-$(DIST_PORT)
+DIST_ENV := DISTCACHE_LOCATION=redis://127.0.0.1:$(DIST_PORT),redis://127.0.0.1:$(shell echo $$(($(DIST_PORT)+1))) \
+	DISTCACHE_BROKER_URL=redis://127.0.0.1:$(shell echo $$(($(DIST_PORT)+8)))/0 \
+	DISTCACHE_KEY_PREFIX=dist-check DISTCACHE_EXAMPLE_DB=$(CURDIR)/$(DIST_VENV)/example.sqlite3
+
+dist-check: venv
+	rm -rf $(DIST_DIR) $(DIST_VENV) && mkdir -p $(DIST_DIR)
+	@# The build's log is long; shown when it fails or warns of a deprecation (setuptools' warnings are dated).
+	$(PY) -m build --outdir $(DIST_DIR) . >$(DIST_DIR)/build.log 2>&1 || { cat $(DIST_DIR)/build.log; exit 1; }
+	@if grep -i -B2 -A8 deprecat $(DIST_DIR)/build.log; then echo "dist-check: the build warns"; exit 1; fi
+	@rm $(DIST_DIR)/build.log
+	$(PY) -m twine check --strict $(DIST_DIR)/*
+	$(PY) .ci/dist_check.py contents $(DIST_DIR)
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install --quiet "$$(ls $(DIST_DIR)/*.whl)[celery]"
+	@trap '$(CURDIR)/$(PY) -m django_distcache.devcluster down --base-port $(DIST_PORT) --data-dir $(DIST_DATA)' EXIT; \
+	trap 'exit 130' INT TERM; set -e; \
+	$(PY) -m django_distcache.devcluster up --base-port $(DIST_PORT) --data-dir $(DIST_DATA) >/dev/null; \
+	cd example_project && env -u PYTHONPATH $(DIST_ENV) $(CURDIR)/$(DIST_VENV)/bin/python ../.ci/dist_check.py example
 
 clean:
 	rm -rf $(VENV) $(VENV_NEWEST) .cache .devcluster

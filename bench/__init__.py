@@ -2,5 +2,5 @@
 
 Run everything with ``python -m bench.run_all`` (``make bench``), or one script with e.g.
 ``python -m bench.bench_backend``. Every script starts its own Redis Cluster (base port 7400) and its own
-standalone redis-server on a free loopback port, and stops both when it ends, also on Ctrl-C or error.
+standalone Redis (base port + 9), and stops both when it ends, also on Ctrl-C or error.
 """

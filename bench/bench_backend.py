@@ -52,7 +52,7 @@ def configure_django(environment: Environment) -> None:
     import django
     from django.conf import settings
 
-    standalone = environment.standalone.url
+    standalone = environment.standalone.url  # database 0
     settings.configure(
         SECRET_KEY="bench-" + os.urandom(16).hex(),
         USE_TZ=True,
@@ -65,7 +65,7 @@ def configure_django(environment: Environment) -> None:
             },
             "django_redis": {
                 "BACKEND": "django_redis.cache.RedisCache",
-                "LOCATION": f"{standalone}/0",
+                "LOCATION": standalone,
                 "KEY_PREFIX": "dr",
                 "TIMEOUT": TTL,
                 "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
@@ -168,7 +168,7 @@ class Bench:
         self.locmem = caches["locmem"]
         first = environment.cluster.ports[0]
         self.cluster = RedisCluster(host=harness.HOST, port=first)
-        self.standalone = environment.standalone.client()
+        self.standalone = redis.Redis.from_url(environment.standalone.url)
         self.environment = environment
         self.keys = [f"key:{i:05d}" for i in range(KEY_COUNT)]
         self.raw_keys = [f"raw:{key}" for key in self.keys]

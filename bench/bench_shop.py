@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{DATABASE}",
                 "DISTCACHE_LOCATION": ",".join(environment.cluster_urls),
                 "DISTCACHE_KEY_PREFIX": "shopbench-" + uuid.uuid4().hex[:8],
-                "DISTCACHE_BROKER_URL": environment.standalone.url + "/0",
+                "DISTCACHE_BROKER_URL": environment.standalone.url,
             }
             manage = [sys.executable, "manage.py"]
             quiet = {"stdout": subprocess.DEVNULL}

@@ -111,7 +111,7 @@ def configure_django(environment: Environment) -> None:
             "strict": {**ours, "OPTIONS": {"VERSION_CHECK_INTERVAL": 0}},
             "django_redis": {
                 "BACKEND": "django_redis.cache.RedisCache",
-                "LOCATION": f"{environment.standalone.url}/0",
+                "LOCATION": environment.standalone.url,
                 "KEY_PREFIX": "dr",
                 "TIMEOUT": TTL,
                 "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},

@@ -5,7 +5,7 @@ Celery workers against one.
         [--base-port 7400] [--tasks 4]
 
 Ours runs on a local 3-primary Redis Cluster (harness.servers). The Celery broker is a standalone Redis
-started with `python -m django_distcache.devcluster broker-up` on --base-port + 8; the workers are real
+(`django_distcache.devcluster.StandaloneServer`) on --base-port + 8; the workers are real
 `celery worker -P solo` processes running this module as their Celery app (it configures Django from the
 environment). Everything started here is stopped at the end, on error and on Ctrl-C/SIGTERM.
 
@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from django_distcache.devcluster import StandaloneServer
 
 from . import harness
 from .harness import Contender, Row, Target
@@ -113,28 +115,6 @@ if os.environ.get(SETUP_ENV):
 
 
 # --------------------------------------------------------------------------- broker and workers
-
-
-class Broker:
-    """The Celery broker, through the devcluster command line (a standalone Redis on loopback)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.data_dir = (harness.ROOT / ".devcluster" / f"bench-broker-{port}").absolute()
-        self.url = f"redis://{harness.HOST}:{port}/0"
-
-    def _devcluster(self, command: str) -> None:
-        argv = [sys.executable, "-m", "django_distcache.devcluster", command, "--base-port", str(self.port)]
-        argv += ["--data-dir", str(self.data_dir)]
-        subprocess.run(argv, cwd=harness.ROOT, check=True, capture_output=True, text=True, timeout=60)
-
-    def up(self) -> None:
-        self._devcluster("broker-up")
-        harness.log(f"Celery broker on {self.url}")
-
-    def down(self) -> None:
-        self._devcluster("broker-down")
-        harness.log("Celery broker stopped")
 
 
 class Workers:
@@ -275,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     entries = max(CHUNK, int(ENTRIES * args.scale))
     try:
         with harness.servers(args.base_port, args.keep_cluster, args.replicas) as environment:
-            broker = Broker(args.base_port + 8)
+            broker_port = args.base_port + 8
+            broker = StandaloneServer(
+                broker_port, harness.ROOT / ".devcluster" / f"bench-broker-{broker_port}"
+            )
             workers = None
             try:
                 with harness.signals_interrupt():
-                    broker.up()
+                    harness.log(f"Celery broker on {broker.up()}")
                     setup = Setup(
                         environment.cluster_urls,
                         f"bench-warm-{os.urandom(4).hex()}",
@@ -299,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 with harness.shielded():
                     if workers is not None:
                         workers.stop()
-                    with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    with contextlib.suppress(OSError):
                         broker.down()
+                        harness.log("Celery broker stopped")
             info = dict(environment.info)
             info["machine"] += ", at end: " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
     except KeyboardInterrupt:

@@ -1,9 +1,10 @@
 """What every benchmark script shares: servers, signal-safe cleanup, timing, and the result tables.
 
-Servers: a Redis Cluster from `django_distcache.devcluster` (3 primaries with 1 replica each unless
+Servers, both from `django_distcache.devcluster`: a Redis Cluster (3 primaries with 1 replica each unless
 --replicas says otherwise; base port 7400; data dir `.devcluster/bench-<port>` under the repo root) and a
-standalone redis-server of our own on a free loopback port (never the machine's 6379). Both are stopped when the script ends, on error, on Ctrl-C
-and on SIGTERM/SIGHUP; a standalone server also dies with its parent if that is killed outright.
+standalone Redis on the base port + 9, past the largest cluster's nodes (never the machine's 6379). Both
+are stopped when the script ends, on error, on Ctrl-C and on SIGTERM/SIGHUP; after a `kill -9` the next run
+with the same base port takes them over and stops them.
 
 Timing: every contender runs one slice as a warm-up, then `reps` repetitions of `slices` slices each; the
 contenders of one comparison take turns slice by slice, so a burst of noise on the shared machine hits all
@@ -19,13 +20,11 @@ import ctypes
 import gc
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +33,11 @@ from typing import Any
 
 import redis
 
-from django_distcache.devcluster import DevCluster, find_server_binary
+from django_distcache.devcluster import DevCluster, StandaloneServer, find_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_PORT = 7400
+STANDALONE_PORT_OFFSET = 9  # the cluster takes base .. base + 8 (3 primaries, up to 2 replicas each)
 HOST = "127.0.0.1"
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -143,90 +143,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class StandaloneServer:
-    """A throwaway redis-server (no persistence) on a free loopback port, in a temporary directory."""
-
-    def __init__(self, binary: str, host: str = HOST) -> None:
-        self.binary = binary
-        self.host = host
-        self.port: int | None = None
-        self.directory: str | None = None
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> None:
-        self.directory = tempfile.mkdtemp(prefix="distcache-bench-redis-")
-        problems = []
-        for _ in range(3):  # the free port may be taken between our probe and the server's bind
-            self.port = free_port(self.host)
-            logfile = os.path.join(self.directory, f"redis-{self.port}.log")
-            options = {"port": self.port, "bind": self.host, "save": "", "appendonly": "no"}
-            options.update({"dir": self.directory, "logfile": logfile})
-            self.process = subprocess.Popen(
-                [self.binary, *(arg for name, value in options.items() for arg in (f"--{name}", str(value)))],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches us, and we shut it down in order
-                preexec_fn=_die_with_parent,
-            )
-            if self._wait_ready(timeout):
-                return
-            problems.append(f"port {self.port}: {_tail(logfile)}")
-            self._kill()
-        raise RuntimeError("standalone redis-server did not start: " + "; ".join(problems))
-
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                return False
-            try:
-                with redis.Redis(host=self.host, port=self.port, socket_timeout=1) as client:
-                    if client.ping():
-                        return True
-            except (redis.RedisError, OSError):
-                pass
-            time.sleep(0.05)
-        return False
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        return redis.Redis(host=self.host, port=self.port, **kwargs)
-
-    def _kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with (
-                contextlib.suppress(redis.RedisError, OSError),
-                redis.Redis(host=self.host, port=self.port, socket_timeout=2) as client,
-            ):
-                client.execute_command("SHUTDOWN", "NOSAVE")
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._kill()
-        self.process = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-
-def _tail(path: str, lines: int = 3) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return " | ".join(line.strip() for line in handle.read().splitlines()[-lines:]) or "empty log"
-    except OSError:
-        return "no log"
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -250,23 +167,26 @@ def servers(
         data_dir=ROOT / ".devcluster" / f"bench-{base_port}",
         server_binary=binary,
     )
-    standalone = StandaloneServer(binary)
+    standalone_port = base_port + STANDALONE_PORT_OFFSET
+    standalone = StandaloneServer(
+        standalone_port, ROOT / ".devcluster" / f"bench-standalone-{standalone_port}"
+    )
     try:
         with signals_interrupt():
             log(f"starting the Redis Cluster on {HOST}:{cluster.ports[0]}-{cluster.ports[-1]}")
             urls = cluster.up(timeout=60)
-            standalone.start()
-            log(f"standalone redis-server on {standalone.url} (pid {standalone.process.pid})")
+            standalone.up()
+            log(f"standalone Redis on {standalone.url} (pid {standalone.pid()})")
             environment = Environment(cluster, urls, standalone)
             environment.info = describe_environment(environment)
             yield environment
     finally:
         with shielded():
             try:
-                standalone.stop()
-                log("standalone redis-server stopped")
+                standalone.down()
+                log("standalone Redis stopped")
             except Exception as error:  # keep going: the cluster must still come down
-                log(f"could not stop the standalone redis-server: {error!r}")
+                log(f"could not stop the standalone Redis: {error!r}")
             if keep_cluster:
                 log(f"--keep-cluster: the cluster keeps running in {cluster.data_dir}")
             else:
@@ -315,7 +235,7 @@ def _code_version() -> str:
 
 
 def describe_environment(environment: Environment) -> dict[str, str]:
-    with environment.standalone.client(decode_responses=True) as client:
+    with redis.Redis.from_url(environment.standalone.url, decode_responses=True) as client:
         server = client.info("server")
     load = " / ".join(f"{value:.2f}" for value in os.getloadavg())
     return {

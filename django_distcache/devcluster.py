@@ -41,7 +41,7 @@ from redis.retry import Retry
 
 from .forksafe import process_alive
 
-__all__ = ["DevCluster", "DevClusterError", "find_server_binary", "format_status", "main"]
+__all__ = ["DevCluster", "DevClusterError", "StandaloneServer", "find_server_binary", "format_status", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -278,15 +278,6 @@ class DevCluster:
         self._server_binary = server_binary
         self._identity: tuple[str, str] | None = None
 
-    @classmethod
-    def from_env(cls, **overrides: Any) -> DevCluster:
-        """A DevCluster whose base port / data dir default to $DISTCACHE_CLUSTER_BASE_PORT / _DATA_DIR."""
-        if BASE_PORT_ENV in os.environ:
-            overrides.setdefault("base_port", int(os.environ[BASE_PORT_ENV]))
-        if os.environ.get(DATA_DIR_ENV):
-            overrides.setdefault("data_dir", os.environ[DATA_DIR_ENV])
-        return cls(**overrides)
-
     def __repr__(self) -> str:
         return (
             f"DevCluster(base_port={self.base_port}, primaries={self.primaries}, replicas={self.replicas}, "
@@ -439,30 +430,34 @@ class DevCluster:
     def health_problems(self) -> list[str]:
         """Why the cluster is not healthy; empty when it is."""
         probes = [self._inspect(port) for port in self.ports]
-        problems = []
-        for probe in probes:
-            if probe.error:
-                problems.append(f"{probe.port}: {probe.error}")
-                continue
-            info = probe.cluster_info
-            if info.get("cluster_state") != "ok":
-                problems.append(f"{probe.port}: cluster_state:{info.get('cluster_state')}")
-            if info.get("cluster_slots_assigned") != str(CLUSTER_SLOTS):
-                problems.append(f"{probe.port}: {info.get('cluster_slots_assigned')} slots assigned")
-            if info.get("cluster_known_nodes") != str(len(self.ports)):
-                problems.append(f"{probe.port}: knows {info.get('cluster_known_nodes')} nodes")
-            for node in probe.nodes:
-                if bad := node.flags & _BAD_FLAGS:
-                    who = node.port or node.node_id
-                    problems.append(f"{probe.port}: sees {who} as {','.join(sorted(bad))}")
-            me = probe.myself
-            if me is not None and not me.is_primary:
-                link = probe.replication.get("master_link_status")
-                if link != "up":
-                    problems.append(f"{probe.port}: replica master_link_status:{link}")
-        if problems:
-            return problems
+        problems = [problem for probe in probes for problem in self._node_problems(probe)]
+        return problems or self._slot_map_problems(probes)
 
+    def _node_problems(self, probe: _Probe) -> list[str]:
+        """What one node reports as wrong: its own state, the peers it sees failing, its replication link."""
+        if probe.error:
+            return [f"{probe.port}: {probe.error}"]
+        problems = []
+        info = probe.cluster_info
+        if info.get("cluster_state") != "ok":
+            problems.append(f"{probe.port}: cluster_state:{info.get('cluster_state')}")
+        if info.get("cluster_slots_assigned") != str(CLUSTER_SLOTS):
+            problems.append(f"{probe.port}: {info.get('cluster_slots_assigned')} slots assigned")
+        if info.get("cluster_known_nodes") != str(len(self.ports)):
+            problems.append(f"{probe.port}: knows {info.get('cluster_known_nodes')} nodes")
+        for node in probe.nodes:
+            if bad := node.flags & _BAD_FLAGS:
+                problems.append(f"{probe.port}: sees {node.port or node.node_id} as {','.join(sorted(bad))}")
+        me = probe.myself
+        if me is not None and not me.is_primary:
+            link = probe.replication.get("master_link_status")
+            if link != "up":
+                problems.append(f"{probe.port}: replica master_link_status:{link}")
+        return problems
+
+    def _slot_map_problems(self, probes: list[_Probe]) -> list[str]:
+        """Whether every node sees the same shards, of the configured number and size."""
+        problems = []
         views = {probe.port: _topology(probe.nodes) for probe in probes}
         reference = views[self.ports[0]]
         if disagree := [port for port, view in views.items() if view != reference]:
@@ -672,7 +667,7 @@ class DevCluster:
         # Replicas first (higher ports at creation), so primaries need not wait for them to catch up.
         for port in sorted(running, reverse=True):
             with contextlib.suppress(redis.RedisError, OSError), self._client(port, timeout=1) as client:
-                client.execute_command("SHUTDOWN", "NOSAVE")
+                client.shutdown(nosave=True)
         stubborn = _wait_exit(running.values(), STOP_GRACE)
         for pid in stubborn:
             log.warning("pid %d ignored SHUTDOWN NOSAVE; sending SIGKILL", pid)
@@ -717,7 +712,7 @@ class DevCluster:
     def _call(self, port: int, *args: Any) -> Any:
         try:
             with self._client(port) as client:
-                return client.execute_command(*args)
+                return _send(client, *args)
         except redis.RedisError as exc:
             raise DevClusterError(f"{' '.join(map(str, args))} on node {port} failed: {exc}") from exc
 
@@ -728,7 +723,7 @@ class DevCluster:
         """The pid of whatever answers on `port`, if it is our node (its working dir is ours)."""
         try:
             with self._client(port, timeout=1) as client:
-                directory = _config_value(client.execute_command("CONFIG", "GET", "dir"), "dir")
+                directory = _config_value(client.config_get("dir"), "dir")
                 if self._is_our_dir(directory, port):
                     return int(client.info("server")["process_id"])
         except (redis.RedisError, OSError, KeyError, ValueError):
@@ -740,10 +735,10 @@ class DevCluster:
         try:
             with self._client(port) as client:
                 pipe = client.pipeline(transaction=False)
-                pipe.execute_command("CONFIG", "GET", "dir")
-                pipe.execute_command("CLUSTER", "INFO")
-                pipe.execute_command("CLUSTER", "NODES")
-                pipe.execute_command("INFO", "replication")
+                pipe.config_get("dir")
+                _send(pipe, "CLUSTER", "INFO")
+                _send(pipe, "CLUSTER", "NODES")
+                pipe.info("replication")
                 config, cluster_info, nodes, replication = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             alive = _read_pidfile(self._pidfile(port))
@@ -858,6 +853,15 @@ class DevCluster:
                 with contextlib.suppress(OSError):
                     lock_path.unlink()
             os.close(fd)
+
+
+def _send(client: redis.Redis, *args: Any) -> Any:
+    """One command as written, its reply unparsed (CLUSTER NODES as the text `_parse_nodes` reads).
+
+    redis-py's `execute_command` has no annotations; this is the one call of it, under a declared type.
+    """
+    execute_command: Callable[..., Any] = client.execute_command
+    return execute_command(*args)
 
 
 def _config_value(reply: Any, name: str) -> str:

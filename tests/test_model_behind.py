@@ -815,7 +815,9 @@ async def test_aget_cached_lays_the_queued_changes_over_the_row():
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     config = config_for(PageCounter)
-    await caches[config.cache_alias].adelete(config.entry_key("pk", counter.pk))  # not cached: the database, patched
+    await caches[config.cache_alias].adelete(
+        config.entry_key("pk", counter.pk)
+    )  # not cached: the database, patched
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     await sync_to_async(django_distcache.flush_behind)()

@@ -298,7 +298,9 @@ def test_a_refresh_that_cannot_be_queued_still_serves_the_stale_value(cache):
     from django_distcache import stampede as module
 
     def fetch():
-        return module.get_or_compute(cache.core, "queued", None, lambda: next(values), 0.2, None, policy, "test")
+        return module.get_or_compute(
+            cache.core, "queued", None, lambda: next(values), 0.2, None, policy, "test"
+        )
 
     assert fetch() == "v1"
     time.sleep(0.3)
