@@ -105,9 +105,11 @@ chaos: venv
 docs-options: venv
 	$(PY) -m django_distcache.conf docs/configuration.md
 
+# Ruff (lint, format, complexity at 12 on the package) and mypy --strict on the package (pyproject.toml).
 lint: venv
 	$(PY) -m ruff check django_distcache tests bench example_project
 	$(PY) -m ruff format --check django_distcache tests bench
+	$(PY) -m mypy
 
 # Build the sdist and wheel (python -m build), check them (twine check --strict, and .ci/dist_check.py: what
 # they must and must not hold), install the wheel with its celery extra into a fresh venv, and run the

@@ -1,6 +1,23 @@
 """django-distcache: a Django cache on Redis Cluster that survives real traffic."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ gives, for type checkers
+    from .memoize import cached as cached
+    from .models import aget_cached as aget_cached
+    from .models import ainvalidate_model as ainvalidate_model
+    from .models import behind_metrics as behind_metrics
+    from .models import cache_model as cache_model
+    from .models import flush_behind as flush_behind
+    from .models import get_cached as get_cached
+    from .models import incr_behind as incr_behind
+    from .models import invalidate_model as invalidate_model
+    from .models import save_behind as save_behind
+    from .views import cached_view as cached_view
+    from .warming import page_warmer as page_warmer
+    from .warming import run_warmer as run_warmer
+    from .warming import warm_queryset as warm_queryset
+    from .warming import warmer as warmer
 
 __version__ = "0.1.0.dev0"
 

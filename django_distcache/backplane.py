@@ -24,16 +24,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
-
-from redis.exceptions import NoPermissionError, ResponseError
 
 from .forksafe import renew_locks_after_fork
-from .topology import Call
+from .topology import Call, ClusterTopology, PermissionRefusedError, Subscription
 
 logger = logging.getLogger("django_distcache.backplane")
 
-PING_EVERY = 1.0  # seconds of silence before the subscriber checks that the connection is alive
+PING_EVERY = 1.0  # seconds of silence before the subscription checks that the connection is alive
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # backoff while the channel's node cannot be reached
 
 Listener = Callable[[str, str, str, int | str], None]  # kind, key prefix, name, new version
@@ -124,15 +121,19 @@ class Subscriber:
     """One connection and one thread that listen to the channels of every KEY_PREFIX whose channel is in
     one slot: the number of prefixes a process uses costs no threads and no connections."""
 
-    def __init__(self, topology: Any) -> None:
+    def __init__(self, topology: ClusterTopology) -> None:
         self.topology = topology
-        self.sharded: bool | None = None  # SSUBSCRIBE (Redis >= 7.0), or classic pub/sub; None: not known yet
         self._wanted: dict[bytes, Backplane] = {}
         self._thread: threading.Thread | None = None
-        self._connection: Any = None
+        self._subscription: Subscription | None = None
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
         _all_subscribers.add(self)
+
+    @property
+    def sharded(self) -> bool | None:
+        """SSUBSCRIBE/SPUBLISH (Redis >= 7.0), or classic pub/sub; None: not known yet."""
+        return self.topology.sharded_pubsub
 
     def want(self, backplane: Backplane) -> None:
         """Listen to `backplane`'s channel from now on (the thread subscribes to it within a moment)."""
@@ -147,7 +148,7 @@ class Subscriber:
 
     def forget_after_fork(self) -> None:
         self._thread = None
-        self._connection = None
+        self._subscription = None  # the parent's socket: never closed from here
         for backplane in list(self._wanted.values()):
             backplane.dropped()
 
@@ -157,7 +158,7 @@ class Subscriber:
             was_connected = False
             try:
                 self._subscribe_and_listen()
-            except NoPermissionError as error:
+            except PermissionRefusedError as error:
                 if failures == 0:
                     logger.error(
                         "invalidation channel refused: %s. Until the cache's Redis user has what "
@@ -180,67 +181,27 @@ class Subscriber:
     def _drop(self) -> None:
         for backplane in list(self._wanted.values()):
             backplane.dropped()
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.disconnect()
-
-    def _subscribe(self, connection: Any, channels: list[bytes]) -> None:
-        """Ask for `channels`; their confirmations come back as replies the listening loop handles."""
-        connection.send_command("SSUBSCRIBE" if self.sharded is not False else "SUBSCRIBE", *channels)
-
-    def _first_subscription(self, connection: Any, channels: list[bytes]) -> None:
-        """The first SSUBSCRIBE on a connection, read here: a server without sharded pub/sub (before Redis
-        7.0) answers it with an error, and classic pub/sub is used from then on."""
-        self._subscribe(connection, channels)
-        try:
-            reply = connection.read_response(push_request=True)
-        except ResponseError as error:
-            if self.sharded is not None or "unknown command" not in str(error).lower():
-                raise
-            self.sharded = False
-            self._subscribe(connection, channels)
-            reply = connection.read_response(push_request=True)
-        if self.sharded is None:
-            self.sharded = True
-        if not isinstance(reply, list) or not reply or reply[0].lower() not in (b"ssubscribe", b"subscribe"):
-            raise ResponseError(f"unexpected reply to a subscription: {reply!r}")
-        self._handle(reply)
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            subscription.close()
 
     def _subscribe_and_listen(self) -> None:
         channels = list(self._wanted)
-        connection = self.topology.dedicated_connection(channels[0])
-        self._connection = connection
-        self._first_subscription(connection, channels)
+        subscription = self._subscription = self.topology.subscribe(channels, ping_every=PING_EVERY)
         subscribed = set(channels)
-        logger.info("invalidation channel live on %s:%s", connection.host, connection.port)
-        silent_since = time.monotonic()
-        ping_sent_at: float | None = None
+        logger.info("invalidation channel live on %s", subscription.node)
         while True:
             if len(self._wanted) > len(subscribed):  # a prefix used for the first time since
                 added = [channel for channel in list(self._wanted) if channel not in subscribed]
-                self._subscribe(connection, added)
+                subscription.subscribe(added)
                 subscribed.update(added)
-            if connection.can_read(timeout=PING_EVERY / 4):
-                reply = connection.read_response(push_request=True)
-                silent_since, ping_sent_at = time.monotonic(), None  # anything heard proves it is alive
-                self._handle(reply)
-            elif ping_sent_at is not None and time.monotonic() - ping_sent_at >= PING_EVERY:
-                raise ConnectionError("no answer to PING: the connection is half-open")
-            elif ping_sent_at is None and time.monotonic() - silent_since >= PING_EVERY:
-                connection.send_command("PING")
-                ping_sent_at = time.monotonic()
-
-    def _handle(self, reply: Any) -> None:
-        if not isinstance(reply, list) or len(reply) < 2:
-            return
-        kind = reply[0].lower() if isinstance(reply[0], bytes) else reply[0]
-        backplane = self._wanted.get(reply[1])
-        if kind in (b"message", b"smessage") and len(reply) >= 3:
-            if backplane is not None:
-                backplane.deliver(reply[2])
-        elif kind in (b"ssubscribe", b"subscribe"):
-            if backplane is not None:
+            message = subscription.get_message(timeout=PING_EVERY / 4)
+            if message is None:
+                continue
+            backplane = self._wanted.get(message.channel)
+            if backplane is None:
+                continue
+            if message.kind == "message":
+                backplane.deliver(message.payload)
+            else:
                 backplane.subscribed()
-        elif kind in (b"sunsubscribe", b"unsubscribe"):
-            # The server moved the channel's slot (resharding/failover): resubscribe where it lives now.
-            raise ConnectionError("unsubscribed by the server")

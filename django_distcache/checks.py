@@ -6,9 +6,9 @@ import re
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
-from .topology import OUTAGE_ERRORS, CommandError, NotAClusterError
+from .topology import OUTAGE_ERRORS, ClusterTopology, CommandError, NotAClusterError
 
 # Entries and tag keys have a TTL (a tag key lives as long as the entries stamped with it, forever only if
 # one of them was stored with timeout=None); the namespace key and write-behind streams have none. Under a
@@ -33,10 +33,10 @@ def _our_caches() -> list[tuple[str, dict[str, Any]]]:
 
 
 @register(Tags.caches)
-def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
+def check_caches(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     from .core import core_for
 
-    messages: list = []
+    messages: list[CheckMessage] = []
     for alias, _params in _our_caches():
         # Bad LOCATION/OPTIONS raise ImproperlyConfigured right here (and in Django's own cache checks).
         core = core_for(alias)
@@ -84,7 +84,7 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list:
     return messages
 
 
-def _eviction_policy_messages(alias: str, topology: Any) -> list:
+def _eviction_policy_messages(alias: str, topology: ClusterTopology) -> list[CheckMessage]:
     policies = {}
     for node in topology.primaries():
         try:
@@ -100,7 +100,7 @@ def _eviction_policy_messages(alias: str, topology: Any) -> list:
             policies[str(node)] = policy.decode() if isinstance(policy, bytes) else str(policy)
     evicting = sorted(node for node, policy in policies.items() if policy.startswith("allkeys-"))
     refusing = sorted(node for node, policy in policies.items() if policy == "noeviction")
-    messages = []
+    messages: list[CheckMessage] = []
     if evicting:
         messages.append(
             Warning(

@@ -13,7 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-_owners: list[tuple[weakref.ref, tuple[str, ...]]] = []  # weak: registering keeps nothing alive
+_owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []  # weak: registering keeps nothing alive
 
 
 def renew_locks_after_fork(owner: Any, *attributes: str) -> None:

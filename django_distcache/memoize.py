@@ -17,17 +17,19 @@ import functools
 import hashlib
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.db import models
 
 from . import dispatch, stampede
-from .core import Core, core_for
+from .core import Core, PlanOf, core_for
 from .tags import validate_tags
 
-_registry: dict[str, Any] = {}
+R = TypeVar("R")
+
+_registry: dict[str, CachedFunction] = {}
 
 
 class UnsavedInstanceError(ValueError):
@@ -54,6 +56,10 @@ def _stable(value: Any) -> str:
     return repr(value)
 
 
+Tags = Iterable[str] | Callable[..., Iterable[str]] | None
+Key = str | Callable[..., str] | None
+
+
 class CachedFunction:
     """The wrapper `@cached` returns: call it as the function; `.invalidate(*args, **kwargs)` drops one
     entry (`.ainvalidate` for async code); `.key_for(*args, **kwargs)` tells the cache key."""
@@ -62,11 +68,11 @@ class CachedFunction:
         self,
         function: Callable[..., Any],
         timeout: Any,
-        tags: Any,
-        key: Any,
+        tags: Tags,
+        key: Key,
         stale: float | None,
         beta: float | None,
-        refresh: Any,
+        refresh: str | None,
         using: str,
         version: int | None,
     ) -> None:
@@ -97,7 +103,7 @@ class CachedFunction:
     def tags_for(self, *args: Any, **kwargs: Any) -> list[str]:
         return validate_tags(self.tags(*args, **kwargs) if callable(self.tags) else self.tags)
 
-    def _policy(self, args: tuple, kwargs: dict) -> stampede.Policy:
+    def _policy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> stampede.Policy:
         policy = stampede.policy_for(
             self.core, self.stale, self.beta, "inline" if self.refresh == "celery" else self.refresh
         )
@@ -114,19 +120,16 @@ class CachedFunction:
             return self.function(*args, **kwargs)  # not cacheable: computed for this call alone
         if self.is_async:
             return self._acall(key, args, kwargs)
-        return stampede.get_or_compute(
-            self.core,
-            key,
-            self.version,
-            lambda: self.function(*args, **kwargs),
-            self.timeout,
-            self.tags_for(*args, **kwargs),
-            self._policy(args, kwargs),
-            "cached",
-        )
+        return self._fetch(stampede.get_or_compute, key, args, kwargs)
 
-    async def _acall(self, key: str, args: tuple, kwargs: dict) -> Any:
-        return await stampede.aget_or_compute(
+    async def _acall(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await self._fetch(stampede.aget_or_compute, key, args, kwargs)
+
+    def _fetch(
+        self, get_or_compute: Callable[..., R], key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        """One call through `get_or_compute` (stampede's sync or async one): the same arguments for both."""
+        return get_or_compute(
             self.core,
             key,
             self.version,
@@ -147,18 +150,24 @@ class CachedFunction:
         """Recompute and store one entry now (what the Celery refresh task runs); releases `token`'s lease."""
         core = self.core
         key = self.key_for(*args, **kwargs)
-        made = core.made_key(key, self.version)
+        function = self.function if not self.is_async else _run_coroutine(self.function)
+        lease = stampede.lease_key(core, core.made_key(key, self.version))
+        policy = stampede.policy_for(core, self.stale, self.beta, "inline")
 
-        def plan() -> Any:
+        def plan() -> PlanOf[Any]:
             physical = yield from core.physical_key(key, self.version)
-            compute = self.function if not self.is_async else _run_coroutine(self.function)
-            return (
-                yield from stampede.refresh_plan(
-                    core, key, self.version, physical, stampede.lease_key(core, made), token,
-                    lambda: compute(*args, **kwargs), self.timeout, self.tags_for(*args, **kwargs),
-                    stampede.policy_for(core, self.stale, self.beta, "inline"),
-                )
-            )  # fmt: skip
+            entry = stampede.Entry(
+                core,
+                key,
+                self.version,
+                physical,
+                lease,
+                lambda: function(*args, **kwargs),
+                self.timeout,
+                self.tags_for(*args, **kwargs),
+                policy,
+            )
+            return (yield from stampede.refresh_plan(entry, token))
 
         return core.run(plan(), "refresh", None)
 
@@ -169,7 +178,9 @@ def _run_coroutine(function: Callable[..., Any]) -> Callable[..., Any]:
     return async_to_sync(function)
 
 
-def _queue_refresh(name: str, args: tuple, kwargs: dict, key: Any, version: Any, token: str) -> None:
+def _queue_refresh(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any, version: int | None, token: str
+) -> None:
     dispatch.send(dispatch.REFRESH, {"name": name, "args": list(args), "kwargs": kwargs, "token": token})
 
 
@@ -190,17 +201,31 @@ def refresh_by_name(name: str, args: Iterable[Any], kwargs: dict[str, Any], toke
     function.refresh_now(token, *args, **kwargs)
 
 
+@overload
+def cached(timeout: Callable[..., Any], /) -> CachedFunction: ...
+@overload
 def cached(
-    timeout: Any = DEFAULT_TIMEOUT,
+    timeout: float | None = ...,
     *,
-    tags: Iterable[str] | Callable[..., Iterable[str]] | None = None,
-    key: str | Callable[..., str] | None = None,
+    tags: Tags = None,
+    key: Key = None,
     stale: float | None = None,
     beta: float | None = None,
     refresh: str | None = None,
     using: str = "default",
     version: int | None = None,
-) -> Callable[[Callable[..., Any]], CachedFunction]:
+) -> Callable[[Callable[..., Any]], CachedFunction]: ...
+def cached(
+    timeout: Any = DEFAULT_TIMEOUT,
+    *,
+    tags: Tags = None,
+    key: Key = None,
+    stale: float | None = None,
+    beta: float | None = None,
+    refresh: str | None = None,
+    using: str = "default",
+    version: int | None = None,
+) -> CachedFunction | Callable[[Callable[..., Any]], CachedFunction]:
     """Memoize a function in the cache `using`. `stale`: seconds an expired result may still be returned
     while one caller refreshes it (in a thread, or `refresh="celery"` through the Celery task
     `django_distcache.refresh`); `beta`: XFetch eagerness (OPTIONS['XFETCH_BETA'] by default)."""
@@ -220,5 +245,5 @@ def cached(
 
     if callable(timeout) and not isinstance(timeout, int | float):
         function, timeout = timeout, DEFAULT_TIMEOUT  # used bare: @cached
-        return decorate(function)  # type: ignore[return-value]
+        return decorate(function)
     return decorate

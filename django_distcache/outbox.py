@@ -23,12 +23,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from .forksafe import process_alive, renew_locks_after_fork
-from .topology import Call, is_outage
+from .plans import PlanOf, T
+from .topology import Call, ClusterTopology, is_outage
 
 logger = logging.getLogger("django_distcache.outbox")
 
@@ -41,7 +42,7 @@ class Outbox:
     def __init__(
         self,
         key_prefix: str,
-        topology: Any,
+        topology: ClusterTopology,
         limit: int,
         directory: Path | None,
         tag_key: Callable[[str], bytes],
@@ -65,7 +66,7 @@ class Outbox:
         self._recover_from_dead_processes()
 
     # -- what reads ask ----------------------------------------------------------------------------------
-    def blocks(self, tags: Any) -> bool:
+    def blocks(self, tags: Collection[str]) -> bool:
         """True if an entry carrying `tags` must be treated as a miss now."""
         if self.overflowed:
             return bool(tags)
@@ -136,7 +137,7 @@ class Outbox:
             for tag, version in batch.items()
         ]
         replies = self.topology.execute_batch(calls)
-        landed = {}
+        landed: dict[str, int] = {}
         for (tag, version), reply in zip(batch.items(), replies, strict=True):
             if isinstance(reply, BaseException):
                 continue
@@ -192,7 +193,7 @@ class Outbox:
             if pid == os.getpid() or process_alive(pid):
                 continue
             try:
-                data = json.loads(path.read_text())
+                data: dict[str, Any] = json.loads(path.read_text())
             except (OSError, ValueError):
                 data = {}
             if data.get("key_prefix", self.key_prefix) != self.key_prefix:
@@ -212,8 +213,8 @@ class Outbox:
             self._ensure_retrying()
 
 
-def run_plan(topology: Any, plan: Any) -> Any:
-    """Drive a plan of plain calls with the sync topology (the outbox's thread has no cache instance)."""
+def run_plan(topology: ClusterTopology, plan: PlanOf[T]) -> T:
+    """Drive a plan of plain calls with the sync topology (the outbox's thread has no core)."""
     try:
         request = next(plan)
         while True:
@@ -222,4 +223,5 @@ def run_plan(topology: Any, plan: Any) -> Any:
             )
             request = plan.send(reply)
     except StopIteration as done:
-        return done.value
+        result: T = done.value
+        return result

@@ -19,6 +19,8 @@ Invalidated entries (a stale tag) are never served as stale: only entries past t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -27,14 +29,14 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from . import scripts
 from .codec import SignatureError, UndecodableValueError
 from .conf import MAX_EXPIRY_MS
-from .core import STRICT, Compute, Core, Guarded, Sleep, Spawn
+from .core import MISSING, Compute, Core, Guarded, PlanOf, Sleep, Spawn
 from .tags import stamps_are_current, validate_tags
 from .topology import Call
 
@@ -42,20 +44,15 @@ logger = logging.getLogger("django_distcache.stampede")
 
 POLL_FIRST, POLL_MAX = 0.01, 0.1  # seconds between two looks of a waiter, growing
 
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-MISSING = _Missing()
+RefreshQueue = Callable[[Any, int | None, str], object]
+"""Queues the refresh of (key, version) elsewhere (Celery); the refresher releases the lease `token`."""
 
 
 @dataclass(slots=True)
 class Found:
     """What a stampede-aware read found: fresh, fresh but due for early recomputation, stale, or a miss."""
 
-    state: str  # "fresh" | "early" | "stale" | "miss"
+    state: Literal["fresh", "early", "stale", "miss"]
     value: Any = None
 
 
@@ -81,11 +78,14 @@ class Policy:
     stale: float = 0.0
     beta: float = 1.0
     lease_timeout: float = 10.0
-    refresh: Any = "inline"
+    refresh: str | RefreshQueue = "inline"
 
 
 def policy_for(
-    core: Core, stale: float | None = None, beta: float | None = None, refresh: Any = None
+    core: Core,
+    stale: float | None = None,
+    beta: float | None = None,
+    refresh: str | RefreshQueue | None = None,
 ) -> Policy:
     settings = core.settings
     stale = 0.0 if stale is None else stale
@@ -109,7 +109,7 @@ def xfetch_due(soft_expiry: float, recompute_time: float, beta: float, now: floa
     return now - recompute_time * beta * math.log(draw) >= soft_expiry
 
 
-def read_plan(core: Core, physical: bytes, beta: float) -> Any:
+def read_plan(core: Core, physical: bytes, beta: float) -> PlanOf[Found]:
     data = yield Call(physical, ("GET", physical), read=True)
     if data is None:
         return MISS
@@ -145,15 +145,15 @@ def new_token() -> str:
     return os.urandom(12).hex()
 
 
-def acquire_plan(lease: bytes, token: str, timeout: float) -> Any:
+def acquire_plan(lease: bytes, token: str, timeout: float) -> PlanOf[bool]:
     return bool((yield Call(lease, ("SET", lease, token, "NX", "PX", max(1, int(timeout * 1000))))))
 
 
-def release_plan(lease: bytes, token: str) -> Any:
+def release_plan(lease: bytes, token: str) -> PlanOf[None]:
     yield Call(lease, ("EVAL", scripts.RELEASE_IF_OWNER, 1, lease, token))
 
 
-def held_plan(lease: bytes) -> Any:
+def held_plan(lease: bytes) -> PlanOf[bool]:
     return bool((yield Call(lease, ("EXISTS", lease), read=False)))
 
 
@@ -165,9 +165,9 @@ def store_plan(
     value: Any,
     timeout: Any,
     stale: float,
-    stamps: Any,
+    stamps: dict[str, int] | None,
     recompute_time: float,
-) -> Any:
+) -> PlanOf[bool]:
     """SET with the logical expiry and the computation's duration in the envelope; kept `stale` longer."""
     expiry_ms = core.expiry_ms(timeout)
     if expiry_ms == 0:
@@ -189,10 +189,7 @@ def store_plan(
     except Exception as error:
         error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
         raise
-    if expiry_ms is None:
-        args: tuple = ("SET", physical, data)
-    else:
-        args = ("SET", physical, data, "PX", kept_ms(expiry_ms, stale))
+    args = core.set_args(physical, data, kept_ms(expiry_ms, stale))
     return bool((yield Call(physical, args, repairable=True)))
 
 
@@ -202,110 +199,126 @@ def kept_ms(expiry_ms: int | None, stale: float) -> int | None:
 
 
 # -- the whole fetch ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry under stampede protection: where it lives, its lease, and how it is computed and stored."""
+
+    core: Core
+    key: Any
+    version: int | None
+    physical: bytes
+    lease: bytes
+    compute: Callable[[], Any]
+    timeout: Any
+    tags: list[str]
+    policy: Policy
+
+
 def fetch_plan(
     core: Core,
     key: Any,
     version: int | None,
     compute: Callable[[], Any],
     timeout: Any,
-    tags: Any,
+    tags: Iterable[str] | None,
     policy: Policy,
-    on_miss: str = "compute",
-) -> Any:
+    on_miss: Literal["compute", "return"] = "compute",
+) -> PlanOf[Any]:
     """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale. With
     `on_miss="return"`, a miss returns MISSING instead (the caller then joins the process's single-flight
     for the computation: hits never wait behind it)."""
-    tags = validate_tags(tags)
+    checked_tags = validate_tags(tags)
     core.expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
-    made = core.made_key(key, version)
-    lease = lease_key(core, made)
+    lease = lease_key(core, core.made_key(key, version))
     physical = yield Guarded(core.physical_key(key, version), "get", None)
     if physical is None:  # the cache is unreachable: compute, store nothing
         return (yield Compute(compute))
+    entry = Entry(core, key, version, physical, lease, compute, timeout, checked_tags, policy)
     found = yield Guarded(read_plan(core, physical, policy.beta), "get", MISS)
     if found.state == "fresh":
         return found.value
-    if found.state in ("early", "stale") and (found.state == "early" or policy.stale):
-        token = new_token()
-        if (yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", False)):
-            if policy.refresh == "inline":
-                failures: list[BaseException] = []
-                refresh = refresh_plan(
-                    core,
-                    key,
-                    version,
-                    physical,
-                    lease,
-                    token,
-                    _noting(compute, failures),
-                    timeout,
-                    tags,
-                    policy,
-                )
-                try:
-                    return (yield from refresh)
-                except Exception as error:
-                    if not any(error is failure for failure in failures):
-                        raise  # not the user's computation failing (a WRONGTYPE, a bug): never hidden
-                    # Fail-safe: the value we hold is still good to serve.
-                    logger.warning(
-                        "recomputing %r failed (%s: %s); served the value held",
-                        key,
-                        type(error).__name__,
-                        error,
-                    )
-                    return found.value
-            if policy.refresh == "thread":
-                yield Spawn(
-                    lambda: refresh_plan(
-                        core, key, version, physical, lease, token, compute, timeout, tags, policy
-                    ),
-                    "refresh",
-                )
-            else:
-                try:
-                    yield Compute(policy.refresh, (key, version, token))
-                except Exception as error:  # noqa: BLE001 - the broker is not ours: serve the value anyway
-                    logger.warning("could not queue the refresh of %r: %s", key, error)
-                    yield Guarded(release_plan(lease, token), "lease", None)
-        return found.value
+    if found.state == "early" or (found.state == "stale" and policy.stale):
+        return (yield from serve_held_plan(entry, found.value))
     # A miss (or stale while the caller allows no staleness): one caller computes, the others wait for it.
     if on_miss == "return":
         return MISSING
+    return (yield from compute_once_plan(entry))
+
+
+def serve_held_plan(entry: Entry, held: Any) -> PlanOf[Any]:
+    """Serve `held` (early or stale) and have it refreshed by whoever gets the lease: inline, in the
+    background, or queued, as the policy says; a reader that does not get the lease just serves it."""
+    token = new_token()
+    if not (yield Guarded(acquire_plan(entry.lease, token, entry.policy.lease_timeout), "lease", False)):
+        return held
+    refresh = entry.policy.refresh
+    if refresh == "inline":
+        return (yield from _refresh_inline_plan(entry, token, held))
+    if refresh == "thread":
+        yield Spawn(functools.partial(refresh_plan, entry, token), "refresh")
+    elif callable(refresh):
+        yield from _queue_refresh_plan(entry, refresh, token)
+    return held
+
+
+def _refresh_inline_plan(entry: Entry, token: str, held: Any) -> PlanOf[Any]:
+    """Recompute now; if the user's computation fails, serve `held` (fail-safe: it is still good)."""
+    failures: list[BaseException] = []
+    noting = dataclasses.replace(entry, compute=_noting(entry.compute, failures))
+    try:
+        return (yield from refresh_plan(noting, token))
+    except Exception as error:
+        if not any(error is failure for failure in failures):
+            raise  # not the user's computation failing (a WRONGTYPE, a bug): never hidden
+        logger.warning(
+            "recomputing %r failed (%s: %s); served the value held", entry.key, type(error).__name__, error
+        )
+        return held
+
+
+def _queue_refresh_plan(entry: Entry, queue: RefreshQueue, token: str) -> PlanOf[None]:
+    """Hand the refresh (and the lease) to `queue`; if it cannot be queued, give the lease back."""
+    try:
+        yield Compute(queue, (entry.key, entry.version, token))
+    except Exception as error:  # noqa: BLE001 - the broker is not ours: the held value is served anyway
+        logger.warning("could not queue the refresh of %r: %s", entry.key, error)
+        yield Guarded(release_plan(entry.lease, token), "lease", None)
+
+
+def compute_once_plan(entry: Entry) -> PlanOf[Any]:
+    """A miss: the caller that takes the lease computes and stores; the others wait for its value, and
+    take over if it finishes without storing one or dies."""
+    core, lease = entry.core, entry.lease
     while True:
         token = new_token()
-        acquired = yield Guarded(acquire_plan(lease, token, policy.lease_timeout), "lease", None)
+        acquired = yield Guarded(acquire_plan(lease, token, entry.policy.lease_timeout), "lease", None)
         if acquired:
             # Looked at again now that the lease is ours: a holder that stored the value and released the
             # lease between our read (a miss) and our acquire has done the work (the lease orders the two).
-            found = yield Guarded(read_plan(core, physical, 0.0), "get", MISS)
+            found = yield Guarded(read_plan(core, entry.physical, 0.0), "get", MISS)
             if found.state == "fresh":
                 yield Guarded(release_plan(lease, token), "lease", None)
                 return found.value
         if acquired is not False:  # ours, or the cache is down (then everyone computes: nothing to share)
-            return (
-                yield from refresh_plan(
-                    core,
-                    key,
-                    version,
-                    physical,
-                    lease,
-                    token if acquired else None,
-                    compute,
-                    timeout,
-                    tags,
-                    policy,
-                )
-            )
-        pause, deadline = POLL_FIRST, time.monotonic() + policy.lease_timeout
-        while time.monotonic() < deadline:
-            yield Sleep(pause)
-            pause = min(POLL_MAX, pause * 2)
-            found = yield Guarded(read_plan(core, physical, 0.0), "get", MISS)
-            if found.state in ("fresh", "early"):
-                return found.value
-            if not (yield Guarded(held_plan(lease), "lease", False)):
-                break  # the holder finished without storing, or died and its lease expired: our turn
+            return (yield from refresh_plan(entry, token if acquired else None))
+        found = yield from _wait_for_holder_plan(entry)
+        if found is not None:
+            return found.value
+
+
+def _wait_for_holder_plan(entry: Entry) -> PlanOf[Found | None]:
+    """Poll, backing off, for the lease holder's value; None when the lease is free again (the holder
+    finished without storing, or died and its lease expired) or the lease timeout has passed: our turn."""
+    pause, deadline = POLL_FIRST, time.monotonic() + entry.policy.lease_timeout
+    while time.monotonic() < deadline:
+        yield Sleep(pause)
+        pause = min(POLL_MAX, pause * 2)
+        found: Found = yield Guarded(read_plan(entry.core, entry.physical, 0.0), "get", MISS)
+        if found.state in ("fresh", "early"):
+            return found
+        if not (yield Guarded(held_plan(entry.lease), "lease", False)):
+            return None
+    return None
 
 
 def _noting(compute: Callable[[], Any], failures: list[BaseException]) -> Callable[[], Any]:
@@ -323,7 +336,7 @@ def _noting(compute: Callable[[], Any], failures: list[BaseException]) -> Callab
     return run
 
 
-async def _anoting(awaitable: Any, failures: list[BaseException]) -> Any:
+async def _anoting(awaitable: Awaitable[Any], failures: list[BaseException]) -> Any:
     try:
         return await awaitable
     except Exception as error:
@@ -331,35 +344,27 @@ async def _anoting(awaitable: Any, failures: list[BaseException]) -> Any:
         raise
 
 
-def refresh_plan(
-    core: Core,
-    key: Any,
-    version: int | None,
-    physical: bytes,
-    lease: bytes,
-    token: str | None,
-    compute: Callable[[], Any],
-    timeout: Any,
-    tags: list[str],
-    policy: Policy,
-) -> Any:
-    """Compute under the lease and store; tag versions are read before the computation starts."""
+def refresh_plan(entry: Entry, token: str | None) -> PlanOf[Any]:
+    """Compute under the lease (`token`, released at the end; None: none held) and store; tag versions
+    are read before the computation starts."""
+    core, policy = entry.core, entry.policy
     try:
         stamps = None
-        if tags:
-            expiry_ms = kept_ms(core.expiry_ms(timeout), policy.stale)
-            stamps = yield Guarded(core.stamps(tags, expiry_ms), "get_or_set", MISSING)
+        if entry.tags:
+            expiry_ms = kept_ms(core.expiry_ms(entry.timeout), policy.stale)
+            stamps = yield Guarded(core.stamps(entry.tags, expiry_ms), "get_or_set", MISSING)
         started = time.monotonic()
-        value = yield Compute(compute)
+        value = yield Compute(entry.compute)
         elapsed = time.monotonic() - started
         if stamps is not MISSING and not isinstance(value, Unstored):
-            yield Guarded(
-                store_plan(core, physical, key, value, timeout, policy.stale, stamps, elapsed), "set", False
+            store = store_plan(
+                core, entry.physical, entry.key, value, entry.timeout, policy.stale, stamps, elapsed
             )
+            yield Guarded(store, "set", False)
         return value
     finally:
         if token is not None:
-            yield Guarded(release_plan(lease, token), "lease", None)
+            yield Guarded(release_plan(entry.lease, token), "lease", None)
 
 
 # -- single-flight ------------------------------------------------------------------------------------
@@ -377,13 +382,13 @@ class SingleFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._flights: dict[Any, _Flight] = {}
+        self._flights: dict[Hashable, _Flight] = {}
 
-    def do(self, key: Any, function: Callable[[], Any]) -> Any:
+    def do(self, key: Hashable, function: Callable[[], Any]) -> Any:
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
-            if leader:
+            if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leader:
             flight.done.wait()
@@ -406,9 +411,11 @@ class AsyncSingleFlight:
     """The same for coroutines, per event loop."""
 
     def __init__(self) -> None:
-        self._flights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._flights: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
+        ] = weakref.WeakKeyDictionary()
 
-    async def do(self, key: Any, function: Callable[[], Any]) -> Any:
+    async def do(self, key: Hashable, function: Callable[[], Awaitable[Any]]) -> Any:
         loop = asyncio.get_running_loop()
         flights = self._flights.setdefault(loop, {})
         future = flights.get(key)
@@ -432,7 +439,7 @@ single_flight = SingleFlight()
 async_single_flight = AsyncSingleFlight()
 
 
-def flight_key(core: Core, key: Any, version: int | None) -> tuple:
+def flight_key(core: Core, key: Any, version: int | None) -> tuple[int, str]:
     return (id(core.shared), core.made_key(key, version))
 
 
@@ -442,20 +449,17 @@ def get_or_compute(
     version: int | None,
     compute: Callable[[], Any],
     timeout: Any,
-    tags: Any,
+    tags: Iterable[str] | None,
     policy: Policy,
     operation: str,
 ) -> Any:
-    """Sync: a read (hits, early and stale refreshes) and, on a miss, one computation per process."""
-    value = core.run(
-        fetch_plan(core, key, version, compute, timeout, tags, policy, "return"), operation, STRICT
-    )
+    """A read (hits, early and stale refreshes) and, on a miss, one computation per process (threads
+    wait for it) and per fleet (the lease)."""
+    fetch = functools.partial(fetch_plan, core, key, version, compute, timeout, tags, policy)
+    value = core.run_strict(fetch(on_miss="return"), operation)
     if value is not MISSING:
         return value
-    return single_flight.do(
-        flight_key(core, key, version),
-        lambda: core.run(fetch_plan(core, key, version, compute, timeout, tags, policy), operation, STRICT),
-    )
+    return single_flight.do(flight_key(core, key, version), lambda: core.run_strict(fetch(), operation))
 
 
 async def aget_or_compute(
@@ -464,16 +468,15 @@ async def aget_or_compute(
     version: int | None,
     compute: Callable[[], Any],
     timeout: Any,
-    tags: Any,
+    tags: Iterable[str] | None,
     policy: Policy,
     operation: str,
 ) -> Any:
-    value = await core.arun(
-        fetch_plan(core, key, version, compute, timeout, tags, policy, "return"), operation, STRICT
-    )
+    """`get_or_compute` on the running loop: the same plan, coroutines sharing one computation."""
+    fetch = functools.partial(fetch_plan, core, key, version, compute, timeout, tags, policy)
+    value = await core.arun_strict(fetch(on_miss="return"), operation)
     if value is not MISSING:
         return value
     return await async_single_flight.do(
-        flight_key(core, key, version),
-        lambda: core.arun(fetch_plan(core, key, version, compute, timeout, tags, policy), operation, STRICT),
+        flight_key(core, key, version), lambda: core.arun_strict(fetch(), operation)
     )

@@ -21,12 +21,14 @@ import math
 import os
 import threading
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
+from .outbox import Outbox
+from .plans import PlanOf
 from .topology import Call, is_outage
 
 TAG_KEY_PREFIX = "~tag:"  # after `<KEY_PREFIX>:` (keys.py)
@@ -37,8 +39,6 @@ MAX_TAGS_PER_VALUE = 256
 # any more is gone this long after its last entry.
 TAG_TTL_MARGIN = 60.0
 _LONGEST_TTL_MS = 10**15  # about 31,700 years: a TTL plus the margin stays within what Redis accepts
-
-Plan = Generator[Any, Any, Any]
 
 
 def new_version() -> int:
@@ -52,7 +52,7 @@ def validate_tags(tags: Any, limit: int | None = MAX_TAGS_PER_VALUE) -> list[str
         return []
     if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
         raise TypeError(f"tags must be a list of strings, got {type(tags).__name__}: {tags!r}")
-    result = {}
+    result: dict[str, None] = {}  # ordered, without repeats
     for tag in tags:
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"each tag must be a non-empty str, got {tag!r}")
@@ -79,7 +79,7 @@ class TagVersions:
         # tag -> (version, fetched at, until when its key is known to live: 0 unknown, inf forever);
         # all three on time.monotonic()
         self._local: dict[str, tuple[int, float, float]] = {}
-        self.outbox: Any = None  # set by the cache: invalidations waiting for their node (outbox.py)
+        self.outbox: Outbox | None = None  # set by the core: invalidations waiting for their node
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
         if local_ttl > 0:
@@ -107,7 +107,7 @@ class TagVersions:
                     known = old[2] if old is not None and old[0] == version else 0.0
                     self._local[tag] = (version, fetched_at, max(kept_until, known))
 
-    def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
+    def _on_message(self, kind: str, key_prefix: str, name: str, version: int | str) -> None:
         # Forget rather than install: two invalidations of one tag may be pushed out of order, and the
         # next read fetches whichever version Redis holds now.
         if kind == "tag" and key_prefix == self.key_prefix:
@@ -138,7 +138,7 @@ class TagVersions:
         return sum(1 for tag in list(self._local) if self._held(tag, now) is not None)
 
     # -- plans ----------------------------------------------------------------------------------------
-    def current(self, tags: list[str]) -> Plan:
+    def current(self, tags: list[str]) -> PlanOf[dict[str, int | None]]:
         """{tag: version} for a read; a missing tag maps to None, which invalidates whatever carries it."""
         now = time.monotonic()
         versions: dict[str, int | None] = {}
@@ -170,7 +170,7 @@ class TagVersions:
                     versions[tag] = None  # an invalidation is pending: whatever carries it is a miss
         return versions
 
-    def for_write(self, tags: list[str], expiry_ms: int | None) -> Plan:
+    def for_write(self, tags: list[str], expiry_ms: int | None) -> PlanOf[dict[str, int]]:
         """{tag: version} to stamp an entry that Redis keeps `expiry_ms` (None: forever), read before its
         value is computed. A missing tag key is created; each tag key is made to live at least as long as
         the entry plus TAG_TTL_MARGIN. A held version whose key is known to live long enough costs nothing."""
@@ -214,7 +214,7 @@ class TagVersions:
         self._hold(fetched, epoch, fetched_at, kept_until)
         return versions
 
-    def invalidate(self, tags: list[str]) -> Plan:
+    def invalidate(self, tags: list[str]) -> PlanOf[int]:
         """Give each existing tag key a new random version (its TTL kept), then push it to every process.
 
         A missing tag key is left missing: nothing can carry it (missing already means invalid), so
@@ -224,19 +224,21 @@ class TagVersions:
             Call(self.tag_key(tag), ("SET", self.tag_key(tag), version, "XX", "KEEPTTL"), repairable=True)
             for tag, version in new.items()
         ]
-        queued, absent = {}, set()
+        outbox = self.outbox
+        queued: dict[str, int] = {}  # (only with an outbox to keep them)
+        absent: set[str] = set()
         for (tag, version), reply in zip(new.items(), replies, strict=True):
             if isinstance(reply, BaseException):
-                if self.outbox is None or not is_outage(reply):
+                if outbox is None or not is_outage(reply):
                     raise reply
                 queued[tag] = version  # its node is unreachable: kept and retried, never dropped
             elif reply is None:
                 absent.add(tag)
-        if queued:
+        if outbox is not None and queued:
             with self._lock:
                 for tag in queued:
                     self._local.pop(tag, None)
-            self.outbox.add(queued)
+            outbox.add(queued)
         count = len(new)
         new = {tag: version for tag, version in new.items() if tag not in queued}
         with self._lock:

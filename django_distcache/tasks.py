@@ -9,7 +9,8 @@ from typing import Any
 from celery import shared_task
 
 
-@shared_task(name="django_distcache.flush_behind", ignore_result=True)
+# Celery ships no type information: its decorator hides the functions' signatures from mypy.
+@shared_task(name="django_distcache.flush_behind", ignore_result=True)  # type: ignore[untyped-decorator]
 def flush_behind_task(using: str = "default", shards: list[int] | None = None) -> dict[str, Any]:
     """Drain queued write-behind changes into the database (see docs/write-behind.md)."""
     from dataclasses import asdict
@@ -34,7 +35,7 @@ def beat_schedule(every: float = 1.0, using: str = "default") -> dict[str, dict[
     }
 
 
-@shared_task(name="django_distcache.refresh", ignore_result=True)
+@shared_task(name="django_distcache.refresh", ignore_result=True)  # type: ignore[untyped-decorator]
 def refresh_task(name: str, args: list[Any], kwargs: dict[str, Any], token: str | None = None) -> None:
     """Recompute one `@cached(refresh="celery")` entry that a reader found stale or due (XFetch), and
     release the lease the reader took for it (see docs/stampede.md)."""
@@ -48,7 +49,7 @@ def refresh_task(name: str, args: list[Any], kwargs: dict[str, Any], token: str 
 # deliver again; a pool child that dies mid-chunk has its chunk put back at once (reject_on_worker_lost).
 # Running a chunk twice writes the same entries, and a chunk of a followed run that is done already is
 # skipped (warming.run_task).
-@shared_task(
+@shared_task(  # type: ignore[untyped-decorator]
     name="django_distcache.warm", ignore_result=True, bind=True, acks_late=True, reject_on_worker_lost=True
 )
 def warm_task(
@@ -81,11 +82,11 @@ def warmer_beat_schedule() -> dict[str, dict[str, Any]]:
 
     from .warming import registered_warmers
 
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for entry in registered_warmers():
         if entry.schedule is None:
             continue
-        options = {}
+        options: dict[str, float] = {}
         if isinstance(entry.schedule, int | float | timedelta):
             seconds = (
                 entry.schedule.total_seconds() if isinstance(entry.schedule, timedelta) else entry.schedule

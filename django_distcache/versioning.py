@@ -16,25 +16,27 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
 from .keys import GENERATION, KeyLayout
-from .plans import Guarded
-from .topology import OUTAGE_ERRORS, Call, CommandError, is_outage
+from .plans import Guarded, PlanOf
+from .topology import OUTAGE_ERRORS, Call, ClusterTopology, CommandError, is_outage
+
+if TYPE_CHECKING:
+    from django.db.models import Model
 
 logger = logging.getLogger("django_distcache.versioning")
 
 PURGE_BATCH = 500
 
 
-_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_fingerprints: weakref.WeakKeyDictionary[type[Model], str] = weakref.WeakKeyDictionary()
 
 
-def model_fingerprint(model: Any) -> str:
+def model_fingerprint(model: type[Model]) -> str:
     """A short digest of a model's shape: app label, model name, and every concrete field's name, type and
     column. It changes when a migration adds, removes, renames or retypes a field, so keys derived from a
     model (see model_key) change with it: old entries simply miss and expire, no flush needed."""
@@ -42,7 +44,7 @@ def model_fingerprint(model: Any) -> str:
     if cached is not None:
         return cached
     meta = model._meta
-    parts = [meta.app_label, meta.model_name]
+    parts = [meta.app_label, str(meta.model_name)]
     for model_field in meta.concrete_fields:
         field_type = type(model_field)
         parts.append(
@@ -52,7 +54,7 @@ def model_fingerprint(model: Any) -> str:
     return fingerprint
 
 
-def model_key(model: Any, *parts: Any) -> str:
+def model_key(model: type[Model], *parts: object) -> str:
     """A cache key for something derived from `model`, carrying its fingerprint: `app.model:<fp>:parts`."""
     meta = model._meta
     suffix = ":".join(str(part) for part in parts)
@@ -84,7 +86,7 @@ class Namespace:
         self.checked_at = 0.0
         backplane.add_listener(self._on_message)
 
-    def current(self) -> Generator[Any, Any, bytes]:
+    def current(self) -> PlanOf[bytes]:
         """What every entry key starts with (`<KEY_PREFIX>:<generation>:`); yields one call to Redis unless
         the in-process copy is trusted."""
         checked_at = self.checked_at
@@ -114,12 +116,12 @@ class Namespace:
             self.head, self.checked_at = head, fetched_at
         return head
 
-    def _read_plan(self, proposed: str) -> Generator[Call, Any, str]:
+    def _read_plan(self, proposed: str) -> PlanOf[str]:
         """The generation in Redis, `proposed` written first if there is none."""
-        existing = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
+        existing: bytes | None = yield Call(self.key, ("SET", self.key, proposed, "NX", "GET"))
+        if existing is None:
+            return proposed
         for _ in range(3):
-            if existing is None:
-                return proposed
             if GENERATION.fullmatch(existing):
                 return existing.decode()
             logger.warning(
@@ -128,16 +130,18 @@ class Namespace:
                 existing[:40],
                 self.key_prefix,
             )
-            existing = yield Call(
+            # What the key holds now: `proposed`, or what another process wrote first.
+            replaced: bytes = yield Call(
                 self.key, ("EVAL", scripts.REPLACE_FOREIGN_GENERATION, 1, self.key, existing, proposed)
             )
+            existing = replaced
         raise ValueError(f"namespace key {self.key!r} keeps being overwritten with {existing[:40]!r}")
 
-    def _on_message(self, kind: str, key_prefix: str, name: str, version: Any) -> None:
+    def _on_message(self, kind: str, key_prefix: str, name: str, version: int | str) -> None:
         if kind == "ns" and key_prefix == self.key_prefix:
             self.checked_at = float("-inf")  # re-read on next use: bumps may be pushed out of order
 
-    def bump(self) -> Generator[Any, Any, None]:
+    def bump(self) -> PlanOf[None]:
         """Make every key of this namespace unreachable in O(1), then purge the old ones in the background.
 
         The generation to retire is listed for the purge before the switch, so a refused or failed list
@@ -166,7 +170,7 @@ class Namespace:
 class Purger:
     """One background thread per cluster that UNLINKs the keys of retired generations."""
 
-    def __init__(self, topology: Any) -> None:
+    def __init__(self, topology: ClusterTopology) -> None:
         self.topology = topology
         self.queue: queue.Queue[tuple[Namespace, str | None]] = queue.Queue()
         self._thread: threading.Thread | None = None

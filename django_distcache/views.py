@@ -46,10 +46,10 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 from urllib.parse import urlencode
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -63,10 +63,13 @@ from django.utils.functional import cached_property
 from django.utils.http import parse_http_date_safe
 
 from . import scripts, stampede
-from .core import Core, core_for
+from .core import Compute, Core, Guarded, PlanOf, core_for
 from .forksafe import renew_locks_after_fork
 from .tags import validate_tags
 from .topology import Call
+
+if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
 
 logger = logging.getLogger("django_distcache.views")
 
@@ -103,8 +106,20 @@ _CONDITIONAL_HEADERS = (
     "HTTP_IF_UNMODIFIED_SINCE",
 )
 
-# Commas (with any spaces) between the items of Cache-Control and Vary (Django 6.1 dropped its own).
+# Commas (with any spaces) between the items of Cache-Control and Vary; ours, as Django 6.1 has none.
 _HEADER_LIST = re.compile(r"\s*,\s*")
+CACHE_STATUS = "cache_status"  # the attribute of a response that says how the cache answered it
+R = TypeVar("R")
+
+
+class _RequestUser(Protocol):
+    """What a view's key needs of request.user (set by the auth middleware, unknown to HttpRequest)."""
+
+    @property
+    def pk(self) -> Any: ...
+
+    @property
+    def is_authenticated(self) -> bool: ...
 
 
 # -- what the serving plan asks its driver for ---------------------------------------------------------
@@ -141,7 +156,7 @@ _PASS_THROUGH = _PassThrough()
 @dataclass(frozen=True, slots=True)
 class _Options:
     timeout: Any
-    tags: Any
+    tags: list[str] | Callable[..., Iterable[str]]
     vary_headers: tuple[str, ...]  # lower-case header names from vary_on
     by_user: bool
     stale: float | None
@@ -162,9 +177,9 @@ class _Visit:
         self,
         view: _CachedView,
         request: HttpRequest,
-        args: tuple,
-        kwargs: dict,
-        user: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        user: _RequestUser | None,
         query_string: str,
     ) -> None:
         options = view.options
@@ -217,12 +232,12 @@ def normalized_query(query: QueryDict, allowed: frozenset[str] | None) -> str:
     return urlencode(pairs)
 
 
-def _digest(parts: list[str]) -> str:
+def _digest(parts: Sequence[object]) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=20).hexdigest()
 
 
 # -- the request a render for the cache sees ------------------------------------------------------------
-class _NoCookies(dict):
+class _NoCookies(dict[str, str]):
     """request.COOKIES of a render for the cache: empty. A look at it says the page may depend on the
     visitor's cookies (it is then rendered again with theirs, and not stored); the look is noted only to
     serve the visitor right: there is nothing in it to leak, whichever way the view looks."""
@@ -236,19 +251,19 @@ class _NoCookies(dict):
     def _looked(self) -> None:
         self.read = True
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: str) -> str:
         self._looked()
         return super().__getitem__(key)
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: str, default: Any = None) -> Any:
         self._looked()
         return default
 
-    def __contains__(self, key: Any) -> bool:
+    def __contains__(self, key: object) -> bool:
         self._looked()
         return False
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         self._looked()
         return super().__iter__()
 
@@ -256,19 +271,19 @@ class _NoCookies(dict):
         self._looked()
         return 0
 
-    def keys(self) -> Any:
+    def keys(self) -> dict_keys[str, str]:
         self._looked()
         return super().keys()
 
-    def values(self) -> Any:
+    def values(self) -> dict_values[str, str]:
         self._looked()
         return super().values()
 
-    def items(self) -> Any:
+    def items(self) -> dict_items[str, str]:
         self._looked()
         return super().items()
 
-    def copy(self) -> dict:
+    def copy(self) -> dict[str, str]:
         self._looked()
         return {}
 
@@ -277,27 +292,27 @@ class _NoCookies(dict):
         return "{}"
 
 
-class _NoCookieMeta(dict):
+class _NoCookieMeta(dict[str, Any]):
     """request.META of a render for the cache (credentials already taken out): a look for the Cookie
     header is a look at the cookies."""
 
     __slots__ = ("cookies",)
 
-    def __init__(self, meta: dict, cookies: _NoCookies) -> None:
+    def __init__(self, meta: dict[str, Any], cookies: _NoCookies) -> None:
         super().__init__(meta)
         self.cookies = cookies
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: str) -> Any:
         if key == "HTTP_COOKIE":
             self.cookies._looked()
         return super().__getitem__(key)
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: str, default: Any = None) -> Any:
         if key == "HTTP_COOKIE":
             self.cookies._looked()
         return super().get(key, default)
 
-    def __contains__(self, key: Any) -> bool:
+    def __contains__(self, key: object) -> bool:
         if key == "HTTP_COOKIE":
             self.cookies._looked()
         return super().__contains__(key)
@@ -306,7 +321,7 @@ class _NoCookieMeta(dict):
 class _NoCookieHeaders(HttpHeaders):
     """request.headers of a render for the cache: as META, a look for Cookie is a look at the cookies."""
 
-    def __init__(self, meta: dict, cookies: _NoCookies) -> None:
+    def __init__(self, meta: dict[str, Any], cookies: _NoCookies) -> None:
         super().__init__(meta)
         self.cookies = cookies
 
@@ -339,7 +354,7 @@ class _NoSession(SessionBase):
     def delete(self, session_key: str | None = None) -> None:
         self.modified = True
 
-    def load(self) -> dict:
+    def load(self) -> dict[str, Any]:
         self.accessed = True
         return {}
 
@@ -348,23 +363,31 @@ class _NoSession(SessionBase):
         pass
 
 
+class _Touched(Protocol):
+    """The stand-in messages storage: whether the render read or added a message."""
+
+    touched: bool
+
+
 @functools.cache
-def _no_messages() -> type:
+def _no_messages() -> Callable[[HttpRequest], _Touched]:
     """The class of request._messages of a render for the cache (django.contrib.messages, imported only
     when the visitor's request has messages): no messages; reading or adding one shows in `touched`."""
-    from django.contrib.messages.storage.base import BaseStorage
+    from django.contrib.messages.storage.base import BaseStorage, Message
 
     class NoMessages(BaseStorage):
         touched = False
 
-        def _get(self, *args: Any, **kwargs: Any) -> tuple[list, bool]:
+        def _get(self, *args: Any, **kwargs: Any) -> tuple[list[Message], bool]:
             self.touched = True
             return [], True
 
-        def _store(self, messages: list, response: Any, *args: Any, **kwargs: Any) -> list:
+        def _store(
+            self, messages: list[Message], response: HttpResponseBase, *args: Any, **kwargs: Any
+        ) -> list[Message]:
             return []
 
-        def add(self, level: int, message: str, extra_tags: str = "") -> None:
+        def add(self, level: int, message: str, extra_tags: str | None = "") -> None:
             self.touched = True
             super().add(level, message, extra_tags)
 
@@ -381,16 +404,22 @@ def _credential_header_names() -> tuple[frozenset[str], frozenset[bytes]]:
     return frozenset(meta), frozenset(name.encode() for name in raw)
 
 
-@functools.cache
-def _cached_properties(cls: type) -> tuple[str, ...]:
+_cached_property_names: dict[type[HttpRequest], tuple[str, ...]] = {}
+
+
+def _cached_properties(cls: type[HttpRequest]) -> tuple[str, ...]:
     """Attribute names under which the request class caches values derived from META (GET, COOKIES,
-    headers, ...): a copy with other META must compute them afresh."""
-    return tuple(
-        getattr(attribute, "attrname", None) or attribute.name
-        for klass in cls.__mro__
-        for attribute in vars(klass).values()
-        if isinstance(attribute, cached_property | functools.cached_property)
-    )
+    headers, ...): a copy with other META must compute them afresh. (A cached property caches under the
+    one name it is assigned to in its class: both kinds refuse a second name.)"""
+    names = _cached_property_names.get(cls)
+    if names is None:
+        names = _cached_property_names[cls] = tuple(
+            name
+            for klass in cls.__mro__
+            for name, attribute in vars(klass).items()
+            if isinstance(attribute, cached_property | functools.cached_property)
+        )
+    return names
 
 
 class _Shadow:
@@ -401,62 +430,31 @@ class _Shadow:
     def __init__(self, visit: _Visit, by_user: bool) -> None:
         request = visit.request
         shadow = copy.copy(request)
+        # The copy's own attributes, among them those Django's handlers and middleware set (environ, scope,
+        # user, _messages), which HttpRequest does not declare.
         state = shadow.__dict__
-        for name in _cached_properties(type(request)):
-            state.pop(name, None)
-        for name in ("_body", "_post", "_files", "_cached_user", "_acached_user", "csrf_cookie_needs_reset"):
+        for name in (*_cached_properties(type(request)), *_PRIVATE_ATTRIBUTES):
             state.pop(name, None)
         hidden_meta, hidden_headers = _credential_header_names()
         self.cookies = shadow.COOKIES = _NoCookies()
-        meta = _NoCookieMeta(
-            {
-                name: value
-                for name, value in request.META.items()
-                if name not in hidden_meta
-                and not (isinstance(name, str) and name.startswith(_CREDENTIAL_META_PREFIXES))
-            },
-            self.cookies,
-        )
-        meta["REQUEST_METHOD"] = "GET"
-        meta["QUERY_STRING"] = visit.query_string
-        meta.pop("CONTENT_LENGTH", None)
-        if "wsgi.input" in meta:
-            meta["wsgi.input"] = io.BytesIO()
+        meta = _shadow_meta(request.META, hidden_meta, visit.query_string, self.cookies)
         shadow.META = meta
         shadow.headers = _NoCookieHeaders(meta, self.cookies)
         if "environ" in state:  # WSGIRequest: the environ is its META
-            shadow.environ = meta
+            state["environ"] = meta
         if isinstance(state.get("scope"), dict):  # ASGIRequest: the raw headers are in the scope too
-            scope = {key: value for key, value in state["scope"].items() if key not in _PRIVATE_SCOPE_KEYS}
-            scope["headers"] = [
-                (name, value)
-                for name, value in scope.get("headers", ())
-                if name.lower() not in hidden_headers
-            ]
-            scope["query_string"] = visit.query_string.encode()
-            scope["method"] = "GET"
-            if isinstance(scope.get("extensions"), dict):
-                scope["extensions"] = {k: v for k, v in scope["extensions"].items() if k != "tls"}
-            shadow.scope = scope
+            state["scope"] = _shadow_scope(state["scope"], hidden_headers, visit.query_string)
         shadow.method = "GET"
         shadow.GET = QueryDict(visit.query_string, encoding="utf-8")
-        shadow._stream, shadow._read_started = io.BytesIO(), False
+        state["_stream"], state["_read_started"] = io.BytesIO(), False
         self.session = None
         if "session" in state:
             self.session = shadow.session = _NoSession()
         if "user" in state or "auser" in state:
-            from django.contrib.auth.models import AnonymousUser
-
-            user = visit.user if by_user and visit.user is not None else AnonymousUser()
-            shadow.user = user
-
-            async def auser() -> Any:
-                return user
-
-            shadow.auser = auser
+            state["user"], state["auser"] = _stand_in_user(visit.user if by_user else None)
         self.messages = None
         if "_messages" in state:
-            self.messages = shadow._messages = _no_messages()(shadow)
+            self.messages = state["_messages"] = _no_messages()(shadow)
         self.request = shadow
 
     def private_input_used(self) -> str | None:
@@ -470,6 +468,58 @@ class _Shadow:
         if self.messages is not None and self.messages.touched:
             return "the view used messages"
         return None
+
+
+# What a copy of the request must not carry over: its body, and what was derived from the visitor's
+# credentials (the user, the CSRF cookie to set).
+_PRIVATE_ATTRIBUTES = ("_body", "_post", "_files", "_cached_user", "_acached_user", "csrf_cookie_needs_reset")
+
+
+def _shadow_meta(
+    meta: dict[str, Any], hidden: frozenset[str], query_string: str, cookies: _NoCookies
+) -> _NoCookieMeta:
+    """The visitor's META without credentials, as a body-less GET of `query_string`."""
+    shown = _NoCookieMeta(
+        {
+            name: value
+            for name, value in meta.items()
+            if name not in hidden
+            and not (isinstance(name, str) and name.startswith(_CREDENTIAL_META_PREFIXES))
+        },
+        cookies,
+    )
+    shown["REQUEST_METHOD"] = "GET"
+    shown["QUERY_STRING"] = query_string
+    shown.pop("CONTENT_LENGTH", None)
+    if "wsgi.input" in shown:
+        shown["wsgi.input"] = io.BytesIO()
+    return shown
+
+
+def _shadow_scope(scope: dict[str, Any], hidden: frozenset[bytes], query_string: str) -> dict[str, Any]:
+    """The visitor's ASGI scope without what middleware added for them, credential headers or TLS
+    details, as a GET of `query_string`."""
+    shown = {key: value for key, value in scope.items() if key not in _PRIVATE_SCOPE_KEYS}
+    shown["headers"] = [
+        (name, value) for name, value in shown.get("headers", ()) if name.lower() not in hidden
+    ]
+    shown["query_string"] = query_string.encode()
+    shown["method"] = "GET"
+    if isinstance(shown.get("extensions"), dict):
+        shown["extensions"] = {k: v for k, v in shown["extensions"].items() if k != "tls"}
+    return shown
+
+
+def _stand_in_user(user: _RequestUser | None) -> tuple[object, Callable[[], Awaitable[object]]]:
+    """(request.user, request.auser) of a render for the cache: `user`, or an anonymous one."""
+    from django.contrib.auth.models import AnonymousUser
+
+    shown = user if user is not None else AnonymousUser()
+
+    async def auser() -> object:
+        return shown
+
+    return shown, auser
 
 
 # -- what may be stored ---------------------------------------------------------------------------------
@@ -516,9 +566,10 @@ def _deferred(response: Any) -> bool:
     return hasattr(response, "render") and callable(response.render) and not response.is_rendered
 
 
-def _labelled(response: Any, status: str) -> Any:
+def _labelled(response: R, status: str) -> R:
+    """`response`, saying how the cache answered it (`response.cache_status`: tests, page warmers)."""
     if isinstance(response, HttpResponseBase):
-        response.cache_status = status
+        setattr(response, CACHE_STATUS, status)
     return response
 
 
@@ -539,11 +590,11 @@ class _PassMemory:
     that requests for random URLs (404s) cost no Redis key; each process learns it for itself."""
 
     def __init__(self) -> None:
-        self._until: OrderedDict[Any, float] = OrderedDict()
+        self._until: OrderedDict[Hashable, float] = OrderedDict()
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
 
-    def remember(self, key: Any, seconds: float) -> None:
+    def remember(self, key: Hashable, seconds: float) -> None:
         if seconds <= 0:
             return
         with self._lock:
@@ -552,7 +603,7 @@ class _PassMemory:
             while len(self._until) > PASS_MEMORY:
                 self._until.popitem(last=False)
 
-    def holds(self, key: Any) -> bool:
+    def holds(self, key: Hashable) -> bool:
         until = self._until.get(key)
         if until is None:
             return False
@@ -570,7 +621,7 @@ class _PassMemory:
 _passes = _PassMemory()
 
 
-def _memory_key(core: Core, key: str) -> tuple:
+def _memory_key(core: Core, key: str) -> tuple[int, str, int, str]:
     """`key` in the pass memory: one view's URL in one cache (its cluster, KEY_PREFIX and VERSION)."""
     return (id(core.shared), core.key_prefix, core.version, key)
 
@@ -579,6 +630,10 @@ _refusals_logged: dict[str, float] = {}  # view name -> when "max_entries reache
 
 
 # -- the decorated view -----------------------------------------------------------------------------------
+Respond = Callable[[HttpRequest, _Visit], Any]
+"""Calls the view for a render and renders a deferred response: the response, or (async) an awaitable of it."""
+
+
 class _CachedView:
     """A view and its options; made for every call under method_decorator, so it stays cheap to build."""
 
@@ -594,12 +649,12 @@ class _CachedView:
     def core(self) -> Core:
         return core_for(self.options.using)
 
-    def tags_for(self, request: HttpRequest, args: tuple, kwargs: dict) -> list[str]:
+    def tags_for(self, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
         tags = self.options.tags  # a list validated by cached_view(), or a callable
         return validate_tags(tags(request, *args, **kwargs)) if callable(tags) else tags
 
     # -- the plan: every decision, shared by the sync and the async driver ---------------------------------
-    def plan(self, request: HttpRequest, args: tuple, kwargs: dict) -> Generator[Any, Any, Any]:
+    def plan(self, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PlanOf[Any]:
         if request.method not in CACHED_METHODS or request.META.get("HTTP_AUTHORIZATION"):
             return _labelled((yield _PASS_THROUGH), "bypass")
         query_string = kept_query(request.GET, self.options.query_params)
@@ -633,7 +688,7 @@ class _CachedView:
             key = visit.varied_key(vary_known)
         return _labelled((yield _PASS_THROUGH), "pass")
 
-    def answer(self, request: HttpRequest, response: HttpResponseBase, status: str) -> HttpResponseBase:
+    def answer(self, request: HttpRequest, response: HttpResponse, status: str) -> HttpResponse:
         """A shareable response, or 304 Not Modified (or 412) when the request's conditions say so."""
         if not any(header in request.META for header in _CONDITIONAL_HEADERS):
             return _labelled(response, status)
@@ -641,10 +696,10 @@ class _CachedView:
         conditional = get_conditional_response(
             request,
             etag=response.get("ETag"),
-            last_modified=last_modified and parse_http_date_safe(last_modified),
+            last_modified=parse_http_date_safe(last_modified) if last_modified else None,
             response=response,
         )
-        return _labelled(conditional, status)
+        return _labelled(response if conditional is None else conditional, status)
 
     def keep(
         self, visit: _Visit, key: str, response: Any, shadow: _Shadow, vary_known: frozenset[str] | None
@@ -672,6 +727,24 @@ class _CachedView:
         headers = [[name, value] for name, value in response.items() if name.lower() != "content-length"]
         return {"kind": "page", "status": response.status_code, "headers": headers, "content": content}, True
 
+    def render_plan(
+        self, visit: _Visit, key: str, vary_known: frozenset[str] | None, respond: Respond
+    ) -> PlanOf[Any]:
+        """Render the page for the cache from the request's shadow (`respond` calls the view: sync or
+        async) and say what to store: the entry, or `Unstored` when it must not be shared or kept."""
+        shadow = _Shadow(visit, self.options.by_user)
+        try:
+            response = yield Compute(respond, (shadow.request, visit))
+        except Exception:  # noqa: BLE001 - re-raised unless the visitor's own render is to answer
+            if shadow.private_input_used() is None:
+                raise
+            response = None  # it failed on a stand-in (an empty session, say): the visitor's render decides
+        entry, storable = self.keep(visit, key, response, shadow, vary_known)
+        if not storable:
+            return stampede.Unstored(entry)
+        admitted = yield Guarded(self.admit_plan(key), "cached_view", None)
+        return self.admitted(key, entry, admitted)
+
     def admitted(self, key: str, entry: dict[str, Any], admitted: bool | None) -> Any:
         """The render's result for the stampede machinery: stored only when within max_entries (None: the
         cache could not say, and cannot store it either). A page refused is remembered like an uncacheable
@@ -691,7 +764,7 @@ class _CachedView:
             )
         return stampede.Unstored(entry)
 
-    def admit_plan(self, key: str) -> Generator[Any, Any, bool]:
+    def admit_plan(self, key: str) -> PlanOf[bool]:
         """Whether the page under `key` may be stored: at most max_entries distinct pages of this view are
         alive at a time (each counts for its timeout plus its stale window)."""
         limit = self.options.max_entries
@@ -707,7 +780,7 @@ class _CachedView:
         admit = ("EVAL", scripts.ADMIT_PAGE, 1, pages, key, now_ms, now_ms + lifetime_ms, limit)
         return bool((yield Call(pages, admit)))
 
-    def peek_plan(self, key: str) -> Generator[Any, Any, Any]:
+    def peek_plan(self, key: str) -> PlanOf[Any]:
         core = self.core
         physical = yield from core.physical_key(key, None)
         found = yield from stampede.read_plan(core, physical, 0.0)
@@ -730,13 +803,18 @@ class _CachedView:
             timeout = self.core.default_timeout
         return PASS_SECONDS if timeout is None else max(0.0, min(PASS_SECONDS, float(timeout)))
 
-    def policy(self, core: Core) -> stampede.Policy:
+    def fetch(self, get_or_compute: Callable[..., R], step: _Fetch, compute: Callable[[], Any]) -> R:
+        """The entry of a `_Fetch` step through stampede's sync or async `get_or_compute`."""
+        core = self.core
         # Refreshes run inline: a view needs its request, and a render after the response has gone
         # would run outside the request's thread, middleware and database connection.
-        return stampede.policy_for(core, self.options.stale, self.options.beta, "inline")
+        policy = stampede.policy_for(core, self.options.stale, self.options.beta, "inline")
+        return get_or_compute(
+            core, step.key, None, compute, self.options.timeout, step.visit.tags, policy, "cached_view"
+        )
 
     # -- the sync driver ----------------------------------------------------------------------------------
-    def serve(self, request: HttpRequest, args: tuple, kwargs: dict) -> Any:
+    def serve(self, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = self.plan(request, args, kwargs)
         reply = None
         while True:
@@ -747,39 +825,22 @@ class _CachedView:
             if step is _USER:
                 reply = _user(request)
             elif type(step) is _Fetch:
-                core = self.core
-                reply = stampede.get_or_compute(
-                    core,
-                    step.key,
-                    None,
-                    functools.partial(self.render, step.visit, step.key, step.vary_known),
-                    self.options.timeout,
-                    step.visit.tags,
-                    self.policy(core),
-                    "cached_view",
-                )
+                reply = self.fetch(stampede.get_or_compute, step, functools.partial(self.render, step))
             elif type(step) is _Peek:
                 reply = self.core.run(self.peek_plan(step.key), "cached_view", None)
             else:
                 reply = _not_awaitable(self.view(request, *args, **kwargs))
 
-    def render(self, visit: _Visit, key: str, vary_known: frozenset[str] | None) -> Any:
-        shadow = _Shadow(visit, self.options.by_user)
-        try:
-            response = _not_awaitable(self.view(shadow.request, *visit.args, **visit.kwargs))
-            if _deferred(response):
-                response = response.render()
-        except Exception:  # noqa: BLE001 - re-raised unless the visitor's own render is to answer
-            if shadow.private_input_used() is None:
-                raise
-            response = None  # it failed on a stand-in (an empty session, say): the visitor's render decides
-        entry, storable = self.keep(visit, key, response, shadow, vary_known)
-        if not storable:
-            return stampede.Unstored(entry)
-        return self.admitted(key, entry, self.core.run(self.admit_plan(key), "cached_view", None))
+    def render(self, step: _Fetch) -> Any:
+        plan = self.render_plan(step.visit, step.key, step.vary_known, self.respond)
+        return self.core.run_strict(plan, "cached_view")
+
+    def respond(self, request: HttpRequest, visit: _Visit) -> Any:
+        response = _not_awaitable(self.view(request, *visit.args, **visit.kwargs))
+        return response.render() if _deferred(response) else response
 
     # -- the async driver ---------------------------------------------------------------------------------
-    async def aserve(self, request: HttpRequest, args: tuple, kwargs: dict) -> Any:
+    async def aserve(self, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = self.plan(request, args, kwargs)
         reply = None
         while True:
@@ -790,49 +851,37 @@ class _CachedView:
             if step is _USER:
                 reply = await _auser(request)
             elif type(step) is _Fetch:
-                core = self.core
-                reply = await stampede.aget_or_compute(
-                    core,
-                    step.key,
-                    None,
-                    functools.partial(self.arender, step.visit, step.key, step.vary_known),
-                    self.options.timeout,
-                    step.visit.tags,
-                    self.policy(core),
-                    "cached_view",
+                reply = await self.fetch(
+                    stampede.aget_or_compute, step, functools.partial(self.arender, step)
                 )
             elif type(step) is _Peek:
                 reply = await self.core.arun(self.peek_plan(step.key), "cached_view", None)
             else:
                 reply = await self.view(request, *args, **kwargs)
 
-    async def arender(self, visit: _Visit, key: str, vary_known: frozenset[str] | None) -> Any:
-        shadow = _Shadow(visit, self.options.by_user)
-        try:
-            response = await self.view(shadow.request, *visit.args, **visit.kwargs)
-            if _deferred(response):
-                response = await sync_to_async(response.render, thread_sensitive=True)()
-        except Exception:  # noqa: BLE001 - as in render()
-            if shadow.private_input_used() is None:
-                raise
-            response = None
-        entry, storable = self.keep(visit, key, response, shadow, vary_known)
-        if not storable:
-            return stampede.Unstored(entry)
-        return self.admitted(key, entry, await self.core.arun(self.admit_plan(key), "cached_view", None))
+    async def arender(self, step: _Fetch) -> Any:
+        plan = self.render_plan(step.visit, step.key, step.vary_known, self.arespond)
+        return await self.core.arun_strict(plan, "cached_view")
+
+    async def arespond(self, request: HttpRequest, visit: _Visit) -> Any:
+        response = await self.view(request, *visit.args, **visit.kwargs)
+        if _deferred(response):
+            return await sync_to_async(response.render, thread_sensitive=True)()
+        return response
 
 
-def _user(request: HttpRequest) -> Any:
-    user = getattr(request, "user", None)
+def _user(request: HttpRequest) -> _RequestUser | None:
+    user: _RequestUser | None = getattr(request, "user", None)
     if user is not None:
         user.is_authenticated  # noqa: B018 - evaluates a lazy user now, before the view runs
     return user
 
 
-async def _auser(request: HttpRequest) -> Any:
+async def _auser(request: HttpRequest) -> _RequestUser | None:
     auser = getattr(request, "auser", None)
     if auser is not None:
-        return await auser()
+        user: _RequestUser | None = await auser()
+        return user
     user = getattr(request, "user", None)
     if user is not None:
         await sync_to_async(_user)(request)
@@ -850,30 +899,9 @@ def _names(value: Any, what: str) -> tuple[str, ...]:
     return names
 
 
-def cached_view(
-    timeout: Any = DEFAULT_TIMEOUT,
-    *,
-    tags: Iterable[str] | Callable[..., Iterable[str]] | None = None,
-    vary_on: Iterable[str] = (),
-    stale: float | None = None,
-    beta: float | None = None,
-    query_params: Iterable[str] | None = None,
-    using: str = "default",
-    key_prefix: str = "view",
-    max_entries: int | None = MAX_ENTRIES,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Cache a view's GET 200 responses in the cache `using`, and answer HEADs from them (docs/views.md).
-
-    `tags`: a list, or a callable of (request, *args, **kwargs) giving one; `vary_on`: request header names
-    whose values are part of the key, and "user" for entries per user (authenticated users are otherwise
-    never served from or stored in the cache); `stale`: seconds an expired page may still be served while
-    one request renders it again; `beta`: XFetch eagerness; `query_params`: the only query parameters kept
-    (in the key and in the request the view sees); None keeps none, and a request with any but tracking
-    parameters is then not cached; `max_entries`: the most pages of this view stored at a time (None: no
-    bound)."""
-    if not callable(tags):
-        tags = validate_tags(tags)
-    headers, by_user = [], False
+def _vary_on(vary_on: Iterable[str]) -> tuple[tuple[str, ...], bool]:
+    """(the lower-case header names, whether pages are per user) of `vary_on`."""
+    headers, by_user = set(), False
     for name in _names(vary_on, "vary_on"):
         if name.lower() == "user":
             by_user = True
@@ -883,7 +911,18 @@ def cached_view(
                 "use vary_on=('user',) for pages per user"
             )
         else:
-            headers.append(name.lower())
+            headers.add(name.lower())
+    return tuple(sorted(headers)), by_user
+
+
+def _checked_options(
+    stale: float | None,
+    beta: float | None,
+    query_params: Iterable[str] | None,
+    key_prefix: str,
+    max_entries: int | None,
+) -> frozenset[str] | None:
+    """Refuse what cached_view() cannot use; the query parameters kept (None: none but tracking ones)."""
     for name, number in (("stale", stale), ("beta", beta)):
         if number is not None and (
             isinstance(number, bool) or not isinstance(number, int | float) or number < 0
@@ -896,14 +935,55 @@ def cached_view(
         isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
     ):
         raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
+    return allowed
+
+
+@overload
+def cached_view(timeout: Callable[..., Any], /) -> Callable[..., Any]: ...
+@overload
+def cached_view(
+    timeout: float | None = ...,
+    *,
+    tags: Iterable[str] | Callable[..., Iterable[str]] | None = None,
+    vary_on: Iterable[str] = (),
+    stale: float | None = None,
+    beta: float | None = None,
+    query_params: Iterable[str] | None = None,
+    using: str = "default",
+    key_prefix: str = "view",
+    max_entries: int | None = MAX_ENTRIES,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+def cached_view(
+    timeout: Any = DEFAULT_TIMEOUT,
+    *,
+    tags: Iterable[str] | Callable[..., Iterable[str]] | None = None,
+    vary_on: Iterable[str] = (),
+    stale: float | None = None,
+    beta: float | None = None,
+    query_params: Iterable[str] | None = None,
+    using: str = "default",
+    key_prefix: str = "view",
+    max_entries: int | None = MAX_ENTRIES,
+) -> Callable[..., Any]:
+    """Cache a view's GET 200 responses in the cache `using`, and answer HEADs from them (docs/views.md).
+
+    `tags`: a list, or a callable of (request, *args, **kwargs) giving one; `vary_on`: request header names
+    whose values are part of the key, and "user" for entries per user (authenticated users are otherwise
+    never served from or stored in the cache); `stale`: seconds an expired page may still be served while
+    one request renders it again; `beta`: XFetch eagerness; `query_params`: the only query parameters kept
+    (in the key and in the request the view sees); None keeps none, and a request with any but tracking
+    parameters is then not cached; `max_entries`: the most pages of this view stored at a time (None: no
+    bound)."""
+    checked_tags = tags if callable(tags) else validate_tags(tags)
+    vary_headers, by_user = _vary_on(vary_on)
+    allowed = _checked_options(stale, beta, query_params, key_prefix, max_entries)
+    view = None
     if callable(timeout) and not isinstance(timeout, int | float):
         view, timeout = timeout, DEFAULT_TIMEOUT  # used bare: @cached_view
-    else:
-        view = None
     options = _Options(
         timeout=timeout,
-        tags=tags,
-        vary_headers=tuple(sorted(set(headers))),
+        tags=checked_tags,
+        vary_headers=vary_headers,
         by_user=by_user,
         stale=stale,
         beta=beta,
@@ -914,20 +994,24 @@ def cached_view(
     )
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
-        if not callable(view):
-            raise TypeError("@cached_view decorates a view")
-        cached = _CachedView(options, view)
-        if iscoroutinefunction(view):
-
-            async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-                return await cached.aserve(request, args, kwargs)
-
-            wrapper: Callable[..., Any] = async_wrapper
-        else:
-
-            def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-                return cached.serve(request, args, kwargs)
-
-        return functools.update_wrapper(wrapper, view)
+        return _decorate(options, view)
 
     return decorate(view) if view is not None else decorate
+
+
+def _decorate(options: _Options, view: Callable[..., Any]) -> Callable[..., Any]:
+    """`view` served through the cache: a coroutine function for an async view, a function otherwise."""
+    if not callable(view):
+        raise TypeError("@cached_view decorates a view")
+    cached = _CachedView(options, view)
+    if iscoroutinefunction(view):
+
+        async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            return await cached.aserve(request, args, kwargs)
+
+        return functools.update_wrapper(async_wrapper, view)
+
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        return cached.serve(request, args, kwargs)
+
+    return functools.update_wrapper(wrapper, view)

@@ -13,24 +13,33 @@ as Celery tasks (`django_distcache.warm`), and `tasks.warmer_beat_schedule()` pu
 
 from __future__ import annotations
 
+import enum
 import inspect
+import json
 import logging
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
-from .core import Core, core_for
-from .plans import PlanOf
+from .core import Core, PlanOf, core_for
 from .tags import validate_tags
 from .topology import Call
+
+if TYPE_CHECKING:
+    from django.core.handlers.base import BaseHandler
+
+    from .models.registry import ModelCacheConfig
 
 logger = logging.getLogger("django_distcache.warming")
 
@@ -38,8 +47,14 @@ CHUNK_SIZE = 1000
 FILL_ATTEMPTS = 3  # a chunk of rows is re-read this many times when writers keep voiding its lease
 PROGRESS_TTL = 24 * 3600
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
-_FAILED = object()
 T = TypeVar("T")
+
+
+class _Failure(enum.Enum):
+    FAILED = "failed"
+
+
+_FAILED = _Failure.FAILED  # what a fill answers when the cache cannot be reached
 
 
 class WarmingError(Exception):
@@ -211,7 +226,7 @@ def default_page_host() -> str:
     from django.conf import settings
 
     for allowed in settings.ALLOWED_HOSTS:
-        host = allowed.lstrip(".")
+        host: str = allowed.lstrip(".")
         if host and "*" not in host:
             return host
     if settings.DEBUG and not settings.ALLOWED_HOSTS:
@@ -351,47 +366,66 @@ def run_warmer(
 
     try:
         _check_chunk_size(chunk_size)
-        chunk = chunk or Chunk(0, 1, chunk_size)
-        alias = using or entry.using
-        core = core_for(alias)
-        # Tag versions first: an invalidation that lands while the values are computed makes the entries
-        # written after it born stale, instead of leaving them current.
-        stamps = _stamps_before_computing(core, entry.tags, entry.timeout, dry_run)
-        source = entry.source(chunk)
-        if entry.pages is not None:
-            if using is not None and using != entry.using:
-                raise ImproperlyConfigured(
-                    f"page warmer {entry.name!r}: pages are stored in the caches their views' @cached_view "
-                    f"names, not in CACHES[{using!r}]"
-                )
-            items = _urls(entry.name, source)
-            if chunk.count > 1 and not entry.takes_chunk:
-                items = (url for position, url in enumerate(items) if chunk.owns(position))
-            failures = _warm_pages(items, entry.pages, chunk.size, dry_run, progress)
-            if failures:
-                shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
-                result.error = f"{len(failures)} page(s) not warmed: {shown}"
-        elif isinstance(source, QuerySet):
-            from .models.registry import config_for
-
-            row_pks = queryset_pks(source) if pks is None else pks
-            config = config_for(source.model)
-            _warm_rows(
-                config, source.db, row_pks, alias, entry.timeout, entry.tags, chunk.size, dry_run, progress
-            )
-        elif pks is not None:
-            raise WarmingError(f"warmer {entry.name!r} no longer returns a QuerySet; it was split by pk")
-        else:
-            items = _pairs(entry.name, source)
-            if chunk.count > 1 and not entry.takes_chunk:
-                items = (item for position, item in enumerate(items) if chunk.owns(position))
-            _write_pairs(items, core, entry.timeout, stamps, chunk.size, dry_run, progress)
+        result.error = _run_source(entry, chunk or Chunk(0, 1, chunk_size), using, pks, dry_run, progress)
     except Exception as error:  # noqa: BLE001 - a warmer's boundary: its failure is reported, others go on
         result.errors += 1
         result.error = f"{type(error).__name__}: {error}"
         logger.exception("warmer %r failed", entry.name)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _run_source(
+    entry: Warmer,
+    chunk: Chunk,
+    using: str | None,
+    pks: list[Any] | None,
+    dry_run: bool,
+    progress: Progress,
+) -> str | None:
+    """Call the warmer and write what it gives (pairs, rows or pages) in `chunk`'s share; why some pages
+    could not be warmed, if any."""
+    alias = using or entry.using
+    core = core_for(alias)
+    # Tag versions first: an invalidation that lands while the values are computed makes the entries
+    # written after it born stale, instead of leaving them current.
+    stamps = _stamps_before_computing(core, entry.tags, entry.timeout, dry_run)
+    source = entry.source(chunk)
+    if entry.pages is not None:
+        if using is not None and using != entry.using:
+            raise ImproperlyConfigured(
+                f"page warmer {entry.name!r}: pages are stored in the caches their views' @cached_view "
+                f"names, not in CACHES[{using!r}]"
+            )
+        urls = _urls(entry.name, source)
+        failures = _warm_pages(_share(entry, chunk, urls), entry.pages, chunk.size, dry_run, progress)
+        return _unwarmed(failures)
+    if isinstance(source, QuerySet):
+        from .models.registry import config_for
+
+        row_pks = queryset_pks(source) if pks is None else pks
+        config = config_for(source.model)
+        _warm_rows(
+            config, source.db, row_pks, alias, entry.timeout, entry.tags, chunk.size, dry_run, progress
+        )
+    elif pks is not None:
+        raise WarmingError(f"warmer {entry.name!r} no longer returns a QuerySet; it was split by pk")
+    else:
+        pairs = _share(entry, chunk, _pairs(entry.name, source))
+        _write_pairs(pairs, core, entry.timeout, stamps, chunk.size, dry_run, progress)
+    return None
+
+
+def _share(entry: Warmer, chunk: Chunk, items: Iterator[T]) -> Iterator[T]:
+    """The items `chunk` owns; a warmer that takes its chunk yields only those already."""
+    return items if entry.takes_chunk else chunk.take(items)
+
+
+def _unwarmed(failures: list[str]) -> str | None:
+    if not failures:
+        return None
+    shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
+    return f"{len(failures)} page(s) not warmed: {shown}"
 
 
 def _check_chunk_size(chunk_size: Any) -> None:
@@ -406,7 +440,8 @@ def _stamps_before_computing(
         return None
     if dry_run:
         return dict.fromkeys(tags, 0)  # the same envelope size, and no tag key is created
-    return core.run_strict(core.stamps(list(tags), core.expiry_ms(timeout)), "warm")
+    stamps: dict[str, int] = core.run_strict(core.stamps(list(tags), core.expiry_ms(timeout)), "warm")
+    return stamps
 
 
 def _pairs(name: str, source: Any) -> Iterator[tuple[Any, Any]]:
@@ -477,7 +512,7 @@ class _Meter:
     bytes: int = 0
 
 
-def _metered(plan: Any, meter: _Meter) -> Any:
+def _metered(plan: PlanOf[T], meter: _Meter) -> PlanOf[T]:
     """Pass a plan's requests and replies through unchanged, counting its batches (round trips) and the
     value bytes of the SETs that succeeded. It forwards what the driver throws in (command errors)."""
     reply: Any = None
@@ -486,7 +521,8 @@ def _metered(plan: Any, meter: _Meter) -> Any:
         try:
             request = plan.throw(thrown) if thrown is not None else plan.send(reply)
         except StopIteration as done:
-            return done.value
+            result: T = done.value
+            return result
         thrown = None
         try:
             reply = yield request
@@ -509,7 +545,7 @@ def _metered(plan: Any, meter: _Meter) -> Any:
 WARMING_ENVIRON_KEY = "django_distcache.warming"
 
 
-def is_warming_request(request: Any) -> bool:
+def is_warming_request(request: HttpRequest) -> bool:
     """Whether `request` is a page warmer's visit rather than a visitor's."""
     return bool(request.META.get(WARMING_ENVIRON_KEY))
 
@@ -527,49 +563,85 @@ def _warm_pages(
     urls: Iterable[str], pages: PageRequests, chunk_size: int, dry_run: bool, progress: Progress
 ) -> list[str]:
     """GET each URL through Django's handler, `chunk_size` at a time between progress reports; return
-    why each page that is not in the cache afterwards is not.
+    why each page that is not in the cache afterwards is not."""
+    visits = _PageVisits(pages, dry_run)
+    for batch in _batches(urls, chunk_size):
+        counts: dict[str, int] = {}
+        for url in batch:
+            for name, value in visits.visit(url).items():
+                counts[name] = counts.get(name, 0) + value
+        progress(counts)
+    return visits.failures
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _PageVisits:
+    """A page warmer's requests, and why the pages they did not leave in the cache are not there.
 
     The request is built as a visitor's anonymous GET (no cookie, no credentials) and goes through the
     middleware and the URL resolver, so the view's @cached_view computes the key a visitor's request
     maps to. The handler's get_response is called directly: the request_started/finished signals, which
     would close this process's database connections and caches after every page, are not sent."""
-    from django.core.handlers.base import BaseHandler
-    from django.test.client import RequestFactory
-    from django.urls import Resolver404, resolve
-    from django.utils import translation
 
-    host = pages.resolved_host()
-    factory = RequestFactory()
-    handler = None
-    failures: list[str] = []
-    batch: list[str] = []
+    def __init__(self, pages: PageRequests, dry_run: bool) -> None:
+        from django.test.client import RequestFactory
 
-    def visit(url: str) -> dict[str, int]:
-        nonlocal handler
-        if dry_run:
-            try:
-                resolve(url.split("?", 1)[0])
-            except Resolver404:
-                failures.append(f"{url} (no URL pattern matches it)")
-                return {"errors": 1}
-            return {"entries": 1}
-        if handler is None:
-            handler = BaseHandler()
-            handler.load_middleware()
-        request = factory.get(url, secure=pages.secure, headers=dict(pages.headers), HTTP_HOST=host)
+        self.pages, self.dry_run = pages, dry_run
+        self.host = pages.resolved_host()
+        self.factory = RequestFactory()
+        self.handler: BaseHandler | None = None  # loaded on the first request (a dry run needs none)
+        self.failures: list[str] = []
+
+    def visit(self, url: str) -> dict[str, int]:
+        """The counts one URL adds to the progress report."""
+        if self.dry_run:
+            return self._resolved(url)
+        return self._outcome(url, self._get(url))
+
+    def _resolved(self, url: str) -> dict[str, int]:
+        from django.urls import Resolver404, resolve
+
+        try:
+            resolve(url.split("?", 1)[0])
+        except Resolver404:
+            self.failures.append(f"{url} (no URL pattern matches it)")
+            return {"errors": 1}
+        return {"entries": 1}
+
+    def _get(self, url: str) -> HttpResponseBase:
+        from django.core.handlers.base import BaseHandler
+        from django.utils import translation
+
+        if self.handler is None:
+            self.handler = BaseHandler()
+            self.handler.load_middleware()
+        pages = self.pages
+        request = self.factory.get(url, secure=pages.secure, headers=dict(pages.headers), HTTP_HOST=self.host)
         request.META[WARMING_ENVIRON_KEY] = True
         # The language a visitor's request starts with: none activated (LocaleMiddleware activates its own).
         language = translation.get_language()
         translation.deactivate()
         try:
-            response = handler.get_response(request)
+            return self.handler.get_response(request)
         finally:
             if language:
                 translation.activate(language)
-        status = getattr(response, "cache_status", None)
-        if response.status_code != 200 or response.streaming:
+
+    def _outcome(self, url: str, response: HttpResponseBase) -> dict[str, int]:
+        status = getattr(response, "cache_status", None)  # set by @cached_view
+        if response.status_code != 200 or not isinstance(response, HttpResponse):
             streaming = ", streaming" if response.streaming else ""
-            failures.append(f"{url} (answered {response.status_code}{streaming})")
+            self.failures.append(f"{url} (answered {response.status_code}{streaming})")
             return {"errors": 1}
         if status == "miss":
             return {"entries": 1, "bytes": len(response.content)}
@@ -578,29 +650,13 @@ def _warm_pages(
         if status is None:
             # Not a @cached_view page: it was rendered once, which fills what its view caches on the way.
             return {"entries": 1}
-        failures.append(f"{url} (not stored by @cached_view: {status})")
+        self.failures.append(f"{url} (not stored by @cached_view: {status})")
         return {"errors": 1}
-
-    def flush() -> None:
-        counts: dict[str, int] = {}
-        for url in batch:
-            for field_name, value in visit(url).items():
-                counts[field_name] = counts.get(field_name, 0) + value
-        batch.clear()
-        progress(counts)
-
-    for url in urls:
-        batch.append(url)
-        if len(batch) >= chunk_size:
-            flush()
-    if batch:
-        flush()
-    return failures
 
 
 # -- QuerySets of cache_model models ----------------------------------------------------------------------
 def warm_queryset(
-    queryset: QuerySet,
+    queryset: QuerySet[Any],
     *,
     timeout: Any = DEFAULT_TIMEOUT,
     tags: Iterable[str] = (),
@@ -624,13 +680,13 @@ def warm_queryset(
     return result
 
 
-def queryset_pks(queryset: QuerySet) -> list[Any]:
+def queryset_pks(queryset: QuerySet[Any]) -> list[Any]:
     """The primary keys of a warmer's QuerySet, in its order (its slice, ordering and filters apply)."""
     return list(queryset.values_list("pk", flat=True))
 
 
 def _warm_rows(
-    config: Any,
+    config: ModelCacheConfig,
     database: str,
     pks: list[Any],
     alias: str,
@@ -661,7 +717,9 @@ def _warm_rows(
         progress({**counts, "rows": len(chunk)})
 
 
-def _measure_rows(core: Core, config: Any, rows: list[Any], extra_tags: tuple[str, ...]) -> dict[str, int]:
+def _measure_rows(
+    core: Core, config: ModelCacheConfig, rows: list[Any], extra_tags: tuple[str, ...]
+) -> dict[str, int]:
     """A dry run: the entries and bytes the rows would take, without a write (tags stamped as zeros)."""
     entries = size = 0
     for row in rows:
@@ -789,7 +847,7 @@ def progress_key(core: Core, run_id: str, name: str) -> bytes:
     return core.keys.internal(f"warm:{run_id}:{name}")
 
 
-def _hash_plan(key: bytes, fields: Mapping[str, Any], delete: Iterable[str] = ()) -> Any:
+def _hash_plan(key: bytes, fields: Mapping[str, Any], delete: Iterable[str] = ()) -> PlanOf[None]:
     calls = [Call(key, ("HSET", key, *[part for pair in fields.items() for part in pair]))] if fields else []
     deleted = list(delete)
     if deleted:
@@ -801,7 +859,7 @@ def _hash_plan(key: bytes, fields: Mapping[str, Any], delete: Iterable[str] = ()
             raise reply
 
 
-def _begin_plan(key: bytes, index: int) -> Any:
+def _begin_plan(key: bytes, index: int) -> PlanOf[tuple[bool, int]]:
     """Whether chunk `index` is done already, and how many times it has been begun (this time included)."""
     done, started, _ = yield [
         Call(key, ("HEXISTS", key, f"done:{index}")),
@@ -814,8 +872,19 @@ def _begin_plan(key: bytes, index: int) -> Any:
     return bool(done), int(started)
 
 
-def _read_progress_plan(key: bytes) -> Any:
-    return (yield Call(key, ("HGETALL", key)))
+def _read_progress_plan(key: bytes) -> PlanOf[dict[bytes, bytes]]:
+    fields: dict[bytes, bytes] = yield Call(key, ("HGETALL", key))
+    return fields
+
+
+def _record_done(
+    core: Core, key: bytes, index: int, record: Mapping[str, Any], *, ends_attempt: bool = False
+) -> None:
+    """Write chunk `index`'s final figures (`done:<i>`); `ends_attempt`: and drop its `running:<i>`."""
+    plan = _hash_plan(
+        key, {f"done:{index}": json.dumps(record)}, [f"running:{index}"] if ends_attempt else ()
+    )
+    core.run(plan, "warm_progress")
 
 
 def _counts_of(result: WarmResult) -> dict[str, int]:
@@ -853,8 +922,6 @@ class TaskProgress:
 
 
 def read_progress(core: Core, run_id: str, name: str) -> TaskProgress:
-    import json
-
     raw = core.run(_read_progress_plan(progress_key(core, run_id, name)), "warm_progress", {}) or {}
     progress = TaskProgress({}, {}, {})
     for field_name, value in raw.items():
@@ -882,8 +949,6 @@ class _Heartbeat:
     of the field while the chunk runs, so the field never goes back to older counts."""
 
     def __init__(self, cache_alias: str, key: bytes, index: int, worker: str, attempt: int) -> None:
-        import threading
-
         self.alias, self.key, self.index = cache_alias, key, index
         self.state: dict[str, Any] = {
             "worker": worker,
@@ -914,8 +979,6 @@ class _Heartbeat:
         self.wake.set()
 
     def _run(self) -> None:
-        import json
-
         core = core_for(self.alias)  # this thread's instance (the connections are shared)
         while not self.stopping:
             with self.lock:
@@ -941,18 +1004,14 @@ def run_task(
     when it ends; raise WarmingError if the chunk failed. Running a chunk again writes the same entries
     (computed afresh), so a chunk whose worker died mid-way is simply run again. The command passes
     `using`, so a worker that does not know the warmer can still say so in the run's hash."""
-    import json
-    import os
-
     core = core_for(using) if using else None
     try:
         entry = get_warmer(name)
     except LookupError as error:
         message = f"{error}, in the worker"
         if run_id and core is not None:
-            key = progress_key(core, run_id, name)
             record = {"errors": 1, "error": f"LookupError: {message}"}
-            core.run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
+            _record_done(core, progress_key(core, run_id, name), chunk_index, record)
         raise WarmingError(message) from None
     alias = using or entry.using
     core = core or core_for(alias)
@@ -970,8 +1029,7 @@ def run_task(
             f"chunk {chunk_index} was begun {started - 1} times and never finished (its worker died each "
             "time): given up"
         )
-        record = {"errors": 1, "error": message}
-        core.run(_hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}), "warm_progress")
+        _record_done(core, key, chunk_index, {"errors": 1, "error": message})
         raise WarmingError(f"warmer {name!r} {message}")
     holder = f"{worker or 'worker'} (pid {os.getpid()})"
     with _Heartbeat(alias, key, chunk_index, holder, started) as heartbeat:
@@ -981,10 +1039,7 @@ def run_task(
     record = {**_counts_of(result), "error": result.error}
     if result.errors and not result.error:
         record["error"] = f"{result.errors} entries could not be written"
-    core.run(
-        _hash_plan(key, {f"done:{chunk_index}": json.dumps(record)}, [f"running:{chunk_index}"]),
-        "warm_progress",
-    )
+    _record_done(core, key, chunk_index, record, ends_attempt=True)
     return _finish(name, chunk, result)
 
 

@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from hypothesis import settings as hypothesis_settings
 
 from django_distcache.devcluster import DevCluster
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests assert what holds for every input, never how fast one example runs: on a machine whose
+# cores are busy with other work, Hypothesis's default 200 ms deadline per example fails them at random.
+hypothesis_settings.register_profile("distcache", deadline=None)
+hypothesis_settings.load_profile("distcache")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -430,13 +430,13 @@ def test_no_round_trip_carries_more_than_one_slice_of_a_huge_batch(cache, monkey
     monkeypatch.setattr(base, "BATCH_SLICE", 50)
     monkeypatch.setattr(cluster_module, "BATCH_SLICE", 50)
     sizes = []
-    real = cluster_module.ClusterTopology._batch_round
+    real = cluster_module.ClusterTopology.round_steps
 
     def spying(self, calls, positions, results):
         sizes.append(len(calls))
         return real(self, calls, positions, results)
 
-    monkeypatch.setattr(cluster_module.ClusterTopology, "_batch_round", spying)
+    monkeypatch.setattr(cluster_module.ClusterTopology, "round_steps", spying)
     keys = [f"k{i}" for i in range(1234)]
     cache.set_many({key: i for i, key in enumerate(keys[::2])})
     assert cache.get_many(keys) == {key: i for i, key in enumerate(keys[::2])}

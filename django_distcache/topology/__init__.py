@@ -4,6 +4,7 @@ A `Call` is one command aimed at the node that owns its key. `execute` runs one;
 many by node, writes every node's batch before reading any reply, and returns one result per call in order
 (an exception object in place of a result that failed), so the caller decides what a failure means.
 `CommandError` is a command's error reply (a bug, never an outage); `key_slot` is the slot of a key.
+`ClusterTopology.subscribe` gives a pub/sub `Subscription` on a connection of its own.
 """
 
 from redis.crc import key_slot
@@ -11,6 +12,7 @@ from redis.exceptions import ResponseError as CommandError
 
 from .base import OUTAGE_ERRORS, Call, NotAClusterError, PermissionRefusedError, SlotMap, is_outage
 from .cluster import AsyncClusterTopology, ClusterTopology
+from .subscription import Message, Subscription
 
 __all__ = [
     "OUTAGE_ERRORS",
@@ -18,9 +20,11 @@ __all__ = [
     "Call",
     "CommandError",
     "ClusterTopology",
+    "Message",
     "NotAClusterError",
     "PermissionRefusedError",
     "SlotMap",
+    "Subscription",
     "is_outage",
     "key_slot",
 ]

@@ -6,12 +6,10 @@ Nothing here does I/O, so the same decisions are made whichever client sends the
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,17 +33,13 @@ from redis.exceptions import (
 from ..conf import ConnectionSettings, NodeAddress
 from ..forksafe import renew_locks_after_fork
 from .breaker import CLOSED, Breakers
-
-logger = logging.getLogger("django_distcache.topology")
+from .repair import FailoverRepair
 
 SLOT_COUNT = 16384
 MAX_REDIRECTS = 5
 # Calls a batch sends in one round: a larger batch goes in slices, one after the other, so that no write to
 # a socket carries more than its timeout can cover and a million-key get_many works like a small one.
 BATCH_SLICE = 6_000
-# Writes a process may fail to make on one unreachable primary and still keep fallback reads of it and
-# repair them; also the most acknowledged writes per primary it keeps in mind for FAILOVER_REPAIR_WINDOW.
-MAX_UNSYNCED_KEYS = 10_000
 # Keys deleted per round trip by the background repair.
 REPAIR_CHUNK = 500
 # A slot map older than this is reloaded in the background even if nothing asked for it: replicas that came
@@ -93,7 +87,7 @@ _CHANNEL_COMMANDS = frozenset({"PUBLISH", "SPUBLISH", "SUBSCRIBE", "SSUBSCRIBE"}
 _CONTAINER_COMMANDS = frozenset({"CLUSTER", "CONFIG", "SCRIPT", "XGROUP"})
 
 
-def refused(error: BaseException, args: tuple, key: bytes | None = None) -> BaseException:
+def refused(error: BaseException, args: tuple[Any, ...], key: bytes | None = None) -> BaseException:
     """`error` (a reply to `args`) explained, when it is an ACL refusal; otherwise `error` as it is."""
     if isinstance(error, PermissionRefusedError):
         return error
@@ -137,7 +131,7 @@ class Call:
     """One command for the node owning `key`. `read` calls may be served by a replica when allowed."""
 
     key: bytes
-    args: tuple
+    args: tuple[Any, ...]
     read: bool = False
     # When set, the call goes to this node with ASKING first (a slot in migration); topology-internal.
     asking: NodeAddress | None = None
@@ -167,10 +161,10 @@ class SlotMap:
         self._round_robin = itertools.count()
 
     @classmethod
-    def from_cluster_slots(cls, reply: list, queried: NodeAddress) -> SlotMap:
+    def from_cluster_slots(cls, reply: list[Any], queried: NodeAddress) -> SlotMap:
         """Build from a CLUSTER SLOTS reply; an empty host means 'the node you asked'."""
 
-        def address(entry: list) -> NodeAddress:
+        def address(entry: list[Any]) -> NodeAddress:
             host = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
             if not host or host == "?":
                 host = queried.host
@@ -214,39 +208,21 @@ class TopologyState:
     last_refresh: float = 0.0
     refresh_wanted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the map is being reloaded
-    # Held by the one background reload thread while it runs. Taken without waiting: a request that finds
-    # it taken goes on (it used to wait for `lock`, so for a whole reload by another thread).
+    # Held by the one background reload thread while it runs, taken without waiting: a request that finds
+    # it taken goes on with the map it has rather than wait for a whole reload, which a hung node can make
+    # last a connect timeout per node asked.
     background_refresh: threading.Lock = field(default_factory=threading.Lock)
     breakers: Breakers = field(init=False)
-    # Per primary whose breaker is not closed: the keys whose copy on its replicas (or on itself) may be
-    # older than this process's last write of them: writes it could not make there, and writes acknowledged
-    # in the FAILOVER_REPAIR_WINDOW before the breaker opened (replication is asynchronous). Fallback reads
-    # of them miss. When the node answers again or stops being a primary, they move to `repair`. `None`:
-    # too many to track.
-    unsynced: dict[NodeAddress, set[bytes] | None] = field(default_factory=dict)
-    # Per primary: (time, key) of its acknowledged repairable writes, the last FAILOVER_REPAIR_WINDOW
-    # seconds of them (counted back from the newest), MAX_UNSYNCED_KEYS at most.
-    recent: dict[NodeAddress, deque] = field(default_factory=dict)
-    # Per primary: when the newest write dropped from `recent` for room was acknowledged.
-    recent_overflowed: dict[NodeAddress, float] = field(default_factory=dict)
-    # Keys to delete on their slot's primary before this process touches them again, and in the
-    # background (`repair_wanted`): their value there may be older than this process's last write.
-    repair: set[bytes] = field(default_factory=set)
-    repair_wanted: bool = False
-    repair_after: float = 0.0  # a failed background repair is tried again after this time
-    repair_running: threading.Lock = field(default_factory=threading.Lock)
-    # Guards `unsynced` against a map installed while a failed write is being held for its old node.
-    held_lock: threading.Lock = field(default_factory=threading.Lock)
-    repaired: int = 0  # keys deleted by the repair, for stats and tests
-    untracked_repairs: int = 0  # times keys to repair were too many to know (logged)
+    repair: FailoverRepair = field(init=False)
 
     def __post_init__(self) -> None:
-        renew_locks_after_fork(self, "lock", "background_refresh", "repair_running", "held_lock")
+        renew_locks_after_fork(self, "lock", "background_refresh")
+        self.repair = FailoverRepair(self)
         self.breakers = Breakers(
             self.settings.breaker_threshold,
             self.settings.breaker_cooldown,
-            on_close=self.node_back,
-            on_open=self.node_failed,
+            on_close=self.repair.node_back,
+            on_open=self.repair.node_failed,
         )
 
     def nodes_to_ask(self) -> list[NodeAddress]:
@@ -271,197 +247,29 @@ class TopologyState:
         )
 
     def install(self, slot_map: SlotMap) -> None:
-        # A node that no longer serves slots (a replica took over, or its slots moved): keys this process
-        # wrote there lately may be older, or missing, on their slots' new primaries. Queued for repair
-        # before the new map routes any call there.
-        primaries = set(slot_map.primary_nodes)
-        with self.held_lock:
-            for node in dict.fromkeys([*self.unsynced, *self.recent]):
-                if node not in primaries:
-                    self._queue_repair(node, self.unsynced.pop(node, set()), with_recent=True)
+        with self.repair.held_lock:
+            self.repair.nodes_left(slot_map.primary_nodes)
             self.slot_map = slot_map
         self.last_refresh = time.monotonic()
         self.refresh_wanted = False
 
-    # -- replica fallback ---------------------------------------------------------------------------------
     def fallback_replica(self, call: Call, primary: NodeAddress) -> NodeAddress | None:
         """A replica of `primary` that may serve `call` while the primary is unreachable, if any."""
         if not self.settings.replica_fallback or not call.read or call.asking is not None:
             return None
         slot_map = self.slot_map
-        if (
-            slot_map is None
-            or call.key in self.repair
-            or primary in self.unsynced
-            and (self.unsynced[primary] is None or call.key in self.unsynced[primary])
-        ):
+        if slot_map is None or self.repair.may_be_older_on_replicas(call.key, primary):
             return None
         for replica in slot_map.replicas[key_slot(call.key)]:
             if self.breakers(replica).state == CLOSED:
                 return replica
         return None
 
-    def note_unsynced(self, call: Call, node: NodeAddress) -> None:
-        """`call` could not reach `node` (or its reply was lost): if it wrote an entry, that entry may now
-        be older than the caller meant, there or on the replicas: delete it before it is read again."""
-        if not call.repairable or call.asking is not None:
-            return
-        with self.held_lock:
-            slot_map = self.slot_map
-            if (
-                slot_map is None
-                or slot_map.primaries[key_slot(call.key)] != node
-                or self.breakers(node).state == CLOSED
-            ):
-                # The node is up (a lost reply) or no longer the key's: repair at once where the slot is.
-                self.repair.add(call.key)
-                self.repair_wanted = True
-                return
-            keys = self.unsynced.setdefault(node, set())
-            if keys is not None:
-                keys.add(call.key)
-                if len(keys) > MAX_UNSYNCED_KEYS:
-                    self.unsynced[node] = None
-
-    def acked(self, node: NodeAddress, key: bytes) -> None:
-        """A repairable write of `key` was acknowledged by `node`; keep it in mind for the repair window."""
-        self.acked_keys(node, (key,))
-
-    def acked_keys(self, node: NodeAddress, keys: Iterable[bytes]) -> None:
-        window = self.settings.repair_window
-        if window <= 0:
-            return
-        now = time.monotonic()
-        recent = self.recent.get(node)
-        if recent is None:
-            recent = self.recent.setdefault(node, deque())
-        recent.extend((now, key) for key in keys)
-        cutoff = now - window
-        try:
-            while recent[0][0] < cutoff:
-                recent.popleft()
-            while len(recent) > MAX_UNSYNCED_KEYS:
-                self.recent_overflowed[node] = recent.popleft()[0]
-        except IndexError:  # another thread emptied it meanwhile
-            pass
-
-    def _recent_keys(self, node: NodeAddress, since: float | None = None) -> set[bytes] | None:
-        """Keys acknowledged by `node` in the window (from `since` on, if given); None if too many."""
-        recent = self.recent.get(node)
-        if not recent:
-            return set()
-        entries = list(recent)
-        cutoff = (since if since is not None else entries[-1][0]) - self.settings.repair_window
-        if self.recent_overflowed.get(node, cutoff - 1) >= cutoff:
-            return None  # some writes of the window were not kept
-        return {key for at, key in entries if at >= cutoff}
-
-    def node_failed(self, node: object) -> None:
-        """`node`'s breaker opened: its replicas may lack the writes it acknowledged just before."""
-        if not isinstance(node, NodeAddress) or self.settings.repair_window <= 0:
-            return
-        keys = self._recent_keys(node, since=time.monotonic())
-        with self.held_lock:
-            held = self.unsynced.setdefault(node, set())
-            if keys is None or held is None:
-                self.unsynced[node] = None
-            else:
-                held |= keys
-
-    def node_back(self, node: object) -> None:
-        """`node`'s breaker closed: the keys it could not write (and those written just before it failed)
-        are repaired now. It may be a demoted primary that lost the writes: which one is not known here."""
-        if isinstance(node, NodeAddress) and node in self.unsynced:
-            with self.held_lock:
-                keys = self.unsynced.pop(node, set())
-            self._queue_repair(node, keys, with_recent=False)
-
-    def _queue_repair(self, node: NodeAddress, keys: set[bytes] | None, with_recent: bool) -> None:
-        if with_recent:
-            recent = self._recent_keys(node)
-            self.recent.pop(node, None)
-            self.recent_overflowed.pop(node, None)
-            keys = None if keys is None or recent is None else keys | recent
-        if keys is None:
-            self.untracked_repairs += 1
-            logger.warning(
-                "node %s: more than %d recent or dropped writes of this process; those it cannot name may "
-                "be served at an older value until they expire",
-                node,
-                MAX_UNSYNCED_KEYS,
-            )
-            return
-        if keys:
-            logger.info(
-                "node %s: deleting %d keys whose copy may be older than this process wrote", node, len(keys)
-            )
-            self.repair |= keys
-            self.repair_wanted = True
-
-    def _slot_left(self, node: NodeAddress, slot: int, target: NodeAddress) -> None:
-        """`node` no longer serves `slot` (MOVED to `target`). If a replica took over (a failover this
-        process saw nothing of until now), keys of that slot this process wrote there lately may be older
-        on `target`: queued for repair before the call goes there. Not when `target` is another primary
-        (a reshard: keys move with their values), so a reshard costs no scan of the recent writes."""
-        held = self.unsynced.get(node)
-        recent = self.recent.get(node)
-        if not held and not recent:
-            return
-        slot_map = self.slot_map
-        if (
-            slot_map is not None
-            and target in slot_map.primary_nodes
-            and target not in slot_map.replicas[slot]
-        ):
-            return
-        keys = {key for key in held or () if key_slot(key) == slot}
-        keys.update(key for _, key in list(recent or ()) if key_slot(key) == slot)
-        if keys:
-            self.repair |= keys
-            self.repair_wanted = True
-
-    def repair_due(self, call: Call, node: NodeAddress) -> bool:
-        """Must `call`'s key be deleted on `node` before `call` runs? Yes if it is queued for repair, or held
-        for `node` (the call that probes a node coming back must not read what it holds). Not when `call`
-        deletes it itself."""
-        if call.args == ("DEL", call.key):
-            return False
-        if call.key in self.repair:
-            return True
-        held = self.unsynced.get(node)
-        return bool(held) and call.key in held
-
-    def acked_call(self, call: Call, node: NodeAddress, repaired: bool = False) -> None:
-        """A repairable `call` (or one sent after a repair DEL of its key: `repaired`) was acknowledged by
-        `node`."""
-        if repaired:
-            self.done_repair(call.key, node)
-        self.acked_calls((call,), node)
-
-    def acked_calls(self, calls: Sequence[Call], node: NodeAddress) -> None:
-        if self.repair or self.unsynced:
-            for call in calls:
-                if call.args == ("DEL", call.key):
-                    self.done_repair(call.key, node)
-        self.acked_keys(node, [call.key for call in calls])
-
-    def repair_due_now(self) -> bool:
-        return self.repair_wanted and time.monotonic() >= self.repair_after
-
-    def done_repair(self, key: bytes, node: NodeAddress | None = None) -> None:
-        """`key` was deleted on `node`, the primary of its slot."""
-        held = self.unsynced.get(node) if node is not None else None
-        if held:
-            held.discard(key)
-        if key in self.repair:
-            self.repair.discard(key)
-            self.repaired += 1
-
     def redirect(self, error: AskError, call: Call, node: NodeAddress) -> Call:
         """The call to send after `node` answered MOVED/ASK."""
         target = NodeAddress(error.host, int(error.port))
         if isinstance(error, MovedError):
-            self._slot_left(node, error.slot_id, target)
+            self.repair.slot_left(node, error.slot_id, target)
             if self.slot_map is not None:
                 self.slot_map.patch(error.slot_id, target)
             self.refresh_wanted = True
@@ -469,7 +277,9 @@ class TopologyState:
         return Call(call.key, call.args, False, asking=target, idempotent=call.idempotent)
 
 
-def group_by_node(calls: list[Call], route: Any) -> dict[NodeAddress | None, list[int]]:
+def group_by_node(
+    calls: list[Call], route: Callable[[Call], NodeAddress | None]
+) -> dict[NodeAddress | None, list[int]]:
     """Indexes of `calls` per target node, in call order."""
     groups: dict[NodeAddress | None, list[int]] = {}
     for index, call in enumerate(calls):

@@ -147,6 +147,3 @@ class Breakers:
                     node, Breaker(node, self.threshold, self.cooldown, self.on_close, self.on_open)
                 )
         return breaker
-
-    def open_nodes(self) -> list[object]:
-        return [node for node, breaker in self._by_node.items() if breaker.state != CLOSED]

@@ -1,57 +1,58 @@
-"""Redis Cluster topology: a per-node connection chosen from the slot map, MOVED/ASK followed.
+"""Redis Cluster topology: the I/O. A per-node connection chosen from the slot map, MOVED/ASK followed.
 
 Commands go straight to the node that owns the key's slot over a plain redis-py connection (no per-call
 routing machinery), so a GET costs what it costs against a standalone Redis. Batches are grouped per node,
 each node's commands are packed into one write, every node is written before any reply is read, and then
 replies are read node by node: the round trips overlap.
+
+Every decision (which node, breaker, redirect, retry, replica, repair) is made in steps.py, once; the two
+classes here run those steps over blocking (`ClusterTopology`) or asyncio (`AsyncClusterTopology`)
+connections, and own the pools, the background refresh and the background repair.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Generator, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from ..conf import ConnectionSettings, NodeAddress
 from .base import (
     BATCH_SLICE,
-    BREAKER_ERRORS,
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
-    REDIRECT_ERRORS,
     REPAIR_CHUNK,
-    TIMEOUT_ERRORS,
     Call,
     NoNodeReachableError,
-    NotAClusterError,
     PermissionRefusedError,
-    SlotMap,
     TopologyState,
     connection_kwargs,
-    group_by_node,
-    is_outage,
     refused,
 )
-from .breaker import CLOSED, OPEN, Breaker, NodeUnavailableError
+from .breaker import OPEN, Breaker
+from .steps import IO_ERRORS, ClusterSteps, Command, Read, Send, drive, drive_async, too_many_redirects
+from .subscription import Subscription
 
+_pack_one: Callable[[Command], bytes] | None
 try:  # hiredis packs a command in C; redis-py's own packer is the fallback
     from hiredis import pack_command as _pack_one
 except ImportError:  # pragma: no cover - hiredis is a dependency of the [hiredis] and [dev] extras
     _pack_one = None
 
+_NOT_ENOUGH_DATA: object
 try:
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
 except ImportError:  # pragma: no cover - a redis-py without its hiredis parser
@@ -59,16 +60,61 @@ except ImportError:  # pragma: no cover - a redis-py without its hiredis parser
 
 logger = logging.getLogger("django_distcache.topology")
 
+MAX_IDLE_CONNECTIONS = 64
+# Connections one asyncio pool (one node, one event loop) opens at the same time; at least the breaker's
+# threshold, so that a burst of callers against a dead node waits for one round of connect timeouts at most.
+MAX_OPENING_CONNECTIONS = 8
 
-def _read_replies(connection: redis.Connection, count: int) -> list[Any]:
+
+class _Connection(Protocol):
+    """What the topology needs of a redis-py connection."""
+
+    protocol: Any
+
+    def connect(self) -> None: ...
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None: ...
+    def send_command(self, *args: Any, **kwargs: Any) -> None: ...
+    def read_response(self, *args: Any, **kwargs: Any) -> Any: ...
+    def can_read(self, timeout: float = 0) -> bool: ...
+    def pack_commands(self, commands: list[Command]) -> list[bytes]: ...
+    def disconnect(self, *args: Any) -> None: ...
+
+
+class _AsyncConnection(Protocol):
+    """What the topology needs of a redis-py asyncio connection."""
+
+    async def connect(self) -> None: ...
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None: ...
+    async def send_command(self, *args: Any, **kwargs: Any) -> None: ...
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any: ...
+    def pack_commands(self, commands: list[Command]) -> list[bytes]: ...
+    async def disconnect(self, nowait: bool = False) -> None: ...
+
+
+def _pack(connection: _Connection | _AsyncConnection, commands: list[Command]) -> list[bytes]:
+    if _pack_one is not None:
+        return [b"".join([_pack_one(command) for command in commands])]
+    return connection.pack_commands(commands)
+
+
+def _last_reply(replies: list[Any]) -> Any:
+    """The reply of a call sent after other commands (ASKING, a repair DEL): the first error among them is
+    raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies[-1]
+
+
+def _read_replies(connection: _Connection, count: int) -> list[Any]:
     """The next `count` replies of a pipelined batch, error replies as exception objects.
 
     With redis-py's hiredis parser the replies are taken straight from its C reader, one socket read for
     many replies; otherwise one read_response() per reply. (Uses the parser's reader, which redis-py keeps
     private; any other parser takes the slow, public path.)
     """
-    parser = getattr(connection, "_parser", None)
-    reader = getattr(parser, "_reader", None)
+    parser: Any = getattr(connection, "_parser", None)
+    reader: Any = getattr(parser, "_reader", None)
     replies: list[Any] = []
     if reader is None or _NOT_ENOUGH_DATA is None or str(connection.protocol) not in ("2", "None"):
         for _ in range(count):
@@ -87,50 +133,71 @@ def _read_replies(connection: redis.Connection, count: int) -> list[Any]:
     return replies
 
 
-MAX_IDLE_CONNECTIONS = 64
-# Connections one asyncio pool (one node, one event loop) opens at the same time; at least the breaker's
-# threshold, so that a burst of callers against a dead node waits for one round of connect timeouts at most.
-MAX_OPENING_CONNECTIONS = 8
-_all_sync_pools: weakref.WeakSet[_NodePool] = weakref.WeakSet()
+async def _async_read_replies(connection: _AsyncConnection, count: int) -> list[Any]:
+    """As _read_replies, with the asyncio connection: error replies as exception objects."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as error:
+            replies.append(error)
+    return replies
 
 
-def _readonly_on_connect(connection: redis.Connection) -> None:
+def _readonly_on_connect(connection: Any) -> None:
     connection.on_connect()
     connection.send_command("READONLY")
     connection.read_response()
 
 
-async def _async_readonly_on_connect(connection: redis.asyncio.Connection) -> None:
+async def _async_readonly_on_connect(connection: Any) -> None:
     await connection.on_connect()
     await connection.send_command("READONLY")
     await connection.read_response()
 
 
-def _check_cluster_reply(error: ResponseError, node: NodeAddress) -> None:
-    if isinstance(error, PermissionRefusedError):
-        raise error  # the user may not read the slot map: every node will say so, and it is no outage
-    if "cluster support disabled" in str(error).lower():
-        raise NotAClusterError(
-            f"{node} is a Redis server without cluster mode; LOCATION must name Redis Cluster nodes"
-        ) from error
+def _connection_args(
+    settings: ConnectionSettings, node: NodeAddress, readonly: bool, asynchronous: bool
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The connection class and arguments for `node`; `readonly`: READONLY first (a replica serving reads)."""
+    module: Any = redis.asyncio if asynchronous else redis
+    connection_class = module.SSLConnection if settings.ssl else module.Connection
+    kwargs = connection_kwargs(settings, node)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    if readonly:
+        kwargs["redis_connect_func"] = _async_readonly_on_connect if asynchronous else _readonly_on_connect
+    return connection_class, kwargs
+
+
+def _client_args(topology: ClusterSteps, key: bytes) -> tuple[NodeAddress, dict[str, Any]]:
+    """The primary owning `key`, and the arguments of a redis-py client bound to it (used for locks)."""
+    node = topology.state.slot_map.node_for(key) if topology.state.slot_map else None
+    if node is None:
+        raise NoNodeReachableError("no node serves this key's slot")
+    kwargs = connection_kwargs(topology.settings, node)
+    kwargs["ssl"] = topology.settings.ssl
+    return node, kwargs
+
+
+_all_sync_pools: weakref.WeakSet[_NodePool] = weakref.WeakSet()
 
 
 class _NodePool:
     """Idle connections to one node. Lighter than redis-py's pool: no per-call socket poll."""
 
-    def __init__(self, connection_class: type, kwargs: dict[str, Any]) -> None:
+    def __init__(self, connection_class: Callable[..., _Connection], kwargs: dict[str, Any]) -> None:
         self.connection_class = connection_class
         self.kwargs = kwargs
-        self.idle: collections.deque = collections.deque()
+        self.idle: collections.deque[_Connection] = collections.deque()
         _all_sync_pools.add(self)
 
-    def get(self) -> redis.Connection:
+    def get(self) -> _Connection:
         try:
             return self.idle.pop()
         except IndexError:
             return self.connection_class(**self.kwargs)
 
-    def put(self, connection: redis.Connection) -> None:
+    def put(self, connection: _Connection) -> None:
         if len(self.idle) < MAX_IDLE_CONNECTIONS:
             self.idle.append(connection)
         else:
@@ -150,7 +217,15 @@ def _forget_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
-def _start_claimed(claim: threading.Lock, work: Any, name: str) -> None:
+@dataclass(eq=False, slots=True)
+class _Sent:
+    """One node's part of a batch round: written, its replies not read yet."""
+
+    pool: _NodePool
+    connection: _Connection
+
+
+def _start_claimed(claim: threading.Lock, work: Callable[[], None], name: str) -> None:
     """Run `work` in a daemon thread that releases `claim` (already acquired) when it ends, or at once if
     the thread cannot start."""
 
@@ -167,343 +242,27 @@ def _start_claimed(claim: threading.Lock, work: Any, name: str) -> None:
         raise
 
 
-class _TopologyCommon:
-    """What the sync and async topologies share: settings, slot map, routing, and every decision taken
-    around a command (which node, breaker, fallback, retry, redirect). The subclasses only move bytes."""
-
-    connection_module: Any = redis
+class ClusterTopology(ClusterSteps):
+    """Synchronous I/O over the slot map. Thread-safe: connections are taken per call."""
 
     def __init__(self, state: TopologyState) -> None:
-        self.state = state
-        self.settings: ConnectionSettings = state.settings
-        self._pools: dict[tuple[NodeAddress, bool], Any] = {}
-        self._clients: dict[NodeAddress, Any] = {}
-
-    def _refresh_in_background(self) -> None:  # pragma: no cover - both subclasses define it
-        raise NotImplementedError
-
-    @staticmethod
-    def _pack(connection: Any, commands: list[tuple]) -> Any:
-        if _pack_one is not None:
-            return [b"".join([_pack_one(command) for command in commands])]
-        return connection.pack_commands(commands)
-
-    def _commands(self, call: Call, node: NodeAddress) -> tuple[list[tuple], bool]:
-        """What to send for `call` to `node`, and whether that starts with a repair: ASKING before a command
-        for a slot being imported; DEL of the key first when its value may be older than this process
-        wrote."""
-        state = self.state
-        repairing = bool(state.repair or state.unsynced) and state.repair_due(call, node)
-        if not repairing:
-            return ([("ASKING",), call.args] if call.asking is not None else [call.args]), False
-        if call.asking is not None:
-            return [("ASKING",), ("DEL", call.key), ("ASKING",), call.args], True
-        return [("DEL", call.key), call.args], True
-
-    @staticmethod
-    def _last_reply(replies: list) -> Any:
-        """The reply of `call` sent after other commands: the first error among them is raised."""
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies[-1]
-
-    # -- routing ----------------------------------------------------------------------------------------
-    def _route(self, call: Call) -> NodeAddress | None:
-        if call.asking is not None:
-            return call.asking
-        slot_map = self.state.slot_map
-        if slot_map is None:
-            return None
-        if call.read and self.state.repair and call.key in self.state.repair:
-            return slot_map.primaries[key_slot(call.key)]  # a replica could not delete it first
-        return slot_map.node_for(call.key, call.read, self.settings.read_from_replicas)
-
-    def _group(self, calls: list[Call]) -> dict[NodeAddress | None, list[int]]:
-        """Indexes of `calls` per target node; the common case (primaries, no ASK) in one tight loop."""
-        slot_map = self.state.slot_map
-        if slot_map is None or self.settings.read_from_replicas:
-            return group_by_node(calls, self._route)
-        primaries = slot_map.primaries
-        groups: dict[NodeAddress | None, list[int]] = {}
-        for index, call in enumerate(calls):
-            node = call.asking or primaries[key_slot(call.key)]
-            group = groups.get(node)
-            if group is None:
-                groups[node] = [index]
-            else:
-                group.append(index)
-        return groups
-
-    def _is_replica(self, node: NodeAddress) -> bool:
-        slot_map = self.state.slot_map
-        return slot_map is not None and node in slot_map.replica_nodes and node not in slot_map.primary_nodes
-
-    def _readonly(self, node: NodeAddress) -> bool:
-        """Connections to a replica send READONLY first, so that it serves reads of its slots."""
-        settings = self.settings
-        return (settings.read_from_replicas or settings.replica_fallback) and self._is_replica(node)
-
-    def _unavailable(self, breaker: Breaker) -> NodeUnavailableError:
-        """A call may not go to `breaker`'s node: a promoted replica may already serve its slots."""
-        self.state.refresh_wanted = True
-        self._refresh_in_background()
-        return breaker.unavailable()
-
-    def _substitute(self, call: Call, node: NodeAddress) -> NodeAddress | None:
-        """Another node that may serve the read `call` while `node` is unavailable, or None."""
-        if self.settings.read_from_replicas and call.read and call.asking is None:
-            slot = key_slot(call.key)
-            slot_map = self.state.slot_map
-            for other in (*slot_map.replicas[slot], slot_map.primaries[slot]):
-                if other is not None and other != node and self.state.breakers(other).state == CLOSED:
-                    return other
-            return None
-        return self.state.fallback_replica(call, node)
-
-    def _target(self, call: Call) -> tuple[NodeAddress, Breaker]:
-        """The node to send `call` to now, and its breaker. Raises when no node may take it."""
-        node = self._route(call)
-        if node is None:
-            raise NoNodeReachableError(f"no node serves the slot of {call.key[:60]!r}")
-        breaker = self.state.breakers(node)
-        if breaker.allow():
-            return node, breaker
-        error = self._unavailable(breaker)
-        other = self._substitute(call, node)
-        if other is not None:
-            other_breaker = self.state.breakers(other)
-            if other_breaker.allow():
-                return other, other_breaker
-        self.state.note_unsynced(call, node)
-        raise error
-
-    # -- what a reply or a failure means ----------------------------------------------------------------
-    def _after_reply_error(
-        self, call: Call, node: NodeAddress, breaker: Breaker, error: ResponseError
-    ) -> None:
-        """The node answered with an error that is not a redirect: always the caller's."""
-        breaker.success()
-        if is_outage(error):
-            # OOM, CLUSTERDOWN, TRYAGAIN or READONLY (a write that reached a demoted primary): the slot map
-            # may be stale, and a write the failure policy drops leaves an older value to repair.
-            self.state.refresh_wanted = True
-            self.state.note_unsynced(call, node)
-
-    def _after_outage(
-        self, call: Call, node: NodeAddress, breaker: Breaker, error: BaseException, retries: int
-    ) -> bool:
-        """The connection to `node` failed while running `call`: send it again (True) or raise."""
-        self.state.refresh_wanted = True
-        opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
-        self._refresh_in_background()
-        # Sent again only after a dropped connection (an idle socket the server closed), never after a
-        # timeout: a hung node would make the caller wait twice.
-        again = (
-            retries > 0
-            and call.idempotent
-            and not opened
-            and breaker.state == CLOSED
-            and not isinstance(error, TIMEOUT_ERRORS)
-        )
-        if not again:
-            self.state.note_unsynced(call, node)
-        return again
-
-    def _batch_plan(
-        self, calls: list[Call], positions: list[int], results: list[Any]
-    ) -> list[tuple[NodeAddress, Breaker, list[int]]]:
-        """Which node gets which of `calls` in this round; those no node may take get their error now."""
-        plan = []
-        substitutes: dict[NodeAddress, list[int]] = {}
-        for node, indexes in self._group(calls).items():
-            if node is None:
-                for i in indexes:
-                    results[positions[i]] = NoNodeReachableError("slot not served")
-                continue
-            breaker = self.state.breakers(node)
-            if breaker.allow():
-                plan.append((node, breaker, indexes))
-                continue
-            error = self._unavailable(breaker)
-            for i in indexes:
-                other = self._substitute(calls[i], node)
-                if other is None:
-                    self.state.note_unsynced(calls[i], node)
-                    results[positions[i]] = error
-                else:
-                    substitutes.setdefault(other, []).append(i)
-        for other, indexes in substitutes.items():
-            breaker = self.state.breakers(other)
-            if breaker.allow():
-                plan.append((other, breaker, indexes))
-            else:
-                for i in indexes:
-                    results[positions[i]] = breaker.unavailable()
-        return plan
-
-    def _batch_commands(
-        self, calls: list[Call], indexes: list[int], node: NodeAddress
-    ) -> tuple[list[tuple], list | None]:
-        """`node`'s commands; and, when any call sends more than its own command, how many each sends
-        and whether it repairs its key (None: one command per call, the common case)."""
-        state = self.state
-        if not state.repair and not state.unsynced and not any(calls[i].asking is not None for i in indexes):
-            return [calls[i].args for i in indexes], None
-        commands: list[tuple] = []
-        layout = []
-        for i in indexes:
-            sent, repairing = self._commands(calls[i], node)
-            commands.extend(sent)
-            layout.append((len(sent), repairing))
-        return commands, layout
-
-    def _batch_failed(
-        self,
-        calls: list[Call],
-        indexes: list[int],
-        positions: list[int],
-        results: list[Any],
-        node: NodeAddress,
-        breaker: Breaker,
-        error: BaseException,
-    ) -> None:
-        """A node's connection failed mid-batch: its calls without a reply yet get the error."""
-        self.state.refresh_wanted = True
-        if isinstance(error, BREAKER_ERRORS):
-            breaker.failure(error)
-        for i in indexes:
-            if results[positions[i]] is None:
-                results[positions[i]] = error
-                self.state.note_unsynced(calls[i], node)
-
-    def _batch_replies(
-        self,
-        calls: list[Call],
-        indexes: list[int],
-        layout: list | None,
-        node: NodeAddress,
-        positions: list[int],
-        results: list[Any],
-        replies: list,
-        redo: list,
-    ) -> None:
-        """Place one node's replies; MOVED/ASK replies go to `redo` for the next round."""
-        state = self.state
-        if layout is None:
-            acked = []
-            for i, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, ResponseError):  # one test for the common case, a plain reply
-                    if isinstance(reply, REDIRECT_ERRORS):
-                        redo.append((positions[i], reply, node))
-                        continue
-                    reply = refused(reply, calls[i].args, calls[i].key)
-                results[positions[i]] = reply
-                if calls[i].repairable:
-                    if not isinstance(reply, Exception):
-                        acked.append(calls[i])
-                    elif is_outage(reply):
-                        state.note_unsynced(calls[i], node)
-            if acked:
-                state.acked_calls(acked, node)
-            return
-        start = 0
-        for i, (count, repairing) in zip(indexes, layout, strict=True):
-            own = replies[start : start + count]
-            start += count
-            # ASKING's +OK and a repair DEL's count come first; the first error among them is the reply.
-            reply = next((r for r in own if isinstance(r, Exception)), own[-1])
-            if isinstance(reply, REDIRECT_ERRORS):
-                redo.append((positions[i], reply, node))
-                continue
-            if isinstance(reply, ResponseError):
-                reply = refused(reply, calls[i].args, calls[i].key)
-            results[positions[i]] = reply
-            if isinstance(reply, Exception):
-                if is_outage(reply):
-                    state.note_unsynced(calls[i], node)
-                continue
-            if calls[i].repairable or repairing:
-                state.acked_call(calls[i], node, repairing)
-
-    def _next_round(self, calls: list[Call], redo: list) -> list[int]:
-        """After a round: the redirected calls, aimed at their new nodes."""
-        for index, error, node in redo:
-            calls[index] = self.state.redirect(error, calls[index], node)
-        if self.state.refresh_wanted:
-            self._refresh_in_background()
-        return [index for index, _, _ in redo]
-
-    # -- the slot map -----------------------------------------------------------------------------------
-    def _refresh_steps(self) -> Generator[NodeAddress, Any, None]:
-        """Ask nodes for CLUSTER SLOTS in turn (the driver sends to each node yielded, and sends back its
-        reply or throws its error) until one gives a map that serves slots."""
-        state = self.state
-        errors = []
-        for node in state.nodes_to_ask():
-            breaker = state.breakers(node)
-            if not breaker.allow():
-                errors.append(f"{node}: circuit open")
-                continue
-            try:
-                reply = yield node
-            except ResponseError as error:
-                breaker.success()
-                _check_cluster_reply(error, node)
-                errors.append(f"{node}: {error}")
-                continue
-            except OUTAGE_ERRORS as error:
-                breaker.failure(error)
-                errors.append(f"{node}: {error}")
-                continue
-            breaker.success()
-            slot_map = SlotMap.from_cluster_slots(reply, node)
-            if slot_map.covered == 0:
-                errors.append(f"{node}: no slots assigned")
-                continue
-            state.install(slot_map)
-            return
-        state.last_refresh = time.monotonic()
-        raise NoNodeReachableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
-
-    def _pool_args(self, node: NodeAddress, readonly: bool) -> tuple[type, dict[str, Any]]:
-        module = self.connection_module
-        connection_class = module.SSLConnection if self.settings.ssl else module.Connection
-        kwargs = connection_kwargs(self.settings, node)
-        kwargs["retry"] = Retry(NoBackoff(), 0)
-        if readonly:
-            kwargs["redis_connect_func"] = (
-                _async_readonly_on_connect if module is redis.asyncio else _readonly_on_connect
-            )
-        return connection_class, kwargs
-
-    def _client_for(self, key: bytes, client_class: type) -> Any:
-        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
-        if node is None:
-            raise NoNodeReachableError("no node serves this key's slot")
-        client = self._clients.get(node)
-        if client is None:
-            _, kwargs = self._pool_args(node, False)
-            del kwargs["retry"]
-            client = self._clients[node] = client_class(**kwargs, ssl=self.settings.ssl)
-        return client
-
-    def primaries(self) -> list[NodeAddress]:
-        slot_map = self.state.slot_map
-        return list(slot_map.primary_nodes) if slot_map else []
-
-
-class ClusterTopology(_TopologyCommon):
-    """Synchronous I/O over the slot map. Thread-safe: connections are taken per call."""
+        super().__init__(state)
+        self._pools: dict[tuple[NodeAddress, bool], _NodePool] = {}
+        self._clients: dict[NodeAddress, redis.Redis] = {}
+        # Whether the cluster has sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7.0); None until a
+        # subscription found out.
+        self.sharded_pubsub: bool | None = None
 
     def _pool(self, node: NodeAddress) -> _NodePool:
         readonly = self._readonly(node)
         pool = self._pools.get((node, readonly))
         if pool is None:
-            pool = self._pools[(node, readonly)] = _NodePool(*self._pool_args(node, readonly))
+            pool = self._pools[(node, readonly)] = _NodePool(
+                *_connection_args(self.settings, node, readonly, False)
+            )
         return pool
 
-    # -- topology ---------------------------------------------------------------------------------------
+    # -- the slot map -----------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
         """Reload the slot map from the first node that answers; rate-limited unless forced."""
         state = self.state
@@ -512,19 +271,12 @@ class ClusterTopology(_TopologyCommon):
         with state.lock:
             if not force and state.slot_map is not None and not state.refresh_due():
                 return
-            steps, reply, error = self._refresh_steps(), None, None
-            while True:
-                try:
-                    node = steps.send(reply) if error is None else steps.throw(error)
-                except StopIteration:
-                    break
-                reply = error = None
-                try:
-                    reply = self.node_execute(node, "CLUSTER", "SLOTS")
-                except (ResponseError, *OUTAGE_ERRORS) as caught:
-                    error = caught
-        if state.repair_wanted:  # the new map names nodes that lost keys: repair now, not at the next call
+            drive(self.refresh_steps(), self._ask_slots)
+        if state.repair.wanted:  # the new map names nodes that lost keys: repair now, not at the next call
             self.repair_in_background()
+
+    def _ask_slots(self, node: NodeAddress) -> Any:
+        return self.node_execute(node, "CLUSTER", "SLOTS")
 
     def ensure_map(self) -> None:
         state = self.state
@@ -532,39 +284,8 @@ class ClusterTopology(_TopologyCommon):
             self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
-        if state.repair_wanted and state.repair_due_now():
+        if state.repair.due_now():
             self.repair_in_background()
-
-    def repair_in_background(self) -> None:
-        """Delete the keys queued for repair in a thread of its own, one such thread at a time."""
-        state = self.state
-        if not state.repair_running.acquire(blocking=False):
-            return
-        state.repair_wanted = False
-
-        def run() -> None:
-            try:
-                self.repair_now()
-            except Exception as error:  # noqa: BLE001 - a background thread: tried again on a later call
-                logger.warning("failover repair failed, tried again later: %s", error)
-                state.repair_wanted = True
-                state.repair_after = time.monotonic() + self.settings.breaker_cooldown
-
-        _start_claimed(state.repair_running, run, "distcache-failover-repair")
-
-    def repair_now(self) -> int:
-        """Delete the keys queued for repair on their slots' primaries; those that cannot be reached now
-        stay queued and are tried again a breaker cooldown later. Returns how many are left."""
-        state = self.state
-        keys = list(state.repair)
-        for start in range(0, len(keys), REPAIR_CHUNK):
-            chunk = keys[start : start + REPAIR_CHUNK]
-            self.execute_batch([Call(key, ("DEL", key), repairable=True) for key in chunk])
-        left = len(state.repair)
-        if left:
-            state.repair_wanted = True
-            state.repair_after = time.monotonic() + self.settings.breaker_cooldown
-        return left
 
     def _refresh_in_background(self) -> None:
         """Reload the slot map in a thread of its own: a request never waits for CLUSTER SLOTS (which a
@@ -583,98 +304,111 @@ class ClusterTopology(_TopologyCommon):
 
         _start_claimed(state.background_refresh, run, "distcache-topology-refresh")
 
+    # -- failover repair --------------------------------------------------------------------------------
+    def repair_in_background(self) -> None:
+        """Delete the keys queued for repair in a thread of its own, one such thread at a time."""
+        repair = self.state.repair
+        if not repair.running.acquire(blocking=False):
+            return
+        repair.wanted = False
+
+        def run() -> None:
+            try:
+                self.repair_now()
+            except Exception as error:  # noqa: BLE001 - a background thread: tried again on a later call
+                logger.warning("failover repair failed, tried again later: %s", error)
+                repair.retry_later()
+
+        _start_claimed(repair.running, run, "distcache-failover-repair")
+
+    def repair_now(self) -> int:
+        """Delete the keys queued for repair on their slots' primaries; those that cannot be reached now
+        stay queued and are tried again a breaker cooldown later. Returns how many are left."""
+        repair = self.state.repair
+        keys = list(repair.pending)
+        for start in range(0, len(keys), REPAIR_CHUNK):
+            chunk = keys[start : start + REPAIR_CHUNK]
+            self.execute_batch([Call(key, ("DEL", key), repairable=True) for key in chunk])
+        left = len(repair.pending)
+        if left:
+            repair.retry_later()
+        return left
+
     # -- commands ---------------------------------------------------------------------------------------
     def execute(self, call: Call) -> Any:
         """Run one call; follows redirects, retries a dropped connection, raises errors as they are."""
         self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
-            node, breaker = self._target(call)
-            commands, repairing = self._commands(call, node)
-            pool = self._pool(node)
-            connection = pool.get()
+            node, breaker, commands, repairing = self.attempt(call)
             try:
-                connection.send_packed_command(self._pack(connection, commands), check_health=False)
-                if len(commands) == 1:
-                    result = connection.read_response()
-                else:
-                    result = self._last_reply(_read_replies(connection, len(commands)))
-            except REDIRECT_ERRORS as error:
-                pool.put(connection)
-                breaker.success()
-                call = self.state.redirect(error, call, node)
+                reply = self._exchange(node, commands)
+            except IO_ERRORS as error:
+                call, retries = self.failed(call, node, breaker, error, retries)
                 continue
-            except ResponseError as error:
-                pool.put(connection)
-                self._after_reply_error(call, node, breaker, error)
-                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
-            except OUTAGE_ERRORS as error:
-                connection.disconnect()
-                if not self._after_outage(call, node, breaker, error, retries):
-                    raise
-                retries -= 1
-                continue
-            pool.put(connection)
-            breaker.success()
-            if call.repairable or repairing:
-                self.state.acked_call(call, node, repairing)
-            return result
-        raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
+            self.succeeded(call, node, breaker, repairing)
+            return reply
+        raise too_many_redirects(call)
+
+    def _exchange(self, node: NodeAddress, commands: list[Command]) -> Any:
+        """Send `commands` to `node` in one write; the reply of the last (the first error reply raised)."""
+        pool = self._pool(node)
+        connection = pool.get()
+        try:
+            connection.send_packed_command(_pack(connection, commands), check_health=False)
+            if len(commands) == 1:
+                reply = connection.read_response()
+            else:
+                reply = _last_reply(_read_replies(connection, len(commands)))
+        except ResponseError:
+            pool.put(connection)  # every reply was read: the connection is clean
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        pool.put(connection)
+        return reply
 
     def execute_batch(self, calls: list[Call]) -> list[Any]:
         """Run many calls, one pipelined write per node, all writes before any read (in slices of
-        BATCH_SLICE calls)."""
-        if len(calls) <= BATCH_SLICE:
-            return self._execute_slice(calls)
+        BATCH_SLICE calls, so that no write carries more than its socket timeout can cover)."""
         results: list[Any] = []
         for start in range(0, len(calls), BATCH_SLICE):
+            self.ensure_map()
             results += self._execute_slice(calls[start : start + BATCH_SLICE])
         return results
 
     def _execute_slice(self, calls: list[Call]) -> list[Any]:
-        if not calls:
-            return []
-        self.ensure_map()
-        results: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for _ in range(MAX_REDIRECTS + 1):
-            redo = self._batch_round([calls[i] for i in pending], pending, results)
-            if not redo:
-                return results
-            pending = self._next_round(calls, redo)
-        for index in pending:
-            results[index] = NoNodeReachableError("too many redirects")
-        return results
+        unread: list[_Sent] = []
+        try:
+            return drive(self.slice_steps(calls), functools.partial(self._batch_io, unread))
+        except BaseException:
+            for sent in unread:  # its replies would be read as another command's
+                sent.connection.disconnect()
+            raise
 
-    def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        sent = []
-        for node, breaker, indexes in self._batch_plan(calls, positions, results):
-            commands, layout = self._batch_commands(calls, indexes, node)
-            pool = self._pool(node)
-            connection = pool.get()
+    def _batch_io(self, unread: list[_Sent], step: Send | Read) -> Any:
+        if isinstance(step, Read):
+            sent: _Sent = step.handle
+            unread.remove(sent)
             try:
-                connection.send_packed_command(self._pack(connection, commands), check_health=False)
-            except OUTAGE_ERRORS as error:
-                connection.disconnect()
-                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
-                continue
-            sent.append((node, breaker, indexes, pool, connection, len(commands), layout))
-        redo: list = []
-        for node, breaker, indexes, pool, connection, count, layout in sent:
-            try:
-                replies = _read_replies(connection, count)
-            except OUTAGE_ERRORS as error:
-                connection.disconnect()
-                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
-                continue
-            pool.put(connection)
-            breaker.success()
-            self._batch_replies(calls, indexes, layout, node, positions, results, replies, redo)
-        if self.state.refresh_wanted:
-            self._refresh_in_background()
-        return redo
+                replies = _read_replies(sent.connection, step.count)
+            except BaseException:
+                sent.connection.disconnect()
+                raise
+            sent.pool.put(sent.connection)
+            return replies
+        pool = self._pool(step.node)
+        connection = pool.get()
+        try:
+            connection.send_packed_command(_pack(connection, step.commands), check_health=False)
+        except BaseException:
+            connection.disconnect()
+            raise
+        unread.append(_Sent(pool, connection))
+        return unread[-1]
 
-    # -- node-wide work (purges, checks) -----------------------------------------------------------------
+    # -- node-wide work (purges, checks), locks, subscriptions -------------------------------------------
     def node_execute(self, node: NodeAddress, *args: Any) -> Any:
         pool = self._pool(node)
         connection = pool.get()
@@ -690,17 +424,6 @@ class ClusterTopology(_TopologyCommon):
         pool.put(connection)
         return result
 
-    def dedicated_connection(self, key: bytes) -> redis.Connection:
-        """A connection of its own (not pooled) to the primary owning `key`, e.g. for a subscription."""
-        self.refresh(force=True)
-        node = self.state.slot_map.node_for(key) if self.state.slot_map else None
-        if node is None:
-            raise NoNodeReachableError("no node serves this key's slot")
-        connection_class, kwargs = self._pool_args(node, False)
-        connection = connection_class(**kwargs)
-        connection.connect()
-        return connection
-
     def scan(self, node: NodeAddress, match: str, count: int = 1000) -> Iterator[list[bytes]]:
         cursor = b"0"
         while True:
@@ -713,7 +436,33 @@ class ClusterTopology(_TopologyCommon):
     def client_for(self, key: bytes) -> redis.Redis:
         """A redis-py client bound to the node owning `key` (used for locks), one per node."""
         self.ensure_map()
-        return self._client_for(key, redis.Redis)
+        node, kwargs = _client_args(self, key)
+        client = self._clients.get(node)
+        if client is None:
+            client = self._clients[node] = redis.Redis(**kwargs)
+        return client
+
+    def subscribe(self, channels: list[bytes], ping_every: float = 1.0) -> Subscription:
+        """A connection of its own to the primary serving `channels` (all of one slot), subscribed to them,
+        probed with PING after `ping_every` seconds of silence. Raises PermissionRefusedError when the ACL
+        refuses the channel, an outage error when the node cannot be reached."""
+        self.refresh(force=True)
+        node = self.state.slot_map.node_for(channels[0]) if self.state.slot_map else None
+        if node is None:
+            raise NoNodeReachableError("no node serves this channel's slot")
+        connection_class, kwargs = _connection_args(self.settings, node, False, False)
+        connection: _Connection = connection_class(**kwargs)
+        connection.connect()
+        subscription = Subscription(connection, node, ping_every)
+        try:
+            subscription.start(channels, self.sharded_pubsub)
+        except BaseException:
+            subscription.close()
+            raise
+        finally:
+            if subscription.sharded is not None:
+                self.sharded_pubsub = subscription.sharded
+        return subscription
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -725,21 +474,23 @@ class _AsyncNodePool:
 
     A burst of calls on an empty pool opens at most `opening_limit` connections at a time; the other callers
     wait for one of those, or for a connection put back, and then use it. That wait is not charged to
-    SOCKET_CONNECT_TIMEOUT, which bounds only the open itself: 200 `aget`s started together on a busy loop
-    used to open 200 connections at once, and the loop served some of them later than the 0.2-s timeout,
-    so a healthy node's reads missed and its breaker opened. A caller that has waited and finds the node's
-    breaker open fails at once with `NodeUnavailableError`, as it would have before sending.
+    SOCKET_CONNECT_TIMEOUT, which bounds only the open itself: were 200 `aget`s started together on a busy
+    loop to open 200 connections at once, the loop would serve some of them later than the 0.2-s timeout,
+    and a healthy node's reads would miss and its breaker open. A caller that has waited and finds the
+    node's breaker open fails at once with `NodeUnavailableError`, as it would have before sending.
     """
 
-    def __init__(self, connection_class: type, kwargs: dict[str, Any], opening_limit: int) -> None:
+    def __init__(
+        self, connection_class: Callable[..., _AsyncConnection], kwargs: dict[str, Any], opening_limit: int
+    ) -> None:
         self.connection_class = connection_class
         self.kwargs = kwargs
         self.opening_limit = opening_limit
         self.opening = 0
-        self.idle: collections.deque = collections.deque()
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.idle: collections.deque[_AsyncConnection] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def get(self, breaker: Breaker) -> redis.asyncio.Connection:
+    async def get(self, breaker: Breaker) -> _AsyncConnection:
         """An idle connection, else a newly opened one (connected: open errors are raised here)."""
         waited = False
         while True:
@@ -750,7 +501,7 @@ class _AsyncNodePool:
                 raise breaker.unavailable()
             if self.opening < self.opening_limit:
                 return await self._open()
-            waiter = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             try:
                 await waiter
@@ -762,7 +513,7 @@ class _AsyncNodePool:
                 raise
             waited = True
 
-    async def _open(self) -> redis.asyncio.Connection:
+    async def _open(self) -> _AsyncConnection:
         self.opening += 1
         connection = self.connection_class(**self.kwargs)
         try:
@@ -783,7 +534,7 @@ class _AsyncNodePool:
                 waiter.set_result(None)
                 return
 
-    def put(self, connection: redis.asyncio.Connection) -> None:
+    def put(self, connection: _AsyncConnection) -> None:
         if len(self.idle) < MAX_IDLE_CONNECTIONS:
             self.idle.append(connection)
         else:
@@ -795,25 +546,22 @@ class _AsyncNodePool:
             await self.idle.pop().disconnect()
 
 
-async def _async_read_replies(connection: redis.asyncio.Connection, count: int) -> list[Any]:
-    """As _read_replies, with the asyncio connection: error replies as exception objects."""
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await connection.read_response())
-        except ResponseError as error:
-            replies.append(error)
-    return replies
+@dataclass(eq=False, slots=True)
+class _AsyncSent:
+    """As _Sent, for an asyncio connection."""
+
+    pool: _AsyncNodePool
+    connection: _AsyncConnection
 
 
-class AsyncClusterTopology(_TopologyCommon):
-    """The same routing and decisions with redis-py's asyncio connections; one instance per event loop."""
-
-    connection_module = redis.asyncio
+class AsyncClusterTopology(ClusterSteps):
+    """The same steps over redis-py's asyncio connections; one instance per event loop."""
 
     def __init__(self, state: TopologyState) -> None:
         super().__init__(state)
-        self._refresh_task: asyncio.Task | None = None
+        self._pools: dict[tuple[NodeAddress, bool], _AsyncNodePool] = {}
+        self._clients: dict[NodeAddress, redis.asyncio.Redis] = {}
+        self._refresh_task: asyncio.Task[None] | None = None
         self._repairer: ClusterTopology | None = None
 
     def _pool(self, node: NodeAddress) -> _AsyncNodePool:
@@ -822,27 +570,21 @@ class AsyncClusterTopology(_TopologyCommon):
         if pool is None:
             opening_limit = max(MAX_OPENING_CONNECTIONS, self.settings.breaker_threshold)
             pool = self._pools[(node, readonly)] = _AsyncNodePool(
-                *self._pool_args(node, readonly), opening_limit
+                *_connection_args(self.settings, node, readonly, True), opening_limit
             )
         return pool
 
+    # -- the slot map -----------------------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
         state = self.state
         if not force and state.slot_map is not None and not state.refresh_due():
             return
-        steps, reply, error = self._refresh_steps(), None, None
-        while True:
-            try:
-                node = steps.send(reply) if error is None else steps.throw(error)
-            except StopIteration:
-                break
-            reply = error = None
-            try:
-                reply = await self._node_execute(node, "CLUSTER", "SLOTS")
-            except (ResponseError, *OUTAGE_ERRORS) as caught:
-                error = caught
-        if state.repair_wanted:
+        await drive_async(self.refresh_steps(), self._ask_slots)
+        if state.repair.wanted:
             self._repair_in_background()
+
+    def _ask_slots(self, node: NodeAddress) -> Awaitable[Any]:
+        return self._node_execute(node, "CLUSTER", "SLOTS")
 
     async def _node_execute(self, node: NodeAddress, *args: Any) -> Any:
         pool = self._pool(node)
@@ -865,7 +607,7 @@ class AsyncClusterTopology(_TopologyCommon):
             await self.refresh(force=True)
         elif state.wants_refresh():
             self._refresh_in_background()
-        if state.repair_wanted and state.repair_due_now():
+        if state.repair.due_now():
             self._repair_in_background()
 
     def _repair_in_background(self) -> None:
@@ -891,118 +633,85 @@ class AsyncClusterTopology(_TopologyCommon):
 
         self._refresh_task = asyncio.get_running_loop().create_task(run())
 
+    # -- commands ---------------------------------------------------------------------------------------
     async def execute(self, call: Call) -> Any:
         await self.ensure_map()
         retries = self.settings.retries
         for _ in range(MAX_REDIRECTS + retries + 1):
-            node, breaker = self._target(call)
-            commands, repairing = self._commands(call, node)
-            pool = self._pool(node)
-            connection = None
+            node, breaker, commands, repairing = self.attempt(call)
             try:
-                connection = await pool.get(breaker)
-                await connection.send_packed_command(self._pack(connection, commands), check_health=False)
-                if len(commands) == 1:
-                    result = await connection.read_response()
-                else:
-                    result = self._last_reply(await _async_read_replies(connection, len(commands)))
-            except REDIRECT_ERRORS as error:
-                pool.put(connection)
-                breaker.success()
-                call = self.state.redirect(error, call, node)
+                reply = await self._exchange(node, breaker, commands)
+            except IO_ERRORS as error:
+                call, retries = self.failed(call, node, breaker, error, retries)
                 continue
-            except ResponseError as error:
-                pool.put(connection)
-                self._after_reply_error(call, node, breaker, error)
-                raise refused(error, call.args, call.key)  # noqa: B904 - the reply is its cause
-            except OUTAGE_ERRORS as error:
-                if connection is not None:
-                    await connection.disconnect()
-                if not self._after_outage(call, node, breaker, error, retries):
-                    raise
-                retries -= 1
-                continue
-            except BaseException:
-                # Cancelled mid-command: the reply may still arrive, so this connection is unusable.
-                if connection is not None:
-                    await connection.disconnect()
-                raise
-            pool.put(connection)
-            breaker.success()
-            if call.repairable or repairing:
-                self.state.acked_call(call, node, repairing)
-            return result
-        raise NoNodeReachableError(f"too many redirects for {call.key[:60]!r}")
+            self.succeeded(call, node, breaker, repairing)
+            return reply
+        raise too_many_redirects(call)
+
+    async def _exchange(self, node: NodeAddress, breaker: Breaker, commands: list[Command]) -> Any:
+        pool = self._pool(node)
+        connection = await pool.get(breaker)  # an open that fails raises here, with nothing to clean up
+        try:
+            await connection.send_packed_command(_pack(connection, commands), check_health=False)
+            if len(commands) == 1:
+                reply = await connection.read_response()
+            else:
+                reply = _last_reply(await _async_read_replies(connection, len(commands)))
+        except ResponseError:
+            pool.put(connection)  # every reply was read: the connection is clean
+            raise
+        except BaseException:
+            # Failed, or cancelled mid-command: the reply may still arrive, so this connection is unusable.
+            await connection.disconnect()
+            raise
+        pool.put(connection)
+        return reply
 
     async def execute_batch(self, calls: list[Call]) -> list[Any]:
-        if len(calls) <= BATCH_SLICE:
-            return await self._execute_slice(calls)
         results: list[Any] = []
         for start in range(0, len(calls), BATCH_SLICE):
+            await self.ensure_map()
             results += await self._execute_slice(calls[start : start + BATCH_SLICE])
         return results
 
     async def _execute_slice(self, calls: list[Call]) -> list[Any]:
-        if not calls:
-            return []
-        await self.ensure_map()
-        results: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for _ in range(MAX_REDIRECTS + 1):
-            redo = await self._batch_round([calls[i] for i in pending], pending, results)
-            if not redo:
-                return results
-            pending = self._next_round(calls, redo)
-        for index in pending:
-            results[index] = NoNodeReachableError("too many redirects")
-        return results
-
-    async def _batch_round(self, calls: list[Call], positions: list[int], results: list[Any]) -> list:
-        sent = []
+        unread: list[_AsyncSent] = []
         try:
-            for node, breaker, indexes in self._batch_plan(calls, positions, results):
-                commands, layout = self._batch_commands(calls, indexes, node)
-                pool = self._pool(node)
-                connection = None
-                try:
-                    connection = await pool.get(breaker)
-                    await connection.send_packed_command(self._pack(connection, commands), check_health=False)
-                except OUTAGE_ERRORS as error:
-                    if connection is not None:
-                        await connection.disconnect()
-                    self._batch_failed(calls, indexes, positions, results, node, breaker, error)
-                    continue
-                except BaseException:
-                    if connection is not None:  # cancelled while sending: this connection is unusable
-                        await connection.disconnect()
-                    raise
-                sent.append((node, breaker, indexes, pool, connection, len(commands), layout))
-            redo: list = []
-            while sent:
-                node, breaker, indexes, pool, connection, count, layout = sent[0]
-                try:
-                    replies = await _async_read_replies(connection, count)
-                except OUTAGE_ERRORS as error:
-                    sent.pop(0)
-                    await connection.disconnect()
-                    self._batch_failed(calls, indexes, positions, results, node, breaker, error)
-                    continue
-                sent.pop(0)
-                pool.put(connection)
-                breaker.success()
-                self._batch_replies(calls, indexes, layout, node, positions, results, replies, redo)
-            if self.state.refresh_wanted:
-                self._refresh_in_background()
-            return redo
+            return await drive_async(self.slice_steps(calls), functools.partial(self._batch_io, unread))
         except BaseException:
             # Cancelled mid-batch: replies may still arrive on the connections not read yet.
-            for _, _, _, _, connection, _, _ in sent:
-                await connection.disconnect()
+            for sent in unread:
+                await sent.connection.disconnect()
             raise
+
+    async def _batch_io(self, unread: list[_AsyncSent], step: Send | Read) -> Any:
+        if isinstance(step, Read):
+            sent: _AsyncSent = step.handle
+            unread.remove(sent)
+            try:
+                replies = await _async_read_replies(sent.connection, step.count)
+            except BaseException:
+                await sent.connection.disconnect()
+                raise
+            sent.pool.put(sent.connection)
+            return replies
+        pool = self._pool(step.node)
+        connection = await pool.get(step.breaker)
+        try:
+            await connection.send_packed_command(_pack(connection, step.commands), check_health=False)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        unread.append(_AsyncSent(pool, connection))
+        return unread[-1]
 
     async def client_for(self, key: bytes) -> redis.asyncio.Redis:
         await self.ensure_map()
-        return self._client_for(key, redis.asyncio.Redis)
+        node, kwargs = _client_args(self, key)
+        client = self._clients.get(node)
+        if client is None:
+            client = self._clients[node] = redis.asyncio.Redis(**kwargs)
+        return client
 
     async def close(self) -> None:
         for pool in self._pools.values():

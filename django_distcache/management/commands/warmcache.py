@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
 from django_distcache import warming
 from django_distcache.core import Core, core_for
@@ -132,7 +132,7 @@ class Command(BaseCommand):
         "Celery tasks in chunks; print a summary; exit with status 1 if any warmer failed."
     )
 
-    def add_arguments(self, parser: Any) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("names", nargs="*", metavar="NAME", help="the warmers to run")
         parser.add_argument("--all", action="store_true", help="run every registered warmer")
         parser.add_argument(
@@ -254,12 +254,6 @@ class Command(BaseCommand):
     def _run_async(
         self, selected: list[warming.Warmer], options: dict[str, Any], display: ProgressDisplay
     ) -> list[WarmResult]:
-        """Send each warmer's chunks as tasks, then follow every chunk in the run's progress hashes until
-        all are done. A chunk whose worker stops beating, and the chunks nobody takes while the run is
-        quiet and a worker answers a ping, are sent again (a killed worker's running and prefetched
-        chunks come back only after the broker's visibility timeout); a run with no progress and no
-        heartbeat for --stall-timeout fails, naming the chunks not completed. A warmer that cannot be
-        sent fails alone."""
         try:
             from celery import group
 
@@ -268,114 +262,161 @@ class Command(BaseCommand):
             raise CommandError(
                 f"--async needs Celery (pip install 'django-distcache[celery]'): {error}"
             ) from None
-        run_id = warming.new_run_id()
-        results = {entry.name: WarmResult(entry.name) for entry in selected}
-        sending = {"queue": options["queue"]} if options["queue"] else {}
-        following: dict[str, _FollowedWarmer] = {}
-        for entry in selected:
+        run = _AsyncRun(warm_task, selected, options, display)
+        run.send(group)
+        return run.follow()
+
+
+class _AsyncRun:
+    """One `--async` run: each warmer's chunks sent as tasks, then every chunk followed in the run's
+    progress hashes until all are done. A chunk whose worker stops beating, and the chunks nobody takes
+    while the run is quiet and a worker answers a ping, are sent again (a killed worker's running and
+    prefetched chunks come back only after the broker's visibility timeout); a run with no progress and
+    no heartbeat for --stall-timeout fails, naming the chunks not completed. A warmer that cannot be sent
+    fails alone."""
+
+    def __init__(
+        self,
+        warm_task: Any,
+        selected: list[warming.Warmer],
+        options: dict[str, Any],
+        display: ProgressDisplay,
+    ) -> None:
+        self.warm_task, self.selected, self.options, self.display = warm_task, selected, options, display
+        self.run_id = warming.new_run_id()
+        self.results = {entry.name: WarmResult(entry.name) for entry in selected}
+        self.sending = {"queue": options["queue"]} if options["queue"] else {}
+        self.following: dict[str, _FollowedWarmer] = {}
+        self.stall = options["stall_timeout"]
+        self.lost_after = max(MIN_LOST_AFTER, self.stall / 4)
+        self.total_tasks = 0
+        self.finished_tasks = 0  # the tasks of the warmers already finished
+
+    # -- sending ------------------------------------------------------------------------------------------
+    def send(self, group: Any) -> None:
+        """Send every warmer's chunks as one Celery group each."""
+        for entry in self.selected:
             started = time.perf_counter()
             try:
-                alias = options["using"] or entry.using
+                alias = self.options["using"] or entry.using
                 core = core_for(alias)
                 arguments = warming.task_arguments(
                     entry,
-                    chunk_size=options["chunk_size"],
-                    tasks=options["tasks"],
-                    run_id=run_id,
+                    chunk_size=self.options["chunk_size"],
+                    tasks=self.options["tasks"],
+                    run_id=self.run_id,
                     using=alias,
                 )
-                group(warm_task.si(**kwargs) for kwargs in arguments).apply_async(**sending)
+                group(self.warm_task.si(**kwargs) for kwargs in arguments).apply_async(**self.sending)
             except Exception as error:  # noqa: BLE001 - this warmer could not be sent; the others still are
-                result = results[entry.name]
+                result = self.results[entry.name]
                 result.errors, result.error = 1, f"{type(error).__name__}: {error}"
                 result.seconds = time.perf_counter() - started
-                display.done(_outcome(result))
+                self.display.done(_outcome(result))
                 continue
-            following[entry.name] = _FollowedWarmer(core, arguments, started)
-        total_tasks = sum(len(followed.arguments) for followed in following.values())
-        display.done(f"run {run_id}: sent {total_tasks} task(s) for {len(following)} warmer(s)")
+            self.following[entry.name] = _FollowedWarmer(core, arguments, started)
+        self.total_tasks = sum(len(followed.arguments) for followed in self.following.values())
+        self.display.done(
+            f"run {self.run_id}: sent {self.total_tasks} task(s) for {len(self.following)} warmer(s)"
+        )
 
-        def send_again(name: str, indexes: list[int], why: str) -> None:
-            followed = following[name]
-            for index in indexes:
-                warm_task.apply_async(kwargs=followed.arguments[index], **sending)
-                followed.sent_at[index] = time.monotonic()
-            display.done(f"{name}: chunk(s) {_indexes(indexes)} sent again ({why})")
+    def _send_again(self, name: str, indexes: list[int], why: str) -> None:
+        followed = self.following[name]
+        for index in indexes:
+            self.warm_task.apply_async(kwargs=followed.arguments[index], **self.sending)
+            followed.sent_at[index] = time.monotonic()
+        self.display.done(f"{name}: chunk(s) {_indexes(indexes)} sent again ({why})")
 
-        stall, lost_after = options["stall_timeout"], max(MIN_LOST_AFTER, options["stall_timeout"] / 4)
-        deadline = time.monotonic() + options["timeout"]
+    # -- following ----------------------------------------------------------------------------------------
+    def follow(self) -> list[WarmResult]:
+        """Poll the progress until every warmer is done, or the run stalls or times out."""
+        deadline = time.monotonic() + self.options["timeout"]
         last_change = last_quiet_check = time.monotonic()
-        finished_tasks = 0  # the tasks of the warmers already finished
-        while following:
+        while self.following:
             now = time.monotonic()
-            tasks_done = finished_tasks
-            for name, followed in list(following.items()):
-                progress = warming.read_progress(followed.core, run_id, name)
-                if followed.observe(progress, now):
-                    last_change = now
-                result = results[name]
-                counts = progress.counts()
-                result.entries, result.bytes, result.errors = (
-                    counts["entries"],
-                    counts["bytes"],
-                    counts["errors"],
-                )
-                result.skipped, result.batches = counts["skipped"], counts["batches"]
-                result.error = progress.error
-                result.seconds = time.perf_counter() - followed.started
-                tasks_done += len(followed.done)
-                if len(followed.done) >= len(followed.arguments):
-                    del following[name]
-                    finished_tasks += len(followed.arguments)
-                    display.done(_outcome(result))
-            if not following:
+            moved, tasks_done = self._read_progress(now)
+            if moved:
+                last_change = now
+            if not self.following:
                 break
-            if now - last_change >= stall or now > deadline:
-                answered, ping_error = self._ping(warm_task.app)
-                queue = options["queue"] or warm_task.app.conf.task_default_queue
-                for name, followed in following.items():
-                    result = results[name]
-                    result.errors += 1
-                    if now > deadline:
-                        why = f"gave up after {options['timeout']:g}s (--timeout)"
-                    else:
-                        why = f"no chunk finished and no heartbeat was seen for {stall:g}s (--stall-timeout)"
-                    result.error = f"{why}: {followed.describe_missing(now)}; " + _workers_seen(
-                        answered, ping_error, queue
-                    )
-                    display.done(_outcome(result))
+            if now - last_change >= self.stall or now > deadline:
+                self._give_up(now, past_deadline=now > deadline)
                 break
-            for name, followed in following.items():
-                lost = followed.lost(now, lost_after)
-                if lost:
-                    send_again(name, lost, f"its worker's heartbeat stopped {lost_after:g}s ago")
-            if now - max(last_change, last_quiet_check) >= lost_after:
-                # Nothing moved for a while: chunks no worker runs may sit unacknowledged with a worker
-                # that died, prefetched. If a worker is there to run them, send them again.
+            self._send_lost_again(now)
+            if now - max(last_change, last_quiet_check) >= self.lost_after:
                 last_quiet_check = now
-                answered, _ = self._ping(warm_task.app)
-                if answered:
-                    for name, followed in following.items():
-                        waiting = followed.waiting(time.monotonic(), lost_after)
-                        if waiting:
-                            send_again(name, waiting, f"no progress for {lost_after:g}s, a worker is up")
-            entries = sum(result.entries for result in results.values())
-            display.update(
-                f"{_bar(tasks_done, total_tasks)}{tasks_done}/{total_tasks} tasks, {entries:,} entries, "
-                f"{len(following)} warmer(s) running"
+                self._send_waiting_again()
+            entries = sum(result.entries for result in self.results.values())
+            self.display.update(
+                f"{_bar(tasks_done, self.total_tasks)}{tasks_done}/{self.total_tasks} tasks, {entries:,} "
+                f"entries, {len(self.following)} warmer(s) running"
             )
             time.sleep(POLL_INTERVAL)
-        return [results[entry.name] for entry in selected]
+        return [self.results[entry.name] for entry in self.selected]
 
-    @staticmethod
-    def _ping(app: Any) -> tuple[list[str], str | None]:
-        """The names of the workers that answered a ping within PING_SECONDS, and why none could be asked
-        (a broker without broadcast, remote control turned off)."""
-        try:
-            replies = app.control.ping(timeout=PING_SECONDS) or []
-        except Exception as error:  # noqa: BLE001 - a diagnosis only: the run's outcome does not depend on it
-            return [], f"{type(error).__name__}: {error}"
-        return sorted(name for reply in replies for name in reply), None
+    def _read_progress(self, now: float) -> tuple[bool, int]:
+        """Read each followed warmer's hash into its result, and finish the warmers whose chunks are all
+        done; (whether anything moved, how many tasks are done)."""
+        moved, tasks_done = False, self.finished_tasks
+        for name, followed in list(self.following.items()):
+            progress = warming.read_progress(followed.core, self.run_id, name)
+            moved = followed.observe(progress, now) or moved
+            result = self.results[name]
+            counts = progress.counts()
+            result.entries, result.bytes, result.errors = counts["entries"], counts["bytes"], counts["errors"]
+            result.skipped, result.batches = counts["skipped"], counts["batches"]
+            result.error = progress.error
+            result.seconds = time.perf_counter() - followed.started
+            tasks_done += len(followed.done)
+            if len(followed.done) >= len(followed.arguments):
+                del self.following[name]
+                self.finished_tasks += len(followed.arguments)
+                self.display.done(_outcome(result))
+        return moved, tasks_done
+
+    def _give_up(self, now: float, past_deadline: bool) -> None:
+        """Fail every warmer still followed, saying which chunks are missing and what the workers said."""
+        app = self.warm_task.app
+        answered, ping_error = _ping(app)
+        queue = self.options["queue"] or app.conf.task_default_queue
+        if past_deadline:
+            why = f"gave up after {self.options['timeout']:g}s (--timeout)"
+        else:
+            why = f"no chunk finished and no heartbeat was seen for {self.stall:g}s (--stall-timeout)"
+        for name, followed in self.following.items():
+            result = self.results[name]
+            result.errors += 1
+            result.error = f"{why}: {followed.describe_missing(now)}; " + _workers_seen(
+                answered, ping_error, queue
+            )
+            self.display.done(_outcome(result))
+
+    def _send_lost_again(self, now: float) -> None:
+        for name, followed in self.following.items():
+            lost = followed.lost(now, self.lost_after)
+            if lost:
+                self._send_again(name, lost, f"its worker's heartbeat stopped {self.lost_after:g}s ago")
+
+    def _send_waiting_again(self) -> None:
+        """Nothing moved for a while: chunks no worker runs may sit unacknowledged with a worker that
+        died, prefetched. If a worker is there to run them, send them again."""
+        answered, _ = _ping(self.warm_task.app)
+        if not answered:
+            return
+        for name, followed in self.following.items():
+            waiting = followed.waiting(time.monotonic(), self.lost_after)
+            if waiting:
+                self._send_again(name, waiting, f"no progress for {self.lost_after:g}s, a worker is up")
+
+
+def _ping(app: Any) -> tuple[list[str], str | None]:
+    """The names of the workers that answered a ping within PING_SECONDS, and why none could be asked
+    (a broker without broadcast, remote control turned off)."""
+    try:
+        replies = app.control.ping(timeout=PING_SECONDS) or []
+    except Exception as error:  # noqa: BLE001 - a diagnosis only: the run's outcome does not depend on it
+        return [], f"{type(error).__name__}: {error}"
+    return sorted(name for reply in replies for name in reply), None
 
 
 def _indexes(indexes: list[int]) -> str:
