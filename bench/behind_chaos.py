@@ -15,7 +15,7 @@ Writers (threads of this process) call `save_behind` with a per-row strictly inc
 rows and `incr_behind(PageCounter, pk, "views", 1)` on counter rows, and keep every acknowledged call.
 Drainers are child processes (`python -m bench.behind_chaos drain ...`) running `flush_behind()` in a
 loop; the kill harness replaces one step of the drain (a module attribute of
-`django_distcache.models.behind`) with a wrapper that calls `os._exit(9)`:
+`django_distcache.models.drain`) with a wrapper that calls `os._exit(9)`:
 
 - before-commit: at the start of `_apply_transaction` (old core: `_apply_rows`), nothing committed yet;
 - after-commit:  at the start of `_delete_entries` (old core: the XACK/XDEL batch), committed, not removed;
@@ -66,10 +66,10 @@ WRITE_PAUSE = 0.002  # seconds between two calls of one writer thread: the drain
 
 
 def step_target(step: str) -> tuple[str, Callable[[tuple, dict], bool]]:
-    """The module attribute of `django_distcache.models.behind` to wrap for `step`, and a predicate on a
+    """The module attribute of `django_distcache.models.drain` to wrap for `step`, and a predicate on a
     call's arguments saying whether this call is the step (the old core's XACK/XDEL is one `_batch` call
     among others)."""
-    from django_distcache.models import behind
+    from django_distcache.models import drain as behind
 
     always = lambda args, kwargs: True  # noqa: E731
     if step == "before-commit":
@@ -90,7 +90,7 @@ def step_target(step: str) -> tuple[str, Callable[[tuple, dict], bool]]:
 
 def install_kill(step: str) -> None:
     """The next time the drain reaches `step`, this process dies as with kill -9 (no cleanup, no finally)."""
-    from django_distcache.models import behind
+    from django_distcache.models import drain as behind
 
     name, is_step = step_target(step)
     original = getattr(behind, name)
@@ -110,7 +110,7 @@ def install_stall(seconds: float) -> None:
     run's statement trigger sleeps while this session's STALL_SETTING is set)."""
     from django.db import connection
 
-    from django_distcache.models import behind
+    from django_distcache.models import drain as behind
 
     name, _ = step_target("before-commit")
     original = getattr(behind, name)

@@ -469,8 +469,9 @@ def drainer_main() -> int:
     define_models()
     from django.core.cache import caches
 
-    from django_distcache.models import behind, flush_behind
-    from django_distcache.models.behind import DrainReport
+    from django_distcache.models import drain as behind
+    from django_distcache.models import flush_behind
+    from django_distcache.models.drain import DrainReport
 
     cache = caches["default"]
     shards = range(cache.core.settings.options["BEHIND_SHARDS"])
@@ -961,14 +962,14 @@ class Bench:
         self, rate: int, seconds: float, row_count: int, interval: float, batch_size: int | None
     ) -> HotRun:
         from django_distcache.models import behind_metrics, get_cached, save_behind
-        from django_distcache.models.behind import shard_of
+        from django_distcache.models.streams import shard_of
 
         hot = self.models.hot
         hot.objects.all().delete()
         hot.objects.bulk_create(hot(name=f"hot {i}") for i in range(row_count))
         objs = list(hot.objects.order_by("pk"))
         label = hot._meta.label_lower
-        shards = [shard_of(self.cache, label, obj.pk) for obj in objs]
+        shards = [shard_of(self.cache.core, label, obj.pk) for obj in objs]
         for obj in objs:
             get_cached(hot, pk=obj.pk)  # cached, as hot rows are
         writers = min(HOT_WRITERS, row_count)

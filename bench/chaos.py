@@ -663,8 +663,8 @@ class Chaos:
         from django.core.cache import caches
         from redis.crc import key_slot
 
-        from django_distcache.models.behind import shard_keys, shard_of
         from django_distcache.models.registry import config_for
+        from django_distcache.models.streams import shard_keys, shard_of
         from tests.model_app.models import PageCounter
 
         alias = behind_alias()
@@ -675,12 +675,12 @@ class Chaos:
         on_failed = {
             shard
             for shard in range(shard_count)
-            if slot_map.primaries[key_slot(shard_keys(cache, shard).stream)].port == failed_port
+            if slot_map.primaries[key_slot(shard_keys(cache.core, shard).stream)].port == failed_port
         }
         tag = uuid.uuid4().hex[:8]
         rows = [PageCounter.objects.create(name=f"chaos-{tag}-{n}") for n in range(BEHIND_ROWS)]
         label = config_for(PageCounter).label
-        rows_on_failed = {row.pk for row in rows if shard_of(cache, label, row.pk) in on_failed}
+        rows_on_failed = {row.pk for row in rows if shard_of(cache.core, label, row.pk) in on_failed}
         info = {
             "write_behind_options": ", ".join(f"{name}={value}" for name, value in BEHIND_OPTIONS.items()),
             "write_behind_streams_on_failed_node": f"{len(on_failed)} of {shard_count}",

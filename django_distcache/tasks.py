@@ -15,7 +15,7 @@ def flush_behind_task(using: str = "default", shards: list[int] | None = None) -
     """Drain queued write-behind changes into the database (see docs/write-behind.md)."""
     from dataclasses import asdict
 
-    from .models.behind import flush_behind
+    from .models.drain import flush_behind
 
     return asdict(flush_behind(using=using, shards=shards))
 

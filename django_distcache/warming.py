@@ -32,7 +32,6 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
-from . import scripts
 from .core import Core, PlanOf, core_for
 from .tags import validate_tags
 from .topology import Call
@@ -762,59 +761,40 @@ def _fill_chunk(
 
 def _fill_rows_plan(
     core: Core, config: Any, lease: Any, rows: list[Any], timeout: Any, extra_tags: tuple[str, ...]
-) -> Any:
-    """`models.read.fill_plan` for many rows at once, each step one batch for all the rows: the rows' tag
-    versions, then what each key holds now, then the model's epoch (if a writer replaced it since the
-    lease, nothing is written and None is returned), then a compare-and-set of every key with the same
-    SET_IF_UNCHANGED (written only over what was read, never over a queued write-behind change)."""
-    from .models.read import epoch_key, observed_fingerprint
+) -> PlanOf[dict[str, int] | None]:
+    """`models.read.fill_plan` for many rows at once, through the same plan (`models.fill`): each step one
+    batch for all the rows, every key written by compare-and-set (only over what it held when read, never
+    over a queued write-behind change), nothing if a writer replaced the model's epoch since the lease
+    (None is then returned)."""
+    from .models.fill import RowEntries, UnchangedSinceLease, write_entries_plan
+    from .models.read import epoch_key
 
-    static = {tag: lease.stamps[tag] for tag in [*config.static_tags(), *extra_tags]}
-    tags_of = {row.pk: config.row_tags(row) for row in rows}
-    needed = list(dict.fromkeys(tag for tags in tags_of.values() for tag in tags))
+    known = {tag: lease.stamps[tag] for tag in [*config.static_tags(), *extra_tags]}
     expiry_ms = core.expiry_ms(timeout)
-    row_versions = (yield from core.tags.for_write(needed, expiry_ms)) if needed else {}
-    head = yield from core.namespace.current()
-    targets = []  # (physical key, encoded entry, write-behind marker or None)
-    for row in rows:
-        payload = config.row_payload(row, core)
-        stamps = {**static, **{tag: row_versions[tag] for tag in tags_of[row.pk]}}
-        marker = None
-        if config.write == "behind":
-            marker = core.physical_of(head, config.pending_key(row.pk))
-        for key in config.keys_of(row).values():
-            physical = core.physical_of(head, key)
-            targets.append((physical, core.encode(payload, key, physical, stamps), marker))
-    observed = yield [Call(physical, ("GET", physical)) for physical, _, _ in targets]
-    for reply in observed:
-        if isinstance(reply, BaseException):
-            raise reply  # an outage: the driver's failure policy answers _FAILED
-    key = epoch_key(core, config)
-    if (yield Call(key, ("GET", key))) != lease.epoch:
-        return None
-    expiry = "" if expiry_ms is None else expiry_ms
-    calls = []
-    for (physical, data, marker), seen in zip(targets, observed, strict=True):
-        script_keys = (physical, marker) if marker is not None else (physical,)
-        args = (
-            "EVAL",
-            scripts.SET_IF_UNCHANGED,
-            len(script_keys),
-            *script_keys,
-            observed_fingerprint(seen),
-            data,
-            expiry,
+    entries = [
+        RowEntries(
+            config,
+            config.keys_of(row),
+            config.row_payload(row, core),
+            config.row_tags(row),
+            known,
+            expiry_ms,
+            config.pending_key(row.pk) if config.write == "behind" else None,
         )
-        calls.append(Call(physical, args, idempotent=False, repairable=True))
-    replies = yield calls
+        for row in rows
+    ]
+    guard = UnchangedSinceLease(epoch_key(core, config), lease.epoch, repairable=True)
+    written = yield from write_entries_plan(core, entries, guard)
+    if written is None:
+        return None
     counts = {"entries": 0, "bytes": 0, "batches": 1, "skipped": 0, "errors": 0}
-    for (_, data, _), reply in zip(targets, replies, strict=True):
+    for target, reply in written:
         if isinstance(reply, BaseException):
             if not core.failures.check_item("warm", reply):
                 counts["errors"] += 1
         elif reply == 1:
             counts["entries"] += 1
-            counts["bytes"] += len(data)
+            counts["bytes"] += len(target.data or b"")
         else:
             counts["skipped"] += 1  # a writer, or a write-behind change still queued, came first
     return counts

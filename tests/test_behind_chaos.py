@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.cache import caches
 
 from bench.behind_chaos import STEPS, BehindChaos, incr_behind_function
-from django_distcache.models import behind
+from django_distcache.models import streams as behind_streams
 from django_distcache.topology import Call
 from tests.conftest import ROOT
 
@@ -33,9 +33,9 @@ CASES = [f"kill -9 {step}" for step in STEPS] + [
 def _reset_queues() -> None:
     """An earlier test's leftovers (a failing row held in a stream) are not this run's to drain."""
     cache = caches["default"]
-    keys = [behind.dead_letter_key(cache.core), behind.stats_key(cache.core)]
+    keys = [behind_streams.dead_letter_key(cache.core), behind_streams.stats_key(cache.core)]
     for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
-        shard_keys = behind.shard_keys(cache.core, shard)
+        shard_keys = behind_streams.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts]
 
     def plan():

@@ -14,7 +14,8 @@ from redis.crc import key_slot
 
 import django_distcache
 from django_distcache.cache import CacheUnavailable
-from django_distcache.models import behind
+from django_distcache.models import dead_letters, drain
+from django_distcache.models import streams as behind_streams
 from django_distcache.models.registry import config_for
 from django_distcache.topology import Call
 from tests.conftest import hung_primary
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _reset_queues() -> None:
     cache = caches["default"]
-    keys = [behind.dead_letter_key(cache.core), behind.stats_key(cache.core)]
+    keys = [behind_streams.dead_letter_key(cache.core), behind_streams.stats_key(cache.core)]
     for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
-        shard_keys = behind.shard_keys(cache.core, shard)
+        shard_keys = behind_streams.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts, shard_keys.stats]
 
     def plan():
@@ -181,7 +182,9 @@ def test_save_behind_waits_the_whole_timeout_only_for_replicas_that_exist(cluste
     try:
         cache.get("warm-up")
         cache.core.shared.topology.refresh(force=True)  # the slot map as it is now, with its replicas
-        stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk)).stream
+        stream = behind_streams.shard_keys(
+            cache.core, behind_streams.shard_of(cache.core, config.label, counter.pk)
+        ).stream
         assert cache.core.replicas_listed(stream) == 1
         unreplicated = cache.failure_counts.get("behind_unreplicated", 0)
         counter.views = 5
@@ -211,13 +214,13 @@ def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster
         row.views = 3
         django_distcache.save_behind(row, update_fields=["views"])
     streams = {
-        shard: behind.shard_keys(cache.core, shard).stream
+        shard: behind_streams.shard_keys(cache.core, shard).stream
         for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
     }
     victim = _node_of(cache, streams[0])
     unreachable = {shard for shard, stream in streams.items() if _node_of(cache, stream) == victim}
     behind_victim = {
-        row.pk for row in rows if behind.shard_of(cache.core, config.label, row.pk) in unreachable
+        row.pk for row in rows if behind_streams.shard_of(cache.core, config.label, row.pk) in unreachable
     }
     assert behind_victim and len(behind_victim) < len(rows)  # both kinds of rows are in the test
 
@@ -245,11 +248,13 @@ def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster
 def test_save_behind_queues_when_only_the_cached_rows_node_is_down(cluster):
     cache = caches["default"]
     config = config_for(PageCounter)
-    victim = _node_of(cache, behind.shard_keys(cache.core, 0).stream)
+    victim = _node_of(cache, behind_streams.shard_keys(cache.core, 0).stream)
     for n in range(500):  # a row whose cache entry is on the victim and whose stream is not
         row = PageCounter.objects.create(name=f"row {n}")
         entry = cache.physical_key(config.entry_key("pk", row.pk))
-        stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, row.pk)).stream
+        stream = behind_streams.shard_keys(
+            cache.core, behind_streams.shard_of(cache.core, config.label, row.pk)
+        ).stream
         if _node_of(cache, entry) == victim and _node_of(cache, stream) != victim:
             break
     else:
@@ -311,7 +316,7 @@ def test_a_failing_row_goes_to_the_dead_letters_and_can_be_replayed(capsys):
     assert "queued 1" in capsys.readouterr().out
     django_distcache.flush_behind()
     assert PageCounter.objects.get(pk=two.pk).code == "A"
-    assert behind.dead_letters() == []
+    assert dead_letters() == []
 
 
 def test_fills_wait_for_queued_changes_and_the_drain_refreshes_the_entry():
@@ -352,7 +357,7 @@ def test_shards_spread_over_the_slot_space():
 
     cache = caches["default"]
     count = cache.core.settings.options["BEHIND_SHARDS"]
-    slots = [key_slot(behind.shard_keys(cache.core, shard).stream) for shard in range(count)]
+    slots = [key_slot(behind_streams.shard_keys(cache.core, shard).stream) for shard in range(count)]
     assert [slot * count // 16384 for slot in slots] == list(range(count))
 
 
@@ -426,7 +431,7 @@ def test_kill_9_mid_batch_loses_nothing(start_worker):
 
         def draining() -> bool:
             locks = [
-                behind.shard_keys(cache.core, shard).lock
+                behind_streams.shard_keys(cache.core, shard).lock
                 for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
             ]
 
@@ -474,13 +479,13 @@ def test_a_drain_that_died_after_its_commit_is_not_applied_again_in_slices(monke
         raise _Died
 
     with monkeypatch.context() as patched:
-        patched.setattr(behind, "_refresh_cached_rows", die)
+        patched.setattr(drain, "_refresh_cached_rows", die)
         with pytest.raises(_Died):
             django_distcache.flush_behind()
     assert stored_views(counter.pk) == 30
     assert django_distcache.behind_metrics()["backlog"] == 30  # nothing was cleaned up
     seen = []
-    real = behind._apply_transaction
+    real = drain._apply_transaction
 
     def watch(config, rows, db):
         real(config, rows, db)
@@ -488,8 +493,8 @@ def test_a_drain_that_died_after_its_commit_is_not_applied_again_in_slices(monke
 
     cache = caches["default"]
     monkeypatch.setitem(cache.core.settings.options, "BEHIND_BATCH_SIZE", 1)
-    monkeypatch.setattr(behind, "READ_FACTOR", 3)  # slices of 3 entries
-    monkeypatch.setattr(behind, "_apply_transaction", watch)
+    monkeypatch.setattr(drain, "READ_FACTOR", 3)  # slices of 3 entries
+    monkeypatch.setattr(drain, "_apply_transaction", watch)
     report = django_distcache.flush_behind()
     assert seen and set(seen) == {30}  # never an older value, at any slice
     assert (report.changes_applied, report.changes_found_applied, report.rows_written) == (0, 30, 0)
@@ -508,20 +513,25 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
     for number in range(1, 4):
         counter.views = number
         ids.append(django_distcache.save_behind(counter, update_fields=["views"]))
-    stream = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk)).stream
+    stream = behind_streams.shard_keys(
+        cache.core, behind_streams.shard_of(cache.core, config.label, counter.pk)
+    ).stream
 
     def read():
         return (yield Call(stream, ("XRANGE", stream, "-", "+")))
 
-    stalled = behind._entries(cache.core.run(read(), "test"))  # what drain A read before it stalled
+    # What drain A read before it stalled:
+    stalled = behind_streams.stream_entries(cache.core.run(read(), "test"))
     for number in range(4, 7):
         counter.views = number
         django_distcache.save_behind(counter, update_fields=["views"])
     assert django_distcache.flush_behind().changes_applied == 6  # drain B
     assert stored_views(counter.pk) == 6
-    report = behind.DrainReport()
-    keys = behind.shard_keys(cache.core, behind.shard_of(cache.core, config.label, counter.pk))
-    behind._apply_batch(cache.core, 0, keys, stalled, set(), report)  # drain A wakes up
+    report = drain.DrainReport()
+    keys = behind_streams.shard_keys(
+        cache.core, behind_streams.shard_of(cache.core, config.label, counter.pk)
+    )
+    drain._apply_batch(cache.core, 0, keys, stalled, set(), report)  # drain A wakes up
     assert stored_views(counter.pk) == 6
     assert (report.changes_applied, report.rows_written) == (0, 0)
     assert django_distcache.get_cached(PageCounter, pk=counter.pk).views == 6
@@ -547,7 +557,7 @@ def test_a_failure_count_belongs_to_one_change_and_ends_with_it():
     django_distcache.save_behind(row, update_fields=["code"])
     report = django_distcache.flush_behind()
     assert (report.failed_rows, report.dead_lettered) == (1, 0)  # its first failure, not its fifth
-    assert behind.dead_letters() == []
+    assert dead_letters() == []
 
 
 def test_a_poison_change_goes_to_the_dead_letters_alone():
@@ -576,7 +586,7 @@ def test_a_poison_change_goes_to_the_dead_letters_alone():
     assert report.dead_lettered == 1
     stored = PageCounter.objects.values_list("views", "note", "code").get(pk=row.pk)
     assert stored == (116, "after", None)
-    letters = behind.dead_letters()
+    letters = dead_letters()
     assert [(letter.pk, letter.fields) for letter in letters] == [(row.pk, {"code": "TAKEN"})]
     assert "IntegrityError" in letters[0].error or "unique" in letters[0].error.lower()
     cached = django_distcache.get_cached(PageCounter, pk=row.pk)
@@ -752,7 +762,7 @@ def test_a_database_lost_right_after_each_commit_does_not_stop_the_drain(monkeyp
     for row in rows:
         row.views = 5
         django_distcache.save_behind(row, update_fields=["views"])
-    real = behind._apply_transaction
+    real = drain._apply_transaction
     lost = []
 
     def commit_then_lose_the_database(config, batch, db):
@@ -763,7 +773,7 @@ def test_a_database_lost_right_after_each_commit_does_not_stop_the_drain(monkeyp
         refusing.__enter__()  # from here on, a query would fail
         lost.append(refusing)
 
-    monkeypatch.setattr(behind, "_apply_transaction", commit_then_lose_the_database)
+    monkeypatch.setattr(drain, "_apply_transaction", commit_then_lose_the_database)
     try:
         report = django_distcache.flush_behind()
     finally:
@@ -815,9 +825,8 @@ async def test_aget_cached_lays_the_queued_changes_over_the_row():
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     config = config_for(PageCounter)
-    await caches[config.cache_alias].adelete(
-        config.entry_key("pk", counter.pk)
-    )  # not cached: the database, patched
+    # Not cached: the database, patched.
+    await caches[config.cache_alias].adelete(config.entry_key("pk", counter.pk))
     found = await django_distcache.aget_cached(PageCounter, pk=counter.pk)
     assert (found.views, found.note) == (5, "queued")
     await sync_to_async(django_distcache.flush_behind)()

@@ -11,10 +11,10 @@ class BehindApplied(models.Model):
     between its commit and the stream's cleanup, or two drains after a lost lock) changes nothing the
     second time, and a row never moves back to an older value."""
 
-    model = models.CharField(max_length=100)
-    pk_value = models.CharField(max_length=255)
+    model: models.CharField[str, str] = models.CharField(max_length=100)
+    pk_value: models.CharField[str, str] = models.CharField(max_length=255)
     # "<milliseconds>-<sequence>", both zero-padded to 20 digits, so text order is stream order.
-    stream_id = models.CharField(max_length=41)
+    stream_id: models.CharField[str, str] = models.CharField(max_length=41)
 
     class Meta:
         app_label = "django_distcache"

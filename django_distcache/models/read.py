@@ -11,24 +11,27 @@ A fill (a miss loaded from the database) must never overwrite a newer write. Thr
 3. *Compare-and-set.* Each key is written only if it still holds what the reader saw (nothing, or a dead
    entry), so a value a writer stored meanwhile is never replaced.
 
+The write itself is `fill.write_entries_plan`, the one plan every writer of model entries uses.
+
 Nothing is cached from inside a transaction: inside `atomic()`, a miss reads the database and returns the
 row without filling, and a model this transaction wrote is read from the database, not from the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, router
 
-from .. import scripts
 from ..core import Core
+from ..plans import PlanOf
 from ..topology import Call
-from . import behind
+from .fill import RowEntries, UnchangedSinceLease, write_entries_plan
+from .patch import QueuedField, lay_patch, patch_fields
 from .registry import MISSING_ROW, ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
@@ -38,7 +41,7 @@ def epoch_key(core: Core, config: ModelCacheConfig) -> bytes:
     return core.keys.internal(f"epoch:{config.label}")
 
 
-def bump_epoch_plan(core: Core, config: ModelCacheConfig) -> Any:
+def bump_epoch_plan(core: Core, config: ModelCacheConfig) -> PlanOf[bytes]:
     """Writers call this first: every fill that started before it is dropped. Returns the new epoch."""
     key = epoch_key(core, config)
     epoch = os.urandom(8).hex().encode()
@@ -50,7 +53,7 @@ def bump_epoch_plan(core: Core, config: ModelCacheConfig) -> Any:
 class Miss:
     physical: bytes
     observed: bytes | None  # what the key held when the reader looked (a dead entry), or None
-    patch: dict[str, tuple] | None = None  # write-behind: queued changes of the row, laid over the load
+    patch: dict[str, QueuedField] | None = None  # write-behind: the row's queued changes, laid over the load
 
 
 @dataclass(slots=True)
@@ -59,17 +62,13 @@ class Lease:
     stamps: dict[str, int] | None  # the static tags' versions, read before the database was
 
 
-def observed_fingerprint(observed: bytes | None) -> str:
-    return hashlib.sha1(observed).hexdigest() if observed is not None else "-"
-
-
-def lookup_plan(core: Core, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> Any:
+def lookup_plan(core: Core, config: ModelCacheConfig, lookup: str, value: Any, using: str) -> PlanOf[Any]:
     """A hit (an instance or MISSING_ROW), or a Miss saying what the key held. For a write-behind model
     (cached by pk only) the row's patch, its queued changes, is read in the same round trip (the same
     slot) and laid over the row."""
     head = yield from core.namespace.current()
     physical = core.physical_of(head, config.entry_key(lookup, value))
-    patch_key = None
+    patch_key = b""
     if config.write == "behind" and lookup == "pk":
         patch_key = core.physical_of(head, config.pending_key(value))
         data, raw_patch = yield [
@@ -87,21 +86,21 @@ def lookup_plan(core: Core, config: ModelCacheConfig, lookup: str, value: Any, u
         found = yield from core.valid_values({0: (physical, data)})
         if 0 in found:
             result = config.instance_from(found[0], lookup, value, using)
-    patch = behind.patch_fields(core, patch_key, raw_patch) if raw_patch else None
+    patch = patch_fields(core, patch_key, raw_patch) if raw_patch else None
     if result is None:
         return Miss(physical, data, patch)
     if patch and result is not MISSING_ROW:
-        result = behind.lay_patch(config, result, patch)
+        result = lay_patch(config, result, patch)
     return result
 
 
-def lease_plan(core: Core, config: ModelCacheConfig) -> Any:
+def lease_plan(core: Core, config: ModelCacheConfig) -> PlanOf[Lease]:
     """Taken at miss time, before the database is read."""
     key = epoch_key(core, config)
     epoch = yield Call(key, ("GET", key))
     # The fill stores the row (config.timeout) or that it is missing (negative_timeout): tags for either.
-    timeouts = [core.expiry_ms(config.timeout), core.expiry_ms(config.negative_timeout)]
-    expiry_ms = None if None in timeouts else max(timeouts)
+    row_ms, missing_ms = core.expiry_ms(config.timeout), core.expiry_ms(config.negative_timeout)
+    expiry_ms = None if row_ms is None or missing_ms is None else max(row_ms, missing_ms)
     stamps = yield from core.stamps([*config.static_tags(), config.missing_tag()], expiry_ms)
     return Lease(epoch, stamps)
 
@@ -111,76 +110,50 @@ def fill_plan(
     config: ModelCacheConfig,
     lease: Lease,
     found: Any,
-    misses: dict[str, Miss | None],
+    misses: Mapping[str, Miss],
     lookup: str | None = None,
     value: Any = None,
-) -> Any:
+) -> PlanOf[bool]:
     """Store `found` (an instance, or MISSING_ROW for `lookup=value`) under its keys, unless a writer came
-    first. `misses` maps lookups to what the reader saw; keys not in it are read here."""
+    first. `misses` maps lookups to what the reader saw; keys not in it are read here. True if every key
+    was written."""
+    row = _fill_row(core, config, lease, found, lookup, value)
+    if row is None:
+        return False
+    key = epoch_key(core, config)
+    guard = UnchangedSinceLease(key, lease.epoch, {miss.physical: miss.observed for miss in misses.values()})
+    written = yield from write_entries_plan(core, [row], guard, skip_unencodable=True)
+    return written is not None and all(reply == 1 for _, reply in written)
+
+
+def _fill_row(
+    core: Core, config: ModelCacheConfig, lease: Lease, found: Any, lookup: str | None, value: Any
+) -> RowEntries[str | None] | None:
+    """What a fill writes: the row under every lookup's key, or that `lookup=value` has no row (None when
+    nothing is to be written)."""
     static = {tag: lease.stamps[tag] for tag in config.static_tags()} if lease.stamps else {}
     if found is MISSING_ROW:
-        tags = [config.row_tag(value)] if lookup == "pk" else []
-        payloads = {lookup: config.missing_payload(lookup, value)}
-        keys = {lookup: config.entry_key(lookup, value)}
+        if lookup is None or not config.negative_timeout:
+            return None
         static[config.missing_tag()] = lease.stamps[config.missing_tag()] if lease.stamps else 0
-        timeout = config.negative_timeout
-    else:
-        tags = config.row_tags(found)
-        keys = config.keys_of(found)
-        payload = config.row_payload(found, core)
-        payloads = dict.fromkeys(keys, payload)
-        timeout = config.timeout
-    if not keys or (found is MISSING_ROW and not timeout):
-        return False
-    # (2) the row's tags before the epoch
-    expiry_ms = core.expiry_ms(timeout)
-    row_versions = (yield from core.tags.for_write(tags, expiry_ms)) if tags else {}
-    head = yield from core.namespace.current()
-    physical = {name: core.physical_of(head, key) for name, key in keys.items()}
-    unseen = [name for name in physical if name not in misses]
-    observed = {name: (misses[name].observed if misses.get(name) else None) for name in physical}
-    if unseen:
-        replies = yield [Call(physical[name], ("GET", physical[name])) for name in unseen]
-        for name, reply in zip(unseen, replies, strict=True):
-            if isinstance(reply, BaseException):
-                raise reply
-            observed[name] = reply
-    key = epoch_key(core, config)
-    if (yield Call(key, ("GET", key))) != lease.epoch:  # (1) a writer came after our miss
-        return False
-    stamps = {**static, **row_versions}
-    expiry = "" if expiry_ms is None else expiry_ms
-    marker = None
-    if config.write == "behind" and found is not MISSING_ROW:
-        # Refused while the row has queued changes (its patch): the drain writes the entry after its commit.
-        marker = core.physical_of(head, config.pending_key(found.pk))
-    calls = []
-    for name, target in physical.items():
-        try:
-            data = core.encode(payloads[name], keys[name], target, stamps)
-        except (TypeError, ValueError) as error:
-            # The configured serializer cannot hold this row (JSON and a Decimal, say): serve it uncached.
-            core.failures.count("model_unencodable")
-            logger.warning("%s rows cannot be cached with this cache's serializer: %s", config.label, error)
-            return False
-        script_keys = (target, marker) if marker is not None else (target,)
-        calls.append(
-            Call(
-                target,
-                (
-                    "EVAL",
-                    scripts.SET_IF_UNCHANGED,
-                    len(script_keys),
-                    *script_keys,
-                    observed_fingerprint(observed[name]),
-                    data,
-                    expiry,
-                ),
-                idempotent=False,
-            )
+        return RowEntries(
+            config,
+            {lookup: config.entry_key(lookup, value)},
+            config.missing_payload(lookup, value),
+            [config.row_tag(value)] if lookup == "pk" else [],
+            static,
+            core.expiry_ms(config.negative_timeout),
+            None,
         )
-    replies = yield calls  # (3) compare-and-set, key by key
-    return all(reply == 1 for reply in replies)
+    keys = config.keys_of(found)
+    if not keys:
+        return None
+    # Refused while the row has queued changes (its patch): the drain writes the entry after its commit.
+    patch = config.pending_key(found.pk) if config.write == "behind" else None
+    payload = config.row_payload(found, core)
+    return RowEntries(
+        config, keys, payload, config.row_tags(found), static, core.expiry_ms(config.timeout), patch
+    )
 
 
 # -- the public functions ---------------------------------------------------------------------------------
@@ -232,7 +205,7 @@ def _patched(config: ModelCacheConfig, found: Any, miss: Miss) -> Any:
     """A row loaded from the database, with the queued changes the reader saw laid over it (the fill
     stored the row as the database has it)."""
     if miss.patch and found is not MISSING_ROW:
-        return behind.lay_patch(config, found, miss.patch)
+        return lay_patch(config, found, miss.patch)
     return found
 
 

@@ -19,6 +19,7 @@ from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured, Vali
 from django.db import models
 
 from ..core import Core, core_for
+from ..tags import validate_tags
 from ..versioning import model_fingerprint
 
 WRITE_MODES = ("through", "behind")
@@ -71,15 +72,20 @@ class ModelCacheConfig:
     def row_tags(self, instance: models.Model) -> list[str]:
         tags = [self.row_tag(instance.pk)]
         if callable(self.tags):
-            from ..tags import validate_tags
-
             tags.extend(validate_tags(self.tags(instance)))
         return tags
+
+    def field(self, name: str) -> models.Field[Any, Any]:
+        """The model's concrete field called `name` (its name or attname); FieldDoesNotExist otherwise."""
+        model_field = self.model._meta.get_field(name)
+        if not isinstance(model_field, models.Field):
+            raise FieldDoesNotExist(f"{self.label}.{name} is a relation's reverse side, not a field")
+        return model_field
 
     # -- keys -----------------------------------------------------------------------------------------
     def normalize(self, lookup: str, value: Any) -> Any:
         """The Python value a lookup compares, so `pk="42"` and `pk=42` share one key."""
-        model_field = self.model._meta.pk if lookup == "pk" else self.model._meta.get_field(lookup)
+        model_field = self.model._meta.pk if lookup == "pk" else self.field(lookup)
         if isinstance(value, models.Model):
             value = value.pk
         try:
@@ -103,9 +109,7 @@ class ModelCacheConfig:
         return self.entry_key("pk", pk).replace(":pk:{", ":drained:{")
 
     def lookup_value(self, instance: models.Model, lookup: str) -> Any:
-        return (
-            instance.pk if lookup == "pk" else getattr(instance, self.model._meta.get_field(lookup).attname)
-        )
+        return instance.pk if lookup == "pk" else getattr(instance, self.field(lookup).attname)
 
     def keys_of(self, instance: models.Model) -> dict[str, str]:
         """{lookup: entry key} for a row; lookups whose value is NULL have no entry."""
@@ -117,7 +121,7 @@ class ModelCacheConfig:
         return keys
 
     # -- stored form ----------------------------------------------------------------------------------
-    def row_payload(self, instance: models.Model, core: Core) -> tuple:
+    def row_payload(self, instance: models.Model, core: Core) -> tuple[str, tuple[Any, ...]]:
         """The stored form of a row. Pickle keeps every value as it is; for a text serializer (JSON,
         msgpack) each value is written as its field writes it to text, losing nothing (read back with
         the field's to_python)."""
@@ -131,7 +135,7 @@ class ModelCacheConfig:
             values.append(value)
         return ("row", tuple(values))
 
-    def missing_payload(self, lookup: str, value: Any) -> tuple:
+    def missing_payload(self, lookup: str, value: Any) -> tuple[str, str, Any]:
         return ("missing", lookup, value)
 
     def instance_from(self, payload: Any, lookup: str, value: Any, using: str) -> Any:
@@ -179,19 +183,30 @@ def _validate(model: Any, lookups: Any, write: Any, timeout: Any, tags: Any, neg
             "cache_model(): lookups must be a non-empty tuple of field names, e.g. ('pk', 'slug')"
         )
     for lookup in lookups:
-        if lookup == "pk":
-            continue
-        try:
-            model_field = meta.get_field(lookup)
-        except FieldDoesNotExist:
-            raise ImproperlyConfigured(f"cache_model(): {meta.label} has no field {lookup!r}") from None
-        if not getattr(model_field, "concrete", False) or model_field.many_to_many:
-            raise ImproperlyConfigured(f"cache_model(): {meta.label}.{lookup} is not a concrete column")
-        if not (model_field.unique or model_field.primary_key):
-            raise ImproperlyConfigured(
-                f"cache_model(): {meta.label}.{lookup} is not unique, so it cannot name one row; "
-                "only pk and unique fields can be lookups"
-            )
+        if lookup != "pk":
+            _validate_lookup(model, lookup)
+    _validate_write(write, lookups)
+    if not callable(tags):
+        validate_tags(tags)
+    _validate_timeouts(timeout, negative_timeout)
+
+
+def _validate_lookup(model: type[models.Model], lookup: str) -> None:
+    label = model._meta.label
+    try:
+        model_field = model._meta.get_field(lookup)
+    except FieldDoesNotExist:
+        raise ImproperlyConfigured(f"cache_model(): {label} has no field {lookup!r}") from None
+    if not isinstance(model_field, models.Field) or not model_field.concrete or model_field.many_to_many:
+        raise ImproperlyConfigured(f"cache_model(): {label}.{lookup} is not a concrete column")
+    if not (model_field.unique or model_field.primary_key):
+        raise ImproperlyConfigured(
+            f"cache_model(): {label}.{lookup} is not unique, so it cannot name one row; "
+            "only pk and unique fields can be lookups"
+        )
+
+
+def _validate_write(write: Any, lookups: Any) -> None:
     if write not in WRITE_MODES:
         raise ImproperlyConfigured(f"cache_model(): write must be one of {WRITE_MODES}, got {write!r}")
     if write == "behind" and tuple(lookups) != ("pk",):
@@ -204,23 +219,19 @@ def _validate(model: Any, lookups: Any, write: Any, timeout: Any, tags: Any, neg
             "cache_model(): write='behind' needs 'django_distcache' in INSTALLED_APPS (and `manage.py "
             "migrate`): the drain keeps each row's applied mark in a table of its own"
         )
-    if (
-        timeout is not DEFAULT_TIMEOUT
-        and timeout is not None
-        and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0)
-    ):
+
+
+def _is_seconds(value: Any) -> bool:
+    """A number of seconds: an int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_timeouts(timeout: Any, negative_timeout: Any) -> None:
+    if timeout is not DEFAULT_TIMEOUT and timeout is not None and not (_is_seconds(timeout) and timeout > 0):
         raise ImproperlyConfigured(
             f"cache_model(): timeout must be a positive number of seconds or None, got {timeout!r}"
         )
-    if not callable(tags):
-        from ..tags import validate_tags
-
-        validate_tags(tags)
-    if (
-        isinstance(negative_timeout, bool)
-        or not isinstance(negative_timeout, int | float)
-        or negative_timeout < 0
-    ):
+    if not (_is_seconds(negative_timeout) and negative_timeout >= 0):
         raise ImproperlyConfigured(
             f"cache_model(): negative_timeout must be seconds >= 0, got {negative_timeout!r}"
         )
@@ -274,7 +285,8 @@ def config_for(model: Any) -> ModelCacheConfig:
         model = type(model)
     config = _registry.get(model)
     if config is None and isinstance(model, type) and issubclass(model, models.Model):
-        config = _registry.get(model._meta.concrete_model)
+        concrete = model._meta.concrete_model
+        config = _registry.get(concrete) if concrete is not None else None
     if config is None:
         name = getattr(getattr(model, "_meta", None), "label", model)
         raise ImproperlyConfigured(f"{name} is not registered with django_distcache.cache_model()")

@@ -26,8 +26,8 @@ from django.db.models.signals import m2m_changed, post_delete, post_init, post_s
 
 from ..core import Core, Guarded
 from ..topology import Call, is_outage
-from .read import MISSING_ROW, Lease, bump_epoch_plan, fill_plan
-from .registry import ModelCacheConfig, config_for
+from .read import Lease, bump_epoch_plan, fill_plan
+from .registry import MISSING_ROW, ModelCacheConfig, config_for
 
 logger = logging.getLogger("django_distcache.models")
 

@@ -7,7 +7,14 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_distcache.models import behind
+from django_distcache.core import CacheUnavailable
+from django_distcache.models import (
+    behind_metrics,
+    dead_letters,
+    flush_behind,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 
 
 class Command(BaseCommand):
@@ -41,14 +48,14 @@ class Command(BaseCommand):
                 raise CommandError("choose one of --replay and --purge")
         if options["dead_letter"]:
             if options["replay"] is not None:
-                count = behind.replay_dead_letters(using, options["replay"] or None)
+                count = replay_dead_letters(using, options["replay"] or None)
                 self.stdout.write(f"queued {count} dead-lettered change(s) again")
                 return
             if options["purge"] is not None:
-                count = behind.purge_dead_letters(using, options["purge"] or None)
+                count = purge_dead_letters(using, options["purge"] or None)
                 self.stdout.write(f"deleted {count} dead-lettered change(s)")
                 return
-            letters = behind.dead_letters(using)
+            letters = dead_letters(using)
             if not letters:
                 self.stdout.write("no dead-lettered changes")
             for letter in letters:
@@ -59,12 +66,12 @@ class Command(BaseCommand):
                 )
             return
         if options["stats"]:
-            metrics = behind.behind_metrics(using)
+            metrics = behind_metrics(using)
             self.stdout.write(json.dumps(metrics, indent=2))
             return
         try:
-            report = behind.flush_behind(using, shards=options["shard"])
-        except behind.CacheUnavailable as error:
+            report = flush_behind(using, shards=options["shard"])
+        except CacheUnavailable as error:
             raise CommandError(f"nothing drained, no shard's node could be reached: {error}") from error
         self.stdout.write(
             f"applied {report.changes_applied} change(s) as {report.rows_written} row write(s) in "
