@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -153,11 +154,11 @@ def drainer_main(argv: list[str]) -> int:
 
     from django_distcache.models import flush_behind
 
-    options = caches["default"].core.settings.options
+    core = caches["default"].core  # this thread's, the one flush_behind() below uses
     if args.batch_size:
-        options["BEHIND_BATCH_SIZE"] = args.batch_size
+        core.settings = dataclasses.replace(core.settings, behind_batch_size=args.batch_size)
     if args.idle_timeout:
-        options["BEHIND_IDLE_TIMEOUT"] = args.idle_timeout
+        core.settings = dataclasses.replace(core.settings, behind_idle_timeout=args.idle_timeout)
     if args.kill_at:
         install_kill(args.kill_at)
     if args.stall:

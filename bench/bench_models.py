@@ -474,7 +474,7 @@ def drainer_main() -> int:
     from django_distcache.models.drain import DrainReport
 
     cache = caches["default"]
-    shards = range(cache.core.settings.options["BEHIND_SHARDS"])
+    shards = range(cache.core.settings.behind_shards)
     # The newest stream id each shard's drain has read (and so, once its pass returns, committed): the
     # drain reads its stream from the head, so every change up to it is in the database by then.
     last_read: dict[int, str] = {}
@@ -1196,7 +1196,7 @@ class Bench:
             FigureRow(
                 operation,
                 f"rows written / calls: {run.updates / run.calls:.2%} (PostgreSQL n_tup_upd {run.updates:,})",
-                f"drainer: {drainer['sweeps']:,} sweeps of {self.cache.core.settings.options['BEHIND_SHARDS']} "
+                f"drainer: {drainer['sweeps']:,} sweeps of {self.cache.core.settings.behind_shards} "
                 f"shards, {drainer['report']['batches']:,} batches, "
                 f"busy {drainer['busy_seconds']:.1f} s; most changes queued on one shard: "
                 f"{run.max_shard_backlog:,}",

@@ -671,7 +671,7 @@ class Chaos:
         cache = caches[alias]
         cache.get("warm-up")
         slot_map = cache.core.shared.state.slot_map
-        shard_count = cache.core.settings.options["BEHIND_SHARDS"]
+        shard_count = cache.core.settings.behind_shards
         on_failed = {
             shard
             for shard in range(shard_count)

@@ -215,8 +215,6 @@ class CacheSettings:
     attribute per option. The fields declared with `option(...)` are the table of options."""
 
     connection: ConnectionSettings
-    # Every option by name, as given or defaulted (before conversion to the typed attributes).
-    options: dict[str, Any]
 
     serializer: PluginSpec = option(
         "pickle",
@@ -594,9 +592,7 @@ def parse_settings(location: object, options: Mapping[str, Any]) -> CacheSetting
     values = {**DEFAULTS, **given}
     nodes, credentials = parse_location(location)
     typed = {entry.attribute: entry.parse(values[entry.name]) for entry in OPTIONS}
-    # The old names' keys, for code that reads them from `options` until it reads the typed attributes.
-    values |= {"TAG_VERSION_TTL": values["VERSION_CHECK_INTERVAL"], "OUTBOX_SIZE": OUTBOX_SIZE}
-    return CacheSettings(connection=_connection(nodes, credentials, typed), options=values, **typed)
+    return CacheSettings(connection=_connection(nodes, credentials, typed), **typed)
 
 
 # -- the options table of docs/configuration.md ------------------------------------------------------------

@@ -34,7 +34,7 @@ def _reset_queues() -> None:
     """An earlier test's leftovers (a failing row held in a stream) are not this run's to drain."""
     cache = caches["default"]
     keys = [behind_streams.dead_letter_key(cache.core), behind_streams.stats_key(cache.core)]
-    for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
+    for shard in range(cache.core.settings.behind_shards):
         shard_keys = behind_streams.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _reset_queues() -> None:
     cache = caches["default"]
     keys = [behind_streams.dead_letter_key(cache.core), behind_streams.stats_key(cache.core)]
-    for shard in range(cache.core.settings.options["BEHIND_SHARDS"]):
+    for shard in range(cache.core.settings.behind_shards):
         shard_keys = behind_streams.shard_keys(cache.core, shard)
         keys += [shard_keys.stream, shard_keys.lock, shard_keys.attempts, shard_keys.stats]
 
@@ -215,7 +216,7 @@ def test_a_drain_skips_the_streams_it_cannot_reach_and_drains_the_others(cluster
         django_distcache.save_behind(row, update_fields=["views"])
     streams = {
         shard: behind_streams.shard_keys(cache.core, shard).stream
-        for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
+        for shard in range(cache.core.settings.behind_shards)
     }
     victim = _node_of(cache, streams[0])
     unreachable = {shard for shard, stream in streams.items() if _node_of(cache, stream) == victim}
@@ -298,7 +299,7 @@ def test_a_failing_row_goes_to_the_dead_letters_and_can_be_replayed(capsys):
     django_distcache.save_behind(two, update_fields=["code"])
     healthy.views = 1
     django_distcache.save_behind(healthy, update_fields=["views"])
-    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.behind_max_attempts
     for _ in range(attempts - 1):
         report = django_distcache.flush_behind()
         assert report.failed_rows == 1 and report.dead_lettered == 0
@@ -356,7 +357,7 @@ def test_shards_spread_over_the_slot_space():
     from redis.crc import key_slot
 
     cache = caches["default"]
-    count = cache.core.settings.options["BEHIND_SHARDS"]
+    count = cache.core.settings.behind_shards
     slots = [key_slot(behind_streams.shard_keys(cache.core, shard).stream) for shard in range(count)]
     assert [slot * count // 16384 for slot in slots] == list(range(count))
 
@@ -396,14 +397,14 @@ def test_a_backlog_past_the_threshold_triggers_a_drain(start_worker, settings):
     start_worker("trigger")
     counter = PageCounter.objects.create(name="trigger")
     cache = caches["default"]
-    options = cache.core.settings.options
-    original, options["BEHIND_TRIGGER_BACKLOG"] = options["BEHIND_TRIGGER_BACKLOG"], 20
+    original = cache.core.settings
+    cache.core.settings = dataclasses.replace(original, behind_trigger_backlog=20)
     try:
         for number in range(1, 21):
             counter.views = number
             django_distcache.save_behind(counter, update_fields=["views"])
     finally:
-        options["BEHIND_TRIGGER_BACKLOG"] = original
+        cache.core.settings = original
     wait_until(lambda: stored_views(counter.pk) == 20, message="the triggered drain")
 
 
@@ -432,7 +433,7 @@ def test_kill_9_mid_batch_loses_nothing(start_worker):
         def draining() -> bool:
             locks = [
                 behind_streams.shard_keys(cache.core, shard).lock
-                for shard in range(cache.core.settings.options["BEHIND_SHARDS"])
+                for shard in range(cache.core.settings.behind_shards)
             ]
 
             def plan():
@@ -492,7 +493,7 @@ def test_a_drain_that_died_after_its_commit_is_not_applied_again_in_slices(monke
         seen.append(stored_views(counter.pk))
 
     cache = caches["default"]
-    monkeypatch.setitem(cache.core.settings.options, "BEHIND_BATCH_SIZE", 1)
+    monkeypatch.setattr(cache.core, "settings", dataclasses.replace(cache.core.settings, behind_batch_size=1))
     monkeypatch.setattr(drain, "READ_FACTOR", 3)  # slices of 3 entries
     monkeypatch.setattr(drain, "_apply_transaction", watch)
     report = django_distcache.flush_behind()
@@ -540,7 +541,7 @@ def test_a_stale_drain_cannot_write_an_older_value_over_a_newer_one():
 def test_a_failure_count_belongs_to_one_change_and_ends_with_it():
     """4 failures of a change, then the clash is fixed and it is applied; a new failing change of the same
     row starts from 1 (before, it was dead-lettered at once with the old count)."""
-    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.behind_max_attempts
     blocker = PageCounter.objects.create(name="blocker", code="X")
     row = PageCounter.objects.create(name="row")
     row.code = "X"
@@ -564,7 +565,7 @@ def test_a_poison_change_goes_to_the_dead_letters_alone():
     """A row gets valid changes, then one that always fails (a unique clash), then more valid ones. Only
     the failing change is dead-lettered; every valid one reaches the database, in order (before, the
     valid changes coalesced with it were dead-lettered with it)."""
-    attempts = caches["default"].core.settings.options["BEHIND_MAX_ATTEMPTS"]
+    attempts = caches["default"].core.settings.behind_max_attempts
     PageCounter.objects.create(name="owner", code="TAKEN")
     row = PageCounter.objects.create(name="row")
     other = PageCounter.objects.create(name="other")

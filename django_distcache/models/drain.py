@@ -165,15 +165,15 @@ def flush_behind(
 
 
 def _drain_shard(core: Core, shard: int, max_batches: int | None) -> DrainReport:
-    options = core.settings.options
+    settings = core.settings
     keys = shard_keys(core, shard)
     report = DrainReport()
     token = os.urandom(8).hex()
-    idle_ms = max(1, int(options["BEHIND_IDLE_TIMEOUT"] * 1000))
+    idle_ms = max(1, int(settings.behind_idle_timeout * 1000))
     if not strict_call(core, Call(keys.lock, ("SET", keys.lock, token, "NX", "PX", idle_ms))):
         report.shards_busy.append(shard)
         return report
-    read_count = options["BEHIND_BATCH_SIZE"] * READ_FACTOR
+    read_count = settings.behind_batch_size * READ_FACTOR
     held: set[RowId] = set()
     start = "-"
     try:
@@ -422,7 +422,7 @@ def _charge(
             core, Call(keys.attempts, ("HINCRBY", keys.attempts, id_text(change.id), 1), idempotent=False)
         )
     )
-    if attempts >= core.settings.options["BEHIND_MAX_ATTEMPTS"]:
+    if attempts >= core.settings.behind_max_attempts:
         row.dead.append((change, error, attempts))
         return True
     held.add((row.label, row.pk))

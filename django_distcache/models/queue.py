@@ -202,8 +202,8 @@ def _change(
 
 def _replicas_to_wait(core: Core, stream: bytes) -> tuple[int, int]:
     """(replicas, milliseconds) for WAIT after the XADD; (0, 0) for no WAIT."""
-    options = core.settings.options
-    wait_replicas = int(options["BEHIND_WAIT_REPLICAS"])
+    settings = core.settings
+    wait_replicas = settings.behind_wait_replicas
     if not wait_replicas:
         return 0, 0
     if core.replicas_listed(stream) < wait_replicas:
@@ -211,7 +211,7 @@ def _replicas_to_wait(core: Core, stream: bytes) -> tuple[int, int]:
         # whole timeout would not make the change safer, only every save slower. A replica that the slot
         # map does not list yet may still acknowledge within the millisecond.
         return wait_replicas, 1
-    return wait_replicas, max(1, int(options["BEHIND_WAIT_TIMEOUT"] * 1000))
+    return wait_replicas, max(1, int(settings.behind_wait_timeout * 1000))
 
 
 def _queue_calls(change: _Outgoing, wait: tuple[int, int]) -> list[Call]:
@@ -347,7 +347,7 @@ def _queue(
     stream_id, backlog, value = core.run_strict(
         _queue_plan(core, config, pk, values, increments, counted), "save_behind"
     )
-    threshold = core.settings.options["BEHIND_TRIGGER_BACKLOG"]
+    threshold = core.settings.behind_trigger_backlog
     if threshold and backlog >= threshold:
         _trigger_drain(config.cache_alias, shard_of(core, config.label, pk))
     return stream_id, value

@@ -50,7 +50,7 @@ class ShardKeys:
 
 
 def shard_count(core: Core) -> int:
-    return int(core.settings.options["BEHIND_SHARDS"])
+    return core.settings.behind_shards
 
 
 def shard_keys(core: Core, shard: int) -> ShardKeys:
