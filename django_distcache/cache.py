@@ -17,7 +17,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_
 
 from . import scripts, stampede
 from .codec import SignatureError, UndecodableValueError
-from .conf import parse_settings
+from .conf import is_whole, parse_settings
 from .core import MISSING, STRICT, CacheUnavailable, Compute, Core, Guarded, Plan, PlanOf
 from .tags import validate_tags
 from .topology import OUTAGE_ERRORS, Call, CommandError
@@ -199,7 +199,7 @@ class RedisClusterCache(BaseCache):
                 self.core.failures.check_item("delete_many", reply)
 
     def _incr_plan(self, key: Any, delta: int, version: int | None, negate: bool = False) -> PlanOf[int]:
-        if isinstance(delta, bool) or not isinstance(delta, int):
+        if not is_whole(delta):
             raise TypeError(f"incr/decr delta must be an int, got {type(delta).__name__}")
         if negate:
             delta = -delta

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict, TypeGuard, cast
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
@@ -84,17 +84,23 @@ class Check:
     convert: Callable[[Any], Any] = lambda value: value
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, and not a bool (True is an int to Python, never a number to a user)."""
     return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def is_whole(value: object) -> TypeGuard[int]:
+    """An int, and not a bool."""
+    return not isinstance(value, bool) and isinstance(value, int)
 
 
 def non_negative() -> Check:
     """Seconds, sizes, factors: 0 or more (NaN is refused, infinity accepted)."""
-    return Check("a non-negative number", lambda v: _is_number(v) and v >= 0, float)
+    return Check("a non-negative number", lambda v: is_number(v) and v >= 0, float)
 
 
 def positive() -> Check:
-    return Check("a number more than 0", lambda v: _is_number(v) and v > 0, float)
+    return Check("a number more than 0", lambda v: is_number(v) and v > 0, float)
 
 
 def whole(minimum: int | None = None, maximum: int | None = None) -> Check:
@@ -109,7 +115,7 @@ def whole(minimum: int | None = None, maximum: int | None = None) -> Check:
         must_be = "a whole number"
 
     def accepts(value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_whole(value):
             return False
         return (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
 
@@ -682,7 +688,7 @@ def _load_plugin(kind: str, registry: Mapping[str, object], spec: object, **kwar
     except TypeError as exc:
         raise _fail(f"the {kind} {spec!r} cannot be created without arguments: {exc}") from exc
     plugin_id = getattr(instance, "id", None)
-    if isinstance(plugin_id, bool) or not isinstance(plugin_id, int) or not 0 <= plugin_id <= 255:
+    if not is_whole(plugin_id) or not 0 <= plugin_id <= 255:
         raise _fail(f"{kind} {spec!r} needs an integer 'id' from 0 to 255 (stored in every value)")
     if not isinstance(getattr(instance, "name", None), str):
         raise _fail(f"{kind} {spec!r} needs a str 'name'")

@@ -24,6 +24,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.db import models
 
 from . import dispatch, stampede
+from .conf import is_number
 from .core import Core, PlanOf, core_for
 from .tags import validate_tags
 
@@ -235,7 +236,7 @@ def cached(
         validate_tags(tags)
     if key is not None and not (isinstance(key, str) or callable(key)):
         raise TypeError(f"key must be a string template or a callable, got {key!r}")
-    if stale is not None and (isinstance(stale, bool) or not isinstance(stale, int | float) or stale < 0):
+    if stale is not None and (not is_number(stale) or stale < 0):
         raise ValueError(f"stale must be a number of seconds >= 0, got {stale!r}")
 
     def decorate(function: Callable[..., Any]) -> CachedFunction:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from . import scripts
 from .codec import SignatureError, UndecodableValueError
-from .conf import MAX_EXPIRY_MS
+from .conf import MAX_EXPIRY_MS, is_number
 from .core import MISSING, Compute, Core, Guarded, PlanOf, Sleep, Spawn
 from .tags import stamps_are_current, validate_tags
 from .topology import Call
@@ -89,10 +89,10 @@ def policy_for(
 ) -> Policy:
     settings = core.settings
     stale = 0.0 if stale is None else stale
-    if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
+    if not is_number(stale) or not 0 <= stale < math.inf:
         raise ValueError(f"stale must be a finite number of seconds >= 0, got {stale!r}")
     beta = settings.xfetch_beta if beta is None else beta
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < math.inf:
+    if not is_number(beta) or not 0 <= beta < math.inf:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if refresh is None:
         refresh = "thread" if stale else "inline"

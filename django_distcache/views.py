@@ -63,6 +63,7 @@ from django.utils.functional import cached_property
 from django.utils.http import parse_http_date_safe
 
 from . import scripts, stampede
+from .conf import is_number, is_whole
 from .core import Compute, Core, Guarded, PlanOf, core_for
 from .forksafe import renew_locks_after_fork
 from .tags import validate_tags
@@ -924,16 +925,12 @@ def _checked_options(
 ) -> frozenset[str] | None:
     """Refuse what cached_view() cannot use; the query parameters kept (None: none but tracking ones)."""
     for name, number in (("stale", stale), ("beta", beta)):
-        if number is not None and (
-            isinstance(number, bool) or not isinstance(number, int | float) or number < 0
-        ):
+        if number is not None and (not is_number(number) or number < 0):
             raise ValueError(f"{name} must be a number >= 0, got {number!r}")
     allowed = None if query_params is None else frozenset(_names(query_params, "query_params"))
     if not isinstance(key_prefix, str) or not key_prefix:
         raise TypeError(f"key_prefix must be a non-empty str, got {key_prefix!r}")
-    if max_entries is not None and (
-        isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
-    ):
+    if max_entries is not None and (not is_whole(max_entries) or max_entries < 1):
         raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
     return allowed
 

@@ -32,6 +32,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
+from .conf import is_number, is_whole
 from .core import Core, PlanOf, core_for
 from .tags import validate_tags
 from .topology import Call
@@ -113,7 +114,7 @@ def _check_schedule(name: str, schedule: Any) -> None:
         return
     if isinstance(schedule, timedelta):
         seconds = schedule.total_seconds()
-    elif isinstance(schedule, int | float) and not isinstance(schedule, bool):
+    elif is_number(schedule):
         seconds = schedule
     else:
         raise ImproperlyConfigured(
@@ -148,11 +149,7 @@ def warmer(
     a timedelta or a Celery schedule) puts the warmer in `tasks.warmer_beat_schedule()`; `using` is the
     cache alias written to."""
     _check_name(name)
-    if (
-        timeout is not DEFAULT_TIMEOUT
-        and timeout is not None
-        and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0)
-    ):
+    if timeout is not DEFAULT_TIMEOUT and timeout is not None and (not is_number(timeout) or timeout <= 0):
         raise ImproperlyConfigured(
             f"warmer {name!r}: timeout must be a positive number of seconds or None, got {timeout!r}"
         )
@@ -429,7 +426,7 @@ def _unwarmed(failures: list[str]) -> str | None:
 
 
 def _check_chunk_size(chunk_size: Any) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_whole(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
@@ -824,7 +821,7 @@ def task_arguments(
             for index, chunk in enumerate(chunks)
         ]
     count = tasks if tasks is not None else (4 if entry.takes_chunk else 1)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if not is_whole(count) or count < 1:
         raise ValueError(f"tasks must be a positive integer, got {count!r}")
     return [{**common, "chunk_index": index, "chunk_count": count} for index in range(count)]
 

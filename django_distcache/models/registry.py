@@ -18,6 +18,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured, ValidationError
 from django.db import models
 
+from ..conf import is_number
 from ..core import Core, core_for
 from ..tags import validate_tags
 from ..versioning import model_fingerprint
@@ -221,17 +222,12 @@ def _validate_write(write: Any, lookups: Any) -> None:
         )
 
 
-def _is_seconds(value: Any) -> bool:
-    """A number of seconds: an int or float, not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _validate_timeouts(timeout: Any, negative_timeout: Any) -> None:
-    if timeout is not DEFAULT_TIMEOUT and timeout is not None and not (_is_seconds(timeout) and timeout > 0):
+    if timeout is not DEFAULT_TIMEOUT and timeout is not None and not (is_number(timeout) and timeout > 0):
         raise ImproperlyConfigured(
             f"cache_model(): timeout must be a positive number of seconds or None, got {timeout!r}"
         )
-    if not (_is_seconds(negative_timeout) and negative_timeout >= 0):
+    if not (is_number(negative_timeout) and negative_timeout >= 0):
         raise ImproperlyConfigured(
             f"cache_model(): negative_timeout must be seconds >= 0, got {negative_timeout!r}"
         )
