@@ -722,7 +722,7 @@ class Bench:
         finally:
             raw.close()
         # Every GET beyond one per call of the three cache contenders re-read a tag version (held in-process
-        # for TAG_VERSION_TTL, 1 s: the 100 hot rows come back within it, the 1,000 rows in turn often do
+        # for VERSION_CHECK_INTERVAL, 1 s: the 100 hot rows come back within it, the 1,000 rows in turn often do
         # not); an EVAL would be a fill, i.e. a miss.
         calls = (1 + self.reps * SLICES) * n
         check(commands["eval"] == 0, f"{commands['eval']} fills while timing get_cached: not all hits")

@@ -15,9 +15,9 @@ report 100,000 deletions and the sample must read as misses afterwards.
 Tagged reads and writes (rows T3, T4 and the strict-mode row): 1,000 entries with 3 tags each and 1,000
 without tags, paired by hash tag (`tagged:{0001}`, `plain:{0001}`) so that both sides hit the same nodes
 in the same proportions. Each row is one pair of contenders taking turns slice by slice (harness.measure).
-Steady state: the invalidation channel is live and the tag versions are held in-process (TAG_VERSION_TTL
+Steady state: the invalidation channel is live and the tag versions are held in-process (VERSION_CHECK_INTERVAL
 1 s, the default); the strict row reads the same tagged entries through a second cache with
-TAG_VERSION_TTL 0, so every read also fetches the 3 tag versions from Redis.
+VERSION_CHECK_INTERVAL 0, so every read also fetches the 3 tag versions from Redis.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def configure_django(environment: Environment) -> None:
         SECRET_KEY="bench-" + os.urandom(16).hex(),
         USE_TZ=True,
         CACHES={
-            "default": ours,  # TAG_VERSION_TTL 1 s, the default
+            "default": ours,  # VERSION_CHECK_INTERVAL 1 s, the default
             # The same entries (same prefix and secret), read without in-process tag versions.
             "strict": {**ours, "OPTIONS": {"VERSION_CHECK_INTERVAL": 0}},
             "django_redis": {
@@ -306,16 +306,16 @@ class Bench:
         for key in self.plain_keys[:10]:
             check(self.ours.get(key) == VALUE, f"untagged get of {key}")
         for key in self.tagged_keys[:10]:
-            check(self.strict.get(key) == VALUE, f"TAG_VERSION_TTL=0 get of {key}")
+            check(self.strict.get(key) == VALUE, f"VERSION_CHECK_INTERVAL=0 get of {key}")
         held = self.ours.core.tags.held_count()
         check(held >= len(TAG_POOL), f"only {held} of {len(TAG_POOL)} tag versions held in-process")
-        check(self.strict.core.tags.held_count() == 0, "TAG_VERSION_TTL=0 holds tag versions in-process")
+        check(self.strict.core.tags.held_count() == 0, "VERSION_CHECK_INTERVAL=0 holds tag versions in-process")
 
     def bench_get(self) -> None:
         """Tagged vs untagged get, then (separately) strict mode vs untagged get.
 
         Two measurements rather than one of three contenders: the in-process versions expire after
-        TAG_VERSION_TTL of wall time, so a third contender's time between the tagged slices would add
+        VERSION_CHECK_INTERVAL of wall time, so a third contender's time between the tagged slices would add
         re-fetches to the tagged get's cost that a pair does not see.
         """
         n = self.single
@@ -323,7 +323,7 @@ class Bench:
         before = self.channel_state()
         for ours_name, cache, label, target in (
             ("tagged get", self.ours, "3 tags", TARGETS["T3"][1]),
-            ("tagged get, TAG_VERSION_TTL=0", self.strict, "3 tags, TAG_VERSION_TTL=0", None),
+            ("tagged get, VERSION_CHECK_INTERVAL=0", self.strict, "3 tags, VERSION_CHECK_INTERVAL=0", None),
         ):
             samples = harness.measure(
                 [
@@ -392,7 +392,7 @@ class Bench:
     def check_tagged_entries(self) -> None:
         """The entries timed above really are checked against their tags: invalidate one, they miss."""
         self.ours.invalidate_tags("owner:3")
-        for cache, name in ((self.ours, "ours"), (self.strict, "TAG_VERSION_TTL=0")):
+        for cache, name in ((self.ours, "ours"), (self.strict, "VERSION_CHECK_INTERVAL=0")):
             got = cache.get_many(self.tagged_keys)
             gone = [i for i, key in enumerate(self.tagged_keys) if key not in got]
             check(gone == [i for i in range(KEY_COUNT) if i % 10 == 3], f"{name}: wrong entries invalidated")

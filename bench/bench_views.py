@@ -14,7 +14,7 @@ V1 times `catalogue.views.product_page` (the `@cached_view` page of a product, w
 on a hit, against the same view function undecorated with its row reads (`get_cached`) sent to the ORM:
 the page rendered from the database, two queries and the template. Both view the 20 first products in
 turn, the popular pages a page cache is for: each is viewed several times a second, so its tags' versions
-are held in-process (TAG_VERSION_TTL, 1 s). Every page is requested once beforehand and checked to be a
+are held in-process (VERSION_CHECK_INTERVAL, 1 s). Every page is requested once beforehand and checked to be a
 hit. Informational rows: the same over all the products in turn (each page about once a second, so a hit
 often reads its tags' versions from Redis too); the whole product page (`product_detail`: the product
 row from the model cache, the cached page, the view count through save_behind) against the database

@@ -4,8 +4,7 @@ Tag versions and namespace generations may be held in-process, which saves a rou
 read. What makes that safe is this channel: every invalidation is published on it, one subscriber thread
 per process applies it to the in-process copies, and while the subscription is not live (starting,
 dropped, reconnecting) nothing held in-process is trusted, so every read asks Redis. An entry held
-in-process is also never trusted for longer than its owner's bound (TAG_VERSION_TTL,
-NAMESPACE_CHECK_INTERVAL), in case a message is delayed.
+in-process is also never trusted for longer than its owner's bound (VERSION_CHECK_INTERVAL), in case a message is delayed.
 
 Each KEY_PREFIX has a channel of its own, `<KEY_PREFIX>:~{invalidations}` (keys.py), so the ACL pattern
 that gives a user its prefix's keys gives it its channel too, and nothing of another prefix. The hash tag

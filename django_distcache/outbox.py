@@ -8,7 +8,7 @@ new version because the tag key's node is down, the new version goes here. Until
   of the tag's version had expired — see docs/failure.md for the exact guarantee);
 - a background thread retries the writes (then pushes them to the other processes), oldest first.
 
-The outbox is bounded (OUTBOX_SIZE tags). When it overflows, the invalidations it could not keep are
+The outbox is bounded (conf.OUTBOX_SIZE tags). When it overflows, the invalidations it could not keep are
 replaced by a namespace bump (`clear()`): until the bump lands every tagged read is a miss, and the bump is
 retried like the rest. Pending invalidations are also written to a small file per process (OUTBOX_DIR),
 so that a process restarted before they landed has its namespace bumped at start, once the cluster

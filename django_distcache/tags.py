@@ -11,7 +11,7 @@ A tag key lives as long as the entries stamped with it (plus TAG_TTL_MARGIN), fo
 stored forever was stamped with it: a write extends it, never shortens it. Invalidating a tag that nothing
 carries creates nothing (a missing tag is invalid already), and tag keys go away on their own.
 
-Versions may be held in-process (TAG_VERSION_TTL seconds at most) while the backplane's subscription is
+Versions may be held in-process (VERSION_CHECK_INTERVAL seconds at most) while the backplane's subscription is
 live; every invalidation is pushed over it, so other processes drop the old version at once.
 """
 
