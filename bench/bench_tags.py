@@ -309,7 +309,9 @@ class Bench:
             check(self.strict.get(key) == VALUE, f"VERSION_CHECK_INTERVAL=0 get of {key}")
         held = self.ours.core.tags.held_count()
         check(held >= len(TAG_POOL), f"only {held} of {len(TAG_POOL)} tag versions held in-process")
-        check(self.strict.core.tags.held_count() == 0, "VERSION_CHECK_INTERVAL=0 holds tag versions in-process")
+        check(
+            self.strict.core.tags.held_count() == 0, "VERSION_CHECK_INTERVAL=0 holds tag versions in-process"
+        )
 
     def bench_get(self) -> None:
         """Tagged vs untagged get, then (separately) strict mode vs untagged get.
