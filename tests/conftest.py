@@ -113,6 +113,15 @@ def hung_primary(cluster: DevCluster, port: int):
         time.sleep(1.1)
 
 
+def wait_for_backplane(cache, timeout: float = 10.0) -> None:
+    """Until `cache`'s invalidation channel is subscribed (one per KEY_PREFIX, started at its first use)."""
+    cache.core.backplane.ensure_started()
+    deadline = time.monotonic() + timeout
+    while not cache.core.backplane.connected:
+        assert time.monotonic() < deadline, "the invalidation channel did not come up"
+        time.sleep(0.01)
+
+
 def make_cache(**overrides):
     """A RedisClusterCache with a key prefix of its own, so tests never see each other's keys."""
     from django_distcache.cache import RedisClusterCache

@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 from django_distcache import conf
 from django_distcache.cache import CacheUnavailable
 from django_distcache.conf import DEFAULTS, NodeAddress, parse_location, parse_settings
-from tests.conftest import make_cache
+from tests.conftest import make_cache, wait_for_backplane
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -314,14 +314,6 @@ class _raw:
         self.client.close()
 
 
-def _wait_for_backplane(cache, timeout=10.0):
-    cache.core.backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
-    deadline = time.monotonic() + timeout
-    while not cache.core.backplane.connected:
-        assert time.monotonic() < deadline, "the invalidation channel did not come up"
-        time.sleep(0.01)
-
-
 def test_pickle_protocol_is_the_protocol_values_are_stored_in(cluster):
     value = {"answer": 42, "items": [1.5, "two"]}
     with _raw(cluster) as raw:
@@ -364,7 +356,7 @@ def test_retries_is_how_often_a_read_is_sent_again_after_its_connection_dropped(
     options = {"USERNAME": name, "PASSWORD": password, "RETRIES": retries, "FAILURE_POLICY": "raise"}
     # A high breaker threshold: each resend that meets another dropped connection counts as a failure.
     cache = make_cache(OPTIONS={**options, "BREAKER_THRESHOLD": 20, "VERSION_CHECK_INTERVAL": 60})
-    _wait_for_backplane(cache)  # the namespace generation is then held: a get sends one command, its GET
+    wait_for_backplane(cache)  # the namespace generation is then held: a get sends one command, its GET
     cache.set("k", "v")
     assert cache.get("k") == "v"
     for node in nodes:  # the server closes the idle connections the cache holds
@@ -380,7 +372,7 @@ def test_retries_is_how_often_a_read_is_sent_again_after_its_connection_dropped(
 @pytest.mark.parametrize("interval", [0, 60])
 def test_version_check_interval_bounds_how_long_a_namespace_generation_is_trusted(cluster, interval):
     cache = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": interval})
-    _wait_for_backplane(cache)
+    wait_for_backplane(cache)
     cache.set("k", "v")
     assert cache.get("k") == "v"
     with _raw(cluster) as raw:

@@ -15,7 +15,7 @@ import django_distcache
 from django_distcache.cache import CacheUnavailable
 from django_distcache.tags import MAX_TAGS_PER_VALUE, TAG_TTL_MARGIN
 from django_distcache.topology import ClusterTopology
-from tests.conftest import Peer, make_cache, tag_keys
+from tests.conftest import Peer, make_cache, tag_keys, wait_for_backplane
 
 
 @pytest.fixture
@@ -23,14 +23,6 @@ def raw(cluster):
     client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
     yield client
     client.close()
-
-
-def _wait_for_backplane(cache, timeout=10.0):
-    cache.core.backplane.ensure_started()  # one subscription per KEY_PREFIX, started at its first use
-    deadline = time.monotonic() + timeout
-    while not cache.core.backplane.connected:
-        assert time.monotonic() < deadline, "the invalidation channel did not come up"
-        time.sleep(0.01)
 
 
 def test_invalidating_a_tag_misses_every_entry_carrying_it_and_nothing_else(cache):
@@ -160,7 +152,7 @@ def test_another_process_stops_returning_an_invalidated_entry_within_the_bound(c
 
 def test_a_dropped_invalidation_channel_drops_the_versions_held_in_process(cache, raw, cluster):
     cache.set("k", "v", tags=["t"])
-    _wait_for_backplane(cache)
+    wait_for_backplane(cache)
     cache.get("k")
     cache.get("k")
     assert cache.core.tags.held_count() >= 1
@@ -213,7 +205,7 @@ def test_a_forked_child_trusts_nothing_until_it_has_its_own_subscription(cache):
     import os
 
     cache.set("k", "v", tags=["t"])
-    _wait_for_backplane(cache)
+    wait_for_backplane(cache)
     cache.get("k")
     read, write = os.pipe()
     pid = os.fork()
@@ -278,7 +270,7 @@ def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(
     cache = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 30.0 if held else 0})
     cache.set("short", "v", timeout=100, tags=["t"])
     if held:
-        _wait_for_backplane(cache)
+        wait_for_backplane(cache)
         cache.set("short", "v", timeout=100, tags=["t"])  # held from a write made while the channel is up
         assert cache.core.tags.held_count() == 1
     cache.set("long", "v", timeout=5000, tags=["t"])  # a held version still extends the key
@@ -290,7 +282,7 @@ def test_a_longer_write_extends_the_tag_key_and_a_shorter_one_never_shortens_it(
 
 def test_a_held_version_whose_key_lives_long_enough_costs_no_command(raw, monkeypatch):
     cache = make_cache(OPTIONS={"VERSION_CHECK_INTERVAL": 30.0})
-    _wait_for_backplane(cache)
+    wait_for_backplane(cache)
     cache.set("a", 1, timeout=100, tags=["t"])
     tag_key = cache.core.tags.tag_key("t")
     sent = []
@@ -480,7 +472,7 @@ def test_every_prefix_of_a_process_is_listened_to_over_one_subscription(raw):
         cache.set("k", "v", tags=["t"])
         assert cache.get("k") == "v"  # the tag's version is now held in-process for 30 s
     for cache in caches:
-        _wait_for_backplane(cache)
+        wait_for_backplane(cache)
     assert len({cache.core.backplane.subscriber for cache in caches}) == 1
     threads_after = sum(1 for t in threading.enumerate() if t.name == "distcache-backplane")
     assert threads_after - threads_before <= 1
@@ -505,7 +497,7 @@ def test_a_malformed_message_on_the_channel_is_ignored_not_a_dropped_subscriptio
     """Anyone allowed to publish on a prefix's channel can send anything; the one subscription every
     prefix of the process shares must not drop (and stop trusting everything held) for it."""
     cache.set("k", "v", tags=["t"])
-    _wait_for_backplane(cache)
+    wait_for_backplane(cache)
     backplane = cache.core.backplane
     drops, messages = backplane.drops, backplane.messages
     for junk in (b"not json", b"[1, 2]", b"{}", b"null"):
