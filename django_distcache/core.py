@@ -134,8 +134,11 @@ class FailureCounts:
     def add(self, what: str) -> None:
         with self.lock:
             self.counts[what] = self.counts.get(what, 0) + 1
-        for listener in self.listeners:
-            listener(what)
+        for listener in list(self.listeners):
+            try:
+                listener(what)
+            except Exception:  # noqa: BLE001 - an observer's bug must not turn a degraded call into an error
+                logger.exception("a failure listener raised while %r was counted", what)
 
 
 class FailurePolicy:

@@ -79,3 +79,17 @@ def test_repeated_failures_are_all_counted_but_logged_once_per_interval(caplog):
     policy.note("behind_unreplicated", "change %s reached 0 of 1 replicas", 50)
     assert caplog.records[-1].getMessage().endswith("51 failures so far")
     assert len(caplog.records) == 3
+
+
+def test_a_listener_that_raises_does_not_turn_a_degraded_call_into_an_error(caplog):
+    """Listeners are the metrics hook: a bug in one is logged, and the call still degrades as configured."""
+    from django_distcache.core import FailurePolicy
+
+    policy = FailurePolicy("miss")
+    heard = []
+    policy.listeners.append(lambda what: 1 / 0)
+    policy.listeners.append(heard.append)
+    with caplog.at_level("ERROR", logger="django_distcache"):
+        assert policy.handle("get", ConnectionError("down"), "fallback") == "fallback"
+    assert policy.counts == {"get": 1} and heard == ["get"]
+    assert any("failure listener raised" in record.getMessage() for record in caplog.records)
