@@ -231,7 +231,9 @@ def fetch_plan(
     core.expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
     lease = lease_key(core, core.made_key(key, version))
     physical = yield Guarded(core.physical_key(key, version), "get", None)
-    if physical is None:  # the cache is unreachable: compute, store nothing
+    if physical is None:  # the cache is unreachable: compute, store nothing...
+        if on_miss == "return":
+            return MISSING  # ...once in the process all the same: the caller joins the single-flight
         return (yield Compute(compute))
     entry = Entry(core, key, version, physical, lease, compute, timeout, checked_tags, policy)
     found = yield Guarded(read_plan(core, physical, policy.beta), "get", MISS)
