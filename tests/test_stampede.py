@@ -128,7 +128,9 @@ def test_a_crashed_lease_holder_blocks_nobody_past_the_lease_timeout():
     cache.core.run(stampede.acquire_plan(stampede.lease_key(cache.core, made), "dead-process", 0.5), "test")
     started = time.monotonic()
     assert cache.get_or_set("orphan", lambda: "recomputed", timeout=60) == "recomputed"
-    assert 0.3 <= time.monotonic() - started < 3.0
+    # It waited for the lease to expire (0.5 s), and not for anything much longer. (The upper bound only
+    # tells the one from the other: a loaded machine may take seconds more.)
+    assert 0.3 <= time.monotonic() - started < 10.0
 
 
 def test_a_failing_loader_releases_the_lease_at_once(cache):
@@ -137,9 +139,13 @@ def test_a_failing_loader_releases_the_lease_at_once(cache):
 
     with pytest.raises(RuntimeError, match="database down"):
         cache.get_or_set("fragile", failing, timeout=60)
-    started = time.monotonic()
+    assert not _lease_held(cache, "fragile")  # released: nobody waits 10 s for it to expire
     assert cache.get_or_set("fragile", lambda: "ok", timeout=60) == "ok"
-    assert time.monotonic() - started < 1.0  # nobody waited for the failed holder's lease to expire
+
+
+def _lease_held(cache, key):
+    lease = stampede.lease_key(cache.core, cache.make_and_validate_key(key))
+    return cache.core.run(stampede.held_plan(lease), "test")
 
 
 def test_loader_errors_reach_every_waiting_thread(cache):
@@ -153,18 +159,21 @@ def test_loader_errors_reach_every_waiting_thread(cache):
 
 def test_stale_while_revalidate_serves_the_old_value_and_refreshes_in_the_background(cache):
     versions = iter(["v1", "v2"])
+    served = threading.Event()
 
     def loader():
-        time.sleep(0.2)
-        return next(versions)
+        value = next(versions)
+        if value == "v2":
+            served.wait(30)  # the refresh cannot finish before the stale value was served
+        return value
 
     assert cache.get_or_set("swr", loader, timeout=0.3, stale=30) == "v1"
     time.sleep(0.4)
     assert cache.get("swr") is None  # past its timeout: a plain read misses
-    started = time.monotonic()
-    assert cache.get_or_set("swr", loader, timeout=0.3, stale=30) == "v1"  # stale, at once
-    assert time.monotonic() - started < 0.15
-    deadline = time.monotonic() + 5
+    # Stale, at once: a caller that waited for the refresh would wait for `served`, which only this sets.
+    assert cache.get_or_set("swr", loader, timeout=0.3, stale=30) == "v1"
+    served.set()
+    deadline = time.monotonic() + 30
     while cache.get("swr") != "v2":
         assert time.monotonic() < deadline, "the background refresh did not store v2"
         time.sleep(0.02)
@@ -369,10 +378,8 @@ def test_refresh_ahead_through_celery_recomputes_in_the_worker(start_worker):
     computed_where.invalidate("x")
     assert computed_where("x") == f"x@{os.getpid()}"  # a miss: computed by the caller
     time.sleep(0.7)  # past the timeout, inside the stale window
-    started = time.monotonic()
-    assert computed_where("x") == f"x@{os.getpid()}"  # served stale at once...
-    assert time.monotonic() - started < 0.2
-    deadline = time.monotonic() + 20
+    assert computed_where("x") == f"x@{os.getpid()}"  # served stale...
+    deadline = time.monotonic() + 30
     while True:  # ...while the worker recomputes it
         value = make_cache(KEY_PREFIX="tests").get(computed_where.key_for("x"))
         if value is not None and value != f"x@{os.getpid()}":
@@ -386,7 +393,10 @@ def test_refresh_ahead_through_celery_recomputes_in_the_worker(start_worker):
 def test_a_refresh_that_cannot_be_queued_still_serves_the_stale_value(cache):
     from django_distcache.stampede import policy_for
 
+    attempts = []
+
     def broken_queue(key, version, token):
+        attempts.append(token)
         raise ConnectionError("broker down")
 
     values = iter(["v1", "v2"])
@@ -401,9 +411,9 @@ def test_a_refresh_that_cannot_be_queued_still_serves_the_stale_value(cache):
     assert fetch() == "v1"
     time.sleep(0.3)
     assert fetch() == "v1"  # stale, served although the refresh could not be queued
-    started = time.monotonic()
-    assert fetch() == "v1"  # the lease was released: no wait behind it either
-    assert time.monotonic() - started < 0.5
+    assert not _lease_held(cache, "queued")  # the lease was given back...
+    assert fetch() == "v1"
+    assert len(attempts) == 2  # ...so the next reader took it and tried to queue the refresh again
 
 
 def test_a_failing_early_or_stale_recompute_serves_the_value_held(cache):
