@@ -73,6 +73,8 @@ demo: cluster-up
 # Both legs always run, the second even when the first fails; a summary of the two follows, and the target
 # fails if either did. Each leg's output is kept in $(TEST_LOGS)/<leg>.log too (test-under-load reads it).
 TEST_LOGS := .cache/test-logs
+# pytest's output goes through tee (so unbuffered, -u), in colour when make's own output is a terminal.
+PYTEST_COLOR := color=; [ -t 1 ] && color=--color=yes;
 test: venv
 	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/main.log $(TEST_LOGS)/newest-django.log; \
 	main=0; newest=0; \
@@ -83,7 +85,7 @@ test: venv
 test-main: venv
 	@mkdir -p $(TEST_LOGS)
 	@echo "== Django $$($(PY) -c 'import django, sys; print(django.__version__, "on Python", sys.version.split()[0])')"
-	set -o pipefail; $(PY) -m pytest -q 2>&1 | tee $(TEST_LOGS)/main.log
+	set -o pipefail; $(PYTEST_COLOR) $(PY) -u -m pytest -q $$color 2>&1 | tee $(TEST_LOGS)/main.log
 
 test-newest-django:
 	@mkdir -p $(TEST_LOGS)
@@ -99,7 +101,8 @@ test-newest-django:
 	  echo "== (tests/test_chaos.py runs in the main pass only: it kills, stops and reshards cluster nodes under"; \
 	  echo "   load, 45 s of the suite's 10-minute budget, and what it exercises, the topology's failure handling,"; \
 	  echo "   does not change with Django's version)"; \
-	  $(VENV_NEWEST)/bin/python -m pytest -q --ignore=tests/test_chaos.py 2>&1 | tee $(TEST_LOGS)/newest-django.log; \
+	  $(PYTEST_COLOR) $(VENV_NEWEST)/bin/python -u -m pytest -q $$color --ignore=tests/test_chaos.py 2>&1 \
+	    | tee $(TEST_LOGS)/newest-django.log; \
 	fi
 
 # `make test` RUNS times (default 5) with BURNERS (default 3) CPU-burning processes beside it, as on a
