@@ -162,6 +162,31 @@ async def test_a_busy_event_loop_does_not_make_a_healthy_node_look_hung(cluster)
     )
 
 
+def test_a_connect_the_loop_was_too_busy_to_finish_in_time_is_not_a_node_failure(cluster):
+    """The process did not run for longer than SOCKET_CONNECT_TIMEOUT while its connects were under way
+    (a loaded machine): the kernel connected the sockets meanwhile, so the nodes answered in time. The
+    stall comes after 0 to 7 turns of a new event loop, so that it lands at every stage of the opens."""
+    import time
+
+    cache = make_cache(OPTIONS={"SOCKET_CONNECT_TIMEOUT": 0.1})
+    cache.set_many({f"n{i}": i for i in range(60)})
+    failures_before = cache.failure_counts
+
+    async def stalled_after(turns: int) -> list[int]:
+        tasks = [asyncio.ensure_future(cache.aget(f"n{i}")) for i in range(60)]
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        time.sleep(0.3)  # three connect timeouts without the process running
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            await cache.core.async_topology().close()
+
+    for turns in range(8):
+        assert asyncio.run(stalled_after(turns)) == list(range(60)), turns
+    assert cache.failure_counts == failures_before
+
+
 async def test_a_connection_the_server_closed_is_replaced_and_the_read_sent_again(cluster):
     import redis
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 from typing import Any
 
@@ -215,16 +216,18 @@ async def open_multiplexed(settings: ConnectionSettings, node: NodeAddress, read
     """A connected, authenticated connection to `node` (READONLY first for a replica serving reads)."""
     loop = asyncio.get_running_loop()
     ssl_context = _ssl_context(settings, node) if settings.ssl else None
-    try:
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: Multiplexed(loop, node, settings.socket_timeout),
-                node.host,
-                node.port,
-                ssl=ssl_context,
-            ),
-            settings.socket_connect_timeout,
+    connecting = loop.create_task(
+        loop.create_connection(
+            lambda: Multiplexed(loop, node, settings.socket_timeout), node.host, node.port, ssl=ssl_context
         )
+    )
+    try:
+        try:
+            await _within(connecting, settings.socket_connect_timeout)
+        except asyncio.CancelledError:
+            connecting.cancel()  # the caller gave up: so does the open
+            raise
+        _, protocol = connecting.result()
     except TimeoutError as error:
         raise RedisTimeoutError(f"Timeout connecting to {node}") from error
     except OSError as error:
@@ -248,6 +251,35 @@ async def open_multiplexed(settings: ConnectionSettings, node: NodeAddress, read
                 protocol.close()
                 raise reply
     return protocol
+
+
+# Loop iterations a connect past its timeout still gets before it is called failed (see _within).
+GRACE_ITERATIONS = 8
+
+
+async def _within(task: asyncio.Task[Any], timeout: float | None) -> None:
+    """Wait for `task` for `timeout` seconds; raise TimeoutError (the task cancelled) if it is not done.
+
+    Opening a connection takes several turns of the loop after the kernel has connected the socket (the
+    connect's callback, the transport, `connection_made`). On a busy machine the process may not run at all
+    for longer than the timeout, and then the timeout and the finished connect are noticed in the same turn;
+    were the timeout to win, a node that answered in time would be charged with a failure. So when the time
+    is up, the loop first runs a few more turns, which poll the sockets without waiting: a connect the
+    kernel has finished completes in them, one that the node never answered does not.
+    """
+    if timeout is None:
+        await asyncio.wait({task})
+        return
+    await asyncio.wait({task}, timeout=timeout)
+    for _ in range(GRACE_ITERATIONS):
+        if task.done():
+            return
+        await asyncio.sleep(0)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TimeoutError
 
 
 def _ssl_context(settings: ConnectionSettings, node: NodeAddress) -> Any:
