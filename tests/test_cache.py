@@ -432,9 +432,9 @@ def test_no_round_trip_carries_more_than_one_slice_of_a_huge_batch(cache, monkey
     sizes = []
     real = cluster_module.ClusterTopology.round_steps
 
-    def spying(self, calls, positions, results):
+    def spying(self, calls, positions, results, *rest):
         sizes.append(len(calls))
-        return real(self, calls, positions, results)
+        return real(self, calls, positions, results, *rest)
 
     monkeypatch.setattr(cluster_module.ClusterTopology, "round_steps", spying)
     keys = [f"k{i}" for i in range(1234)]
