@@ -40,7 +40,7 @@ OLD_MAGIC = b"\xdc\x5e"
 DECODED_SIZE_LIMIT = 512 * 1024 * 1024
 
 FLAG_SIGNED = 0x01
-FLAG_TIMING = 0x02  # soft expiry and recompute time present (varint milliseconds)
+FLAG_TIMING = 0x02  # soft expiry (varint Unix ms) and recompute time (varint µs) present
 FLAG_TAGS = 0x04  # tag stamps present
 FLAG_CODEC = 0x08  # serializer id and compressor id follow (a byte each); absent: pickle, uncompressed
 FLAG_GMAC = 0x10  # signed with AES-GMAC under a 12-byte nonce (large payloads); else keyed BLAKE2b
@@ -323,7 +323,7 @@ class Codec:
         if soft_expiry is not None:
             flags |= FLAG_TIMING
             extra += _varint(max(0, round(soft_expiry * 1000))) + _varint(
-                max(0, round((recompute_time or 0.0) * 1000))
+                max(0, round((recompute_time or 0.0) * 1_000_000))
             )
         if tags:
             flags |= FLAG_TAGS
@@ -462,8 +462,8 @@ class Codec:
                 offset += 2
             if flags & FLAG_TIMING:
                 expiry_ms, offset = _read_varint(data, offset)
-                recompute_ms, offset = _read_varint(data, offset)
-                soft_expiry, recompute_time = expiry_ms / 1000, recompute_ms / 1000
+                recompute_us, offset = _read_varint(data, offset)
+                soft_expiry, recompute_time = expiry_ms / 1000, recompute_us / 1_000_000
             if flags & FLAG_TAGS:
                 tags, offset = decode_tag_stamps(data, offset)
         except (struct.error, IndexError, UnicodeDecodeError) as error:
