@@ -11,15 +11,18 @@ cannot make a reader allocate gigabytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import inspect
+import itertools
 import json
 import os
 import pickle
 import re
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,14 +46,20 @@ FLAG_SIGNED = 0x01
 FLAG_TIMING = 0x02  # soft expiry (varint Unix ms) and recompute time (varint µs) present
 FLAG_TAGS = 0x04  # tag stamps present
 FLAG_CODEC = 0x08  # serializer id and compressor id follow (a byte each); absent: pickle, uncompressed
-FLAG_GMAC = 0x10  # signed with AES-GMAC under a 12-byte nonce (large payloads); else keyed BLAKE2b
+FLAG_GMAC = 0x10  # signed with AES-GMAC, a salt and counter before the payload (large ones); else BLAKE2b
 _FLAGS = 0x1F
 _VERSION_BITS = FORMAT_VERSION << 5
 
 MAC_SIZE = 16
-NONCE_SIZE = 12
+# A large payload's nonce field: a 16-byte salt naming the writer's AES-GMAC subkey, then an 8-byte counter
+# (the AES nonce is the counter behind four zero bytes). Every writer (a process, again after a fork) draws a
+# salt of its own and counts from zero, so no AES nonce is ever used twice under one key: nothing rests on
+# random 96-bit nonces not colliding, which would wear thin after some 2^32 writes of one SECRET_KEY.
+SALT_SIZE = 16
+NONCE_SIZE = SALT_SIZE + 8
+_SUBKEYS_KEPT = 256  # subkeys a reader keeps (one per writer epoch it has read values of)
 # Payloads from this size on are signed with AES-GMAC (about 1 µs per 10 KB with AES-NI/VAES and CLMUL,
-# against 8-10 µs for BLAKE2b); below it BLAKE2b is as fast and needs no nonce (12 bytes saved per entry).
+# against 8-10 µs for BLAKE2b); below it BLAKE2b is as fast and needs no nonce (24 bytes saved per entry).
 GMAC_MIN_SIZE = 1024
 _PICKLE_ID = 1
 _TAG_VERSION = struct.Struct(">Q")
@@ -237,9 +246,9 @@ class Codec:
 
     Signatures (16 bytes, at the end): payloads under GMAC_MIN_SIZE get keyed BLAKE2b over the key, the
     header and the payload (the key ends where the header starts: MAGIC, 0xC1, occurs in no UTF-8 text).
-    Larger ones get AES-GMAC: AES-256-GCM with a random 12-byte nonce, the header, nonce and payload as the
-    authenticated data and the key as the (discarded) plaintext, so the tag binds all of them; its AES key
-    is derived from the signing key and the KEY_PREFIX.
+    Larger ones get AES-GMAC: AES-256-GCM with the header, salt, counter and payload as the authenticated
+    data and the key as the (discarded) plaintext, so the tag binds all of them. Its AES key is derived from
+    the signing key, the KEY_PREFIX and the writer's salt; the nonce is the writer's counter (SALT_SIZE).
     """
 
     def __init__(
@@ -536,18 +545,38 @@ class _Signer:
     def __init__(self, signing_key: bytes, bound_prefix: bytes) -> None:
         self._blake = hashlib.blake2b(key=signing_key, digest_size=MAC_SIZE)
         self._blake.update(bound_prefix)
-        # The AES key: a BLAKE2b of the KEY_PREFIX under the signing key, personalised so it equals no MAC.
-        aes_key = hashlib.blake2b(
-            bound_prefix, key=signing_key, digest_size=32, person=b"distcache-gmac"
-        ).digest()
-        self._aes = AESGCM(aes_key)
+        # AES-GMAC subkeys: a BLAKE2b of the KEY_PREFIX and a salt under the signing key, personalised so
+        # that a subkey equals no MAC.
+        self._subkey_base = hashlib.blake2b(key=signing_key, digest_size=32, person=b"distcache-gmac")
+        self._subkey_base.update(bound_prefix)
+        self._subkeys: dict[bytes, AESGCM] = {}
+        self._new_epoch()
+        _signers.add(self)
+
+    def _new_epoch(self) -> None:
+        """A salt (so a subkey) of this writer's own, and a counter from zero."""
+        salt = os.urandom(SALT_SIZE)
+        self._salt, self._aes, self._counter = salt, self._subkey(salt), itertools.count()
+
+    def _subkey(self, salt: bytes | memoryview) -> AESGCM:
+        salt = bytes(salt)
+        aes = self._subkeys.get(salt)
+        if aes is None:
+            derived = self._subkey_base.copy()
+            derived.update(salt)
+            aes = AESGCM(derived.digest())
+            if len(self._subkeys) >= _SUBKEYS_KEPT:
+                with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread's turn
+                    self._subkeys.pop(next(iter(self._subkeys)))  # the oldest
+            self._subkeys[salt] = aes
+        return aes
 
     def seal(self, key: bytes, head: bytes, payload: bytes | memoryview) -> bytes:
         """`head | [nonce] | payload | MAC`, as the head's GMAC flag says."""
         if head[1] & FLAG_GMAC:
-            signed = head + os.urandom(NONCE_SIZE) + payload
-            nonce = signed[len(head) : len(head) + NONCE_SIZE]
-            return signed + self._aes.encrypt(nonce, key, signed)[-MAC_SIZE:]
+            salt, aes, counter = self._salt, self._aes, next(self._counter)
+            signed = head + salt + counter.to_bytes(8, "big") + payload
+            return signed + aes.encrypt(bytes(4) + counter.to_bytes(8, "big"), key, signed)[-MAC_SIZE:]
         mac = self._blake.copy()
         mac.update(key)
         mac.update(head)
@@ -567,9 +596,22 @@ class _Signer:
         return hmac.compare_digest(mac.digest(), data[-MAC_SIZE:])
 
     def verify_gmac(self, key: bytes, view: memoryview, head_end: int = 2) -> bool:
-        nonce = view[head_end : head_end + NONCE_SIZE]
-        tag = self._aes.encrypt(nonce, key, view[:-MAC_SIZE])[-MAC_SIZE:]
+        aes = self._subkey(view[head_end : head_end + SALT_SIZE])
+        nonce = bytes(4) + bytes(view[head_end + SALT_SIZE : head_end + NONCE_SIZE])
+        tag = aes.encrypt(nonce, key, view[:-MAC_SIZE])[-MAC_SIZE:]
         return hmac.compare_digest(tag, view[-MAC_SIZE:])
+
+
+_signers: weakref.WeakSet[_Signer] = weakref.WeakSet()
+
+
+def _new_epochs_after_fork() -> None:
+    # A child must not go on counting with its parent's subkey: both would use the same nonces.
+    for signer in list(_signers):
+        signer._new_epoch()
+
+
+os.register_at_fork(after_in_child=_new_epochs_after_fork)
 
 
 def _varint(number: int) -> bytes:

@@ -90,14 +90,16 @@ def test_only_what_an_entry_uses_is_stored():
     assert len(c.encode(SMALL, AT)) == len(payload) + 2 + MAC_SIZE  # magic, descriptor, MAC
     big = c.encode(LARGE, AT)
     assert big[1] & FLAG_GMAC
-    assert len(big) == len(pickle.dumps(LARGE, pickle.HIGHEST_PROTOCOL)) + 2 + 12 + MAC_SIZE  # + nonce
+    assert (
+        len(big) == len(pickle.dumps(LARGE, pickle.HIGHEST_PROTOCOL)) + 2 + 24 + MAC_SIZE
+    )  # + salt, counter
     assert not c.encode(SMALL, AT)[1] & (FLAG_GMAC | FLAG_CODEC | FLAG_TIMING | FLAG_TAGS)
 
 
 def test_large_values_get_a_fresh_nonce_every_time():
     c = codec()
     first, second = c.encode(LARGE, AT), c.encode(LARGE, AT)
-    assert first[2:14] != second[2:14]
+    assert first[2:26] != second[2:26]  # the same salt, the next counter
     assert c.decode(first, AT) == c.decode(second, AT) == LARGE
 
 
@@ -167,3 +169,24 @@ def test_generations_are_short_well_formed_and_do_not_repeat():
         assert not generation.startswith("~")
     assert RETIRED_GENERATION.fullmatch(b"AAAAAAAAAAA")  # the earlier 11-character form is still purged
     assert not GENERATION.fullmatch(b"AAAAAAAAAAA")
+
+
+def test_large_values_never_share_an_aes_nonce_under_one_key_not_even_across_a_fork():
+    """AES-GMAC breaks if a nonce is used twice under one key: each writer signs under a subkey of its
+    own salt and counts, and a forked child draws a salt of its own before it writes."""
+    import multiprocessing
+
+    writer_codec = codec()
+    sealed = [writer_codec.encode(LARGE, b"k") for _ in range(3)]
+    salts = {value[2:18] for value in sealed}
+    counters = [int.from_bytes(value[18:26], "big") for value in sealed]
+    assert len(salts) == 1 and counters == sorted(set(counters))  # one salt, a new number every time
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: writer.send(writer_codec.encode(LARGE, b"k"))
+    )
+    child.start()
+    from_child = reader.recv()
+    child.join()
+    assert from_child[2:18] not in salts
+    assert all(codec().decode(value, b"k") == LARGE for value in [*sealed, from_child])
