@@ -380,6 +380,35 @@ class Row:
         return f"{micro:,.1f} µs" if micro < 100 else f"{micro:,.0f} µs"
 
 
+@dataclass
+class Check:
+    """A measured count with an absolute target (connections opened, reads failed): no baseline to divide
+    by. `samples`: one value per repetition; the worst repetition is judged (the largest against an upper
+    bound, the smallest against a lower one)."""
+
+    label: str
+    what: str
+    samples: list[float]
+    unit: str
+    target: Target
+
+    def value(self) -> float:
+        return max(self.samples) if self.target.at_most is not None else min(self.samples)
+
+    def result(self) -> str:
+        return "PASS" if self.target.check(self.value()) else "MISS"
+
+    def cells(self) -> list[str]:
+        median = statistics.median(self.samples)
+        return [
+            self.what,
+            f"{self.value():g} {self.unit} (median {median:g}; {len(self.samples)} reps)",
+            self.target.describe(),
+            self.result(),
+        ]
+
+
+CHECK_HEADER = ["Measured", "Worst repetition", "Target", "Result"]
 RESULT_HEADER = ["Operation", "Ours (median)", "Baseline (median)", "Ratio (min–max)", "Target", "Result"]
 TARGET_HEADER = ["#", "Target", "Ratio", "Result"]
 
@@ -406,22 +435,33 @@ class Report:
     target_texts: dict[str, str]  # target label -> what it promises
     info: dict[str, str]
     settings: str
+    checks: list[Check] = field(default_factory=list)
 
     def target_rows(self) -> list[list[str]]:
         return [
             [row.target.label, self.target_texts[row.target.label], f"{row.ratio():.2f}×", row.result()]
             for row in self.rows
             if row.target is not None
+        ] + [
+            [check.label, self.target_texts[check.label], f"{check.value():g} {check.unit}", check.result()]
+            for check in self.checks
         ]
 
     def misses(self) -> int:
-        return sum(1 for row in self.rows if row.result() == "MISS")
+        return sum(1 for row in self.rows if row.result() == "MISS") + sum(
+            1 for check in self.checks if check.result() == "MISS"
+        )
 
     def text(self) -> str:
         info = "\n".join(f"  {key}: {value}" for key, value in self.info.items())
         return (
             f"\n{self.title}\n{'=' * len(self.title)}\n{info}\n  settings: {self.settings}\n\n"
             + text_table(RESULT_HEADER, [row.cells() for row in self.rows])
+            + (
+                "\n\n" + text_table(CHECK_HEADER, [check.cells() for check in self.checks])
+                if self.checks
+                else ""
+            )
             + "\n\nTargets\n-------\n"
             + text_table(TARGET_HEADER, self.target_rows())
             + "\n"
@@ -432,6 +472,11 @@ class Report:
         return (
             f"\n## {self.title}\n\n{info}\n- **settings**: {self.settings}\n\n"
             + markdown_table(RESULT_HEADER, [row.cells() for row in self.rows])
+            + (
+                "\n\n" + markdown_table(CHECK_HEADER, [check.cells() for check in self.checks])
+                if self.checks
+                else ""
+            )
             + "\n\n### Targets\n\n"
             + markdown_table(TARGET_HEADER, self.target_rows())
             + "\n"

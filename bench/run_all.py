@@ -19,6 +19,8 @@ from . import harness
 
 SCRIPTS = [
     "bench.bench_backend",
+    "bench.bench_async_burst",
+    "bench.bench_values",
     "bench.bench_tags",
     "bench.bench_models",
     "bench.bench_warming",

@@ -3,7 +3,7 @@
 So one ACL pattern pair, `~<KEY_PREFIX>:*` and `&<KEY_PREFIX>:*`, covers everything a cache touches (the
 exact recipe is in docs/security.md), and nothing of another prefix is in reach.
 
-- Entries: `<KEY_PREFIX>:<generation>:<VERSION>:<key>`. The generation (11 URL-safe base64 characters, see
+- Entries: `<KEY_PREFIX>:<generation>:<VERSION>:<key>`. The generation (8 URL-safe base64 characters, see
   versioning.py) comes right after the prefix, so `clear()` retires every entry of the prefix at once and
   the purge finds them with one `SCAN MATCH`. With a custom KEY_FUNCTION the key it makes follows the
   generation whole: `<KEY_PREFIX>:<generation>:<made key>`.
@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import re
 
-GENERATION_LENGTH = 11  # characters of a namespace generation (64 random bits, URL-safe base64)
-GENERATION = re.compile(rb"[A-Za-z0-9_-]{11}")
+GENERATION_LENGTH = 8  # characters of a namespace generation (48 random bits, URL-safe base64)
+GENERATION = re.compile(rb"[A-Za-z0-9_-]{8}")
+# What releases before 0.x used (64 random bits, 11 characters): never current, only ever purged.
+LEGACY_GENERATION = re.compile(rb"[A-Za-z0-9_-]{11}")
+# A generation a purge list may hold.
+RETIRED_GENERATION = re.compile(rb"[A-Za-z0-9_-]{8}|[A-Za-z0-9_-]{11}")
 _GLOB = re.compile(r"([*?\[\]\\])")
 
 # Signed payloads that are not cache entries are bound to an identity no key can have: keys are UTF-8

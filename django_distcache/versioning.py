@@ -4,6 +4,15 @@
 the old generation is unreachable at once, and a background purge (SCAN over every primary, UNLINK in
 per-node batches) reclaims the memory. A missing generation key (evicted, deleted by hand) is replaced by a
 new random one, which can only make entries miss, never resurrect them.
+
+The generation is 48 random bits (8 characters; it was 64 bits in 11 characters): it is in every entry's key,
+so every character costs memory in every entry. What it must guarantee is that a new generation never equals
+one whose entries are still in Redis. Those are few: the current one and the retired ones the purge has not
+finished (or whose entries still live out a TTL); the odds that one clear() draws any of k such generations
+are k / 2**48 (with k = 10, one clear() a second for 100 years: about 1 in 9,000). A counter would be
+shorter, but it restarts when its key is evicted or lost, which is exactly when an old generation must not
+come back; random draws need no memory of the past. A generation of the older 11-character form found in
+the namespace key is retired: listed for the purge and replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import TYPE_CHECKING
 from . import scripts
 from .backplane import Backplane
 from .forksafe import renew_locks_after_fork
-from .keys import GENERATION, KeyLayout
+from .keys import GENERATION, LEGACY_GENERATION, RETIRED_GENERATION, KeyLayout
 from .plans import Guarded, PlanOf
 from .topology import OUTAGE_ERRORS, Call, ClusterTopology, CommandError, is_outage
 
@@ -65,8 +74,8 @@ _UNREADABLE = object()
 
 
 def new_generation() -> str:
-    """A random 64-bit generation, as 11 URL-safe characters (no glob character, never a `~`)."""
-    return base64.urlsafe_b64encode(os.urandom(8)).rstrip(b"=").decode()
+    """A random 48-bit generation, as 8 URL-safe characters (no glob character, never a `~`)."""
+    return base64.urlsafe_b64encode(os.urandom(6)).decode()
 
 
 class Namespace:
@@ -124,6 +133,9 @@ class Namespace:
         for _ in range(3):
             if GENERATION.fullmatch(existing):
                 return existing.decode()
+            if LEGACY_GENERATION.fullmatch(existing):
+                # Written by an earlier release: its entries (of an older envelope format too) are retired.
+                yield Call(self.purge_list, ("RPUSH", self.purge_list, existing), idempotent=False)
             logger.warning(
                 "namespace key %r held %r, not a generation: replaced (every entry of %r misses)",
                 self.key,
@@ -198,7 +210,7 @@ class Purger:
     def _pending(self, namespace: Namespace) -> list[str]:
         purge_list = namespace.purge_list
         pending = self.topology.execute(Call(purge_list, ("LRANGE", purge_list, 0, -1)))
-        return [generation.decode() for generation in pending or () if GENERATION.fullmatch(generation)]
+        return [g.decode() for g in pending or () if RETIRED_GENERATION.fullmatch(g)]
 
     def _run(self) -> None:
         while True:

@@ -432,9 +432,9 @@ def test_no_round_trip_carries_more_than_one_slice_of_a_huge_batch(cache, monkey
     sizes = []
     real = cluster_module.ClusterTopology.round_steps
 
-    def spying(self, calls, positions, results):
+    def spying(self, calls, positions, results, *rest):
         sizes.append(len(calls))
-        return real(self, calls, positions, results)
+        return real(self, calls, positions, results, *rest)
 
     monkeypatch.setattr(cluster_module.ClusterTopology, "round_steps", spying)
     keys = [f"k{i}" for i in range(1234)]
@@ -506,14 +506,13 @@ def test_a_planted_decompression_bomb_is_a_miss_and_memory_stays_bounded(cache, 
     """1 GiB of JSON squeezed into ~1 MB of zlib, planted in a JSON cache (unsigned by design; the envelope,
     not COMPRESSOR, picks the decompressor): a reader in another process misses, counts it undecodable and
     grows by about MAX_VALUE_SIZE (16 MiB by default), not by the gigabyte."""
-    import struct
     import zlib
 
-    from django_distcache.codec import FORMAT_VERSION, MAGIC, JSONSerializer
+    from django_distcache.codec import JSONSerializer, raw_header
 
     stream, block = zlib.compressobj(9), b" " * (1 << 20)
     bomb = b"".join(stream.compress(block) for _ in range(1024)) + stream.flush()
-    header = MAGIC + bytes((FORMAT_VERSION, 0, JSONSerializer.id, 1)) + struct.pack(">d", time.time())
+    header = raw_header(0, JSONSerializer.id, 1)
     options = {"SERIALIZER": "json", "COMPRESSOR": compressor}
     reader = make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS=options)
     raw.set(reader.physical_key("bomb"), header + bomb)

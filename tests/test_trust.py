@@ -12,7 +12,7 @@ from redis.cluster import RedisCluster
 
 import django_distcache
 from django_distcache import stampede
-from django_distcache.codec import _HEADER, FLAG_SIGNED, FLAG_TAGS, FORMAT_VERSION, MAC_SIZE, MAGIC
+from django_distcache.codec import FLAG_SIGNED, FLAG_TAGS, FORMAT_VERSION, MAC_SIZE, raw_header
 from tests.conftest import make_cache
 
 
@@ -43,20 +43,25 @@ def raw(cluster):
 def _header(
     flags: int, serializer_id: int = 1, compressor_id: int = 0, version: int = FORMAT_VERSION
 ) -> bytes:
-    return _HEADER.pack(MAGIC, version, flags, serializer_id, compressor_id, 0.0)
+    return raw_header(flags, serializer_id, compressor_id, version)
 
 
 def planted_values(genuine: bytes) -> dict[str, bytes]:
     """The forms a planted pickle can take; `genuine` is a value this cache signed for another key."""
-    head = genuine[: _HEADER.size]
+    head = genuine[:2]  # MAGIC and the descriptor of a small signed pickle
     return {
-        "wrong MAC": head + genuine[_HEADER.size : _HEADER.size + MAC_SIZE] + TRAP,
-        "zero MAC": head + b"\0" * MAC_SIZE + TRAP,
+        "wrong MAC": head + TRAP + genuine[-MAC_SIZE:],
+        "zero MAC": head + TRAP + b"\0" * MAC_SIZE,
         "no MAC, flagged unsigned": _header(0) + TRAP,
-        "corrupt tag section": _header(FLAG_SIGNED | FLAG_TAGS) + struct.pack(">H", 9) + b"\xff" + TRAP,
-        "unknown serializer id": _header(FLAG_SIGNED, serializer_id=77) + b"\0" * MAC_SIZE + TRAP,
-        "unknown compressor id": _header(FLAG_SIGNED, compressor_id=99) + b"\0" * MAC_SIZE + TRAP,
-        "older format": _header(FLAG_SIGNED, version=1) + b"\0" * MAC_SIZE + TRAP,
+        "corrupt tag section": _header(FLAG_SIGNED | FLAG_TAGS) + b"\x09\xff" + TRAP + b"\0" * MAC_SIZE,
+        "unknown serializer id": _header(FLAG_SIGNED, serializer_id=77) + TRAP + b"\0" * MAC_SIZE,
+        "unknown compressor id": _header(FLAG_SIGNED, compressor_id=99) + TRAP + b"\0" * MAC_SIZE,
+        "another format version": _header(FLAG_SIGNED, version=4) + TRAP + b"\0" * MAC_SIZE,
+        "format 2 (earlier releases)": b"\xdc\x5e"
+        + bytes((2, FLAG_SIGNED, 1, 0))
+        + struct.pack(">d", 0.0)
+        + b"\0" * MAC_SIZE
+        + TRAP,
         "copied from another key": genuine,
     }
 

@@ -6,8 +6,9 @@ each node's commands are packed into one write, every node is written before any
 replies are read node by node: the round trips overlap.
 
 Every decision (which node, breaker, redirect, retry, replica, repair) is made in steps.py, once; the two
-classes here run those steps over blocking (`ClusterTopology`) or asyncio (`AsyncClusterTopology`)
-connections, and own the pools, the background refresh and the background repair.
+classes here run those steps over blocking connections (`ClusterTopology`: a pool per node, a connection
+per thread at a time) or multiplexed asyncio connections (`AsyncClusterTopology`: one per node and event
+loop, shared by its coroutines; multiplex.py), and own the background refresh and the background repair.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from redis.retry import Retry
 from ..conf import ConnectionSettings, NodeAddress
 from .base import (
     BATCH_SLICE,
+    BREAKER_ERRORS,
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
     REPAIR_CHUNK,
+    TIMEOUT_ERRORS,
     Call,
     NoNodeReachableError,
     PermissionRefusedError,
@@ -42,7 +45,7 @@ from .base import (
     connection_kwargs,
     refused,
 )
-from .breaker import OPEN, Breaker
+from .multiplex import Multiplexed, NodeLink, pack
 from .steps import IO_ERRORS, ClusterSteps, Command, Read, Send, drive, drive_async, too_many_redirects
 from .subscription import Subscription
 
@@ -61,9 +64,6 @@ except ImportError:  # pragma: no cover - a redis-py without its hiredis parser
 logger = logging.getLogger("django_distcache.topology")
 
 MAX_IDLE_CONNECTIONS = 64
-# Connections one asyncio pool (one node, one event loop) opens at the same time; at least the breaker's
-# threshold, so that a burst of callers against a dead node waits for one round of connect timeouts at most.
-MAX_OPENING_CONNECTIONS = 8
 
 
 class _Connection(Protocol):
@@ -80,18 +80,7 @@ class _Connection(Protocol):
     def disconnect(self, *args: Any) -> None: ...
 
 
-class _AsyncConnection(Protocol):
-    """What the topology needs of a redis-py asyncio connection."""
-
-    async def connect(self) -> None: ...
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None: ...
-    async def send_command(self, *args: Any, **kwargs: Any) -> None: ...
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any: ...
-    def pack_commands(self, commands: list[Command]) -> list[bytes]: ...
-    async def disconnect(self, nowait: bool = False) -> None: ...
-
-
-def _pack(connection: _Connection | _AsyncConnection, commands: list[Command]) -> list[bytes]:
+def _pack(connection: _Connection, commands: list[Command]) -> list[bytes]:
     if _pack_one is not None:
         return [b"".join([_pack_one(command) for command in commands])]
     return connection.pack_commands(commands)
@@ -133,39 +122,21 @@ def _read_replies(connection: _Connection, count: int) -> list[Any]:
     return replies
 
 
-async def _async_read_replies(connection: _AsyncConnection, count: int) -> list[Any]:
-    """As _read_replies, with the asyncio connection: error replies as exception objects."""
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await connection.read_response())
-        except ResponseError as error:
-            replies.append(error)
-    return replies
-
-
 def _readonly_on_connect(connection: Any) -> None:
     connection.on_connect()
     connection.send_command("READONLY")
     connection.read_response()
 
 
-async def _async_readonly_on_connect(connection: Any) -> None:
-    await connection.on_connect()
-    await connection.send_command("READONLY")
-    await connection.read_response()
-
-
 def _connection_args(
-    settings: ConnectionSettings, node: NodeAddress, readonly: bool, asynchronous: bool
+    settings: ConnectionSettings, node: NodeAddress, readonly: bool
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The connection class and arguments for `node`; `readonly`: READONLY first (a replica serving reads)."""
-    module: Any = redis.asyncio if asynchronous else redis
-    connection_class = module.SSLConnection if settings.ssl else module.Connection
+    connection_class = redis.SSLConnection if settings.ssl else redis.Connection
     kwargs = connection_kwargs(settings, node)
     kwargs["retry"] = Retry(NoBackoff(), 0)
     if readonly:
-        kwargs["redis_connect_func"] = _async_readonly_on_connect if asynchronous else _readonly_on_connect
+        kwargs["redis_connect_func"] = _readonly_on_connect
     return connection_class, kwargs
 
 
@@ -202,6 +173,14 @@ class _NodePool:
             self.idle.append(connection)
         else:
             connection.disconnect()
+
+    def discard(self, connection: _Connection, error: BaseException) -> None:
+        """Close `connection`, which failed with `error`. A dropped connection (not a timeout) says the
+        node's end went away (a restart, CLIENT KILL, a failover): the idle ones, opened before, are closed
+        too, so that the call sent again gets a new connection instead of another dead one."""
+        connection.disconnect()
+        if isinstance(error, BREAKER_ERRORS) and not isinstance(error, TIMEOUT_ERRORS):
+            self.close()
 
     def close(self) -> None:
         while self.idle:
@@ -257,9 +236,7 @@ class ClusterTopology(ClusterSteps):
         readonly = self._readonly(node)
         pool = self._pools.get((node, readonly))
         if pool is None:
-            pool = self._pools[(node, readonly)] = _NodePool(
-                *_connection_args(self.settings, node, readonly, False)
-            )
+            pool = self._pools[(node, readonly)] = _NodePool(*_connection_args(self.settings, node, readonly))
         return pool
 
     # -- the slot map -----------------------------------------------------------------------------------
@@ -363,8 +340,8 @@ class ClusterTopology(ClusterSteps):
         except ResponseError:
             pool.put(connection)  # every reply was read: the connection is clean
             raise
-        except BaseException:
-            connection.disconnect()
+        except BaseException as error:
+            pool.discard(connection, error)
             raise
         pool.put(connection)
         return reply
@@ -393,8 +370,8 @@ class ClusterTopology(ClusterSteps):
             unread.remove(sent)
             try:
                 replies = _read_replies(sent.connection, step.count)
-            except BaseException:
-                sent.connection.disconnect()
+            except BaseException as error:
+                sent.pool.discard(sent.connection, error)
                 raise
             sent.pool.put(sent.connection)
             return replies
@@ -402,8 +379,8 @@ class ClusterTopology(ClusterSteps):
         connection = pool.get()
         try:
             connection.send_packed_command(_pack(connection, step.commands), check_health=False)
-        except BaseException:
-            connection.disconnect()
+        except BaseException as error:
+            pool.discard(connection, error)
             raise
         unread.append(_Sent(pool, connection))
         return unread[-1]
@@ -450,7 +427,7 @@ class ClusterTopology(ClusterSteps):
         node = self.state.slot_map.node_for(channels[0]) if self.state.slot_map else None
         if node is None:
             raise NoNodeReachableError("no node serves this channel's slot")
-        connection_class, kwargs = _connection_args(self.settings, node, False, False)
+        connection_class, kwargs = _connection_args(self.settings, node, False)
         connection: _Connection = connection_class(**kwargs)
         connection.connect()
         subscription = Subscription(connection, node, ping_every)
@@ -469,110 +446,27 @@ class ClusterTopology(ClusterSteps):
             pool.close()
 
 
-class _AsyncNodePool:
-    """Idle connections to one node, for one event loop.
-
-    A burst of calls on an empty pool opens at most `opening_limit` connections at a time; the other callers
-    wait for one of those, or for a connection put back, and then use it. That wait is not charged to
-    SOCKET_CONNECT_TIMEOUT, which bounds only the open itself: were 200 `aget`s started together on a busy
-    loop to open 200 connections at once, the loop would serve some of them later than the 0.2-s timeout,
-    and a healthy node's reads would miss and its breaker open. A caller that has waited and finds the
-    node's breaker open fails at once with `NodeUnavailableError`, as it would have before sending.
-    """
-
-    def __init__(
-        self, connection_class: Callable[..., _AsyncConnection], kwargs: dict[str, Any], opening_limit: int
-    ) -> None:
-        self.connection_class = connection_class
-        self.kwargs = kwargs
-        self.opening_limit = opening_limit
-        self.opening = 0
-        self.idle: collections.deque[_AsyncConnection] = collections.deque()
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def get(self, breaker: Breaker) -> _AsyncConnection:
-        """An idle connection, else a newly opened one (connected: open errors are raised here)."""
-        waited = False
-        while True:
-            if self.idle:
-                return self.idle.pop()
-            if waited and breaker.state == OPEN:
-                self._wake()  # pass the turn on: the next waiter fails at once too, or finds a connection
-                raise breaker.unavailable()
-            if self.opening < self.opening_limit:
-                return await self._open()
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if not waiter.done():
-                    waiter.cancel()
-                elif not waiter.cancelled():
-                    self._wake()  # woken, then cancelled before using the turn: pass it on
-                raise
-            waited = True
-
-    async def _open(self) -> _AsyncConnection:
-        self.opening += 1
-        connection = self.connection_class(**self.kwargs)
-        try:
-            await connection.connect()
-        except BaseException:
-            await connection.disconnect()
-            raise
-        finally:
-            self.opening -= 1
-            self._wake()
-        return connection
-
-    def _wake(self) -> None:
-        """Let the longest-waiting caller look again (an idle connection or a free opening turn)."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def put(self, connection: _AsyncConnection) -> None:
-        if len(self.idle) < MAX_IDLE_CONNECTIONS:
-            self.idle.append(connection)
-        else:
-            asyncio.ensure_future(connection.disconnect())
-        self._wake()
-
-    async def close(self) -> None:
-        while self.idle:
-            await self.idle.pop().disconnect()
-
-
-@dataclass(eq=False, slots=True)
-class _AsyncSent:
-    """As _Sent, for an asyncio connection."""
-
-    pool: _AsyncNodePool
-    connection: _AsyncConnection
-
-
 class AsyncClusterTopology(ClusterSteps):
-    """The same steps over redis-py's asyncio connections; one instance per event loop."""
+    """The same steps over multiplexed asyncio connections (multiplex.py): one per node and event loop,
+    shared by every coroutine of the loop. One instance per event loop."""
 
     def __init__(self, state: TopologyState) -> None:
         super().__init__(state)
-        self._pools: dict[tuple[NodeAddress, bool], _AsyncNodePool] = {}
+        self._links: dict[tuple[NodeAddress, bool], NodeLink] = {}
         self._clients: dict[NodeAddress, redis.asyncio.Redis] = {}
         self._refresh_task: asyncio.Task[None] | None = None
         self._repairer: ClusterTopology | None = None
 
-    def _pool(self, node: NodeAddress) -> _AsyncNodePool:
+    async def _connection(self, node: NodeAddress) -> Multiplexed:
+        """The node's shared connection, opened if need be (open errors are raised here)."""
         readonly = self._readonly(node)
-        pool = self._pools.get((node, readonly))
-        if pool is None:
-            opening_limit = max(MAX_OPENING_CONNECTIONS, self.settings.breaker_threshold)
-            pool = self._pools[(node, readonly)] = _AsyncNodePool(
-                *_connection_args(self.settings, node, readonly, True), opening_limit
-            )
-        return pool
+        link = self._links.get((node, readonly))
+        if link is None:
+            link = self._links[(node, readonly)] = NodeLink(self.settings, node, readonly)
+        connection = link.connection
+        if connection is not None and connection.failure is None:
+            return connection
+        return await link.connect()
 
     # -- the slot map -----------------------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
@@ -587,19 +481,11 @@ class AsyncClusterTopology(ClusterSteps):
         return self._node_execute(node, "CLUSTER", "SLOTS")
 
     async def _node_execute(self, node: NodeAddress, *args: Any) -> Any:
-        pool = self._pool(node)
-        connection = await pool.get(self.state.breakers(node))
-        try:
-            await connection.send_command(*args)
-            result = await connection.read_response()
-        except ResponseError as error:
-            pool.put(connection)
-            raise refused(error, args)  # noqa: B904 - the reply is its cause
-        except BaseException:
-            await connection.disconnect()
-            raise
-        pool.put(connection)
-        return result
+        connection = await self._connection(node)
+        reply = await connection.submit(pack([args]), 1)
+        if isinstance(reply, ResponseError):
+            raise refused(reply, args)
+        return reply
 
     async def ensure_map(self) -> None:
         state = self.state
@@ -640,7 +526,7 @@ class AsyncClusterTopology(ClusterSteps):
         for _ in range(MAX_REDIRECTS + retries + 1):
             node, breaker, commands, repairing = self.attempt(call)
             try:
-                reply = await self._exchange(node, breaker, commands)
+                reply = await self._exchange(node, commands)
             except IO_ERRORS as error:
                 call, retries = self.failed(call, node, breaker, error, retries)
                 continue
@@ -648,24 +534,14 @@ class AsyncClusterTopology(ClusterSteps):
             return reply
         raise too_many_redirects(call)
 
-    async def _exchange(self, node: NodeAddress, breaker: Breaker, commands: list[Command]) -> Any:
-        pool = self._pool(node)
-        connection = await pool.get(breaker)  # an open that fails raises here, with nothing to clean up
-        try:
-            await connection.send_packed_command(_pack(connection, commands), check_health=False)
-            if len(commands) == 1:
-                reply = await connection.read_response()
-            else:
-                reply = _last_reply(await _async_read_replies(connection, len(commands)))
-        except ResponseError:
-            pool.put(connection)  # every reply was read: the connection is clean
-            raise
-        except BaseException:
-            # Failed, or cancelled mid-command: the reply may still arrive, so this connection is unusable.
-            await connection.disconnect()
-            raise
-        pool.put(connection)
-        return reply
+    async def _exchange(self, node: NodeAddress, commands: list[Command]) -> Any:
+        connection = await self._connection(node)  # an open that fails raises here
+        if len(commands) == 1:
+            reply = await connection.submit(pack(commands), 1)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        return _last_reply(await connection.submit(pack(commands), len(commands)))
 
     async def execute_batch(self, calls: list[Call]) -> list[Any]:
         results: list[Any] = []
@@ -675,35 +551,17 @@ class AsyncClusterTopology(ClusterSteps):
         return results
 
     async def _execute_slice(self, calls: list[Call]) -> list[Any]:
-        unread: list[_AsyncSent] = []
-        try:
-            return await drive_async(self.slice_steps(calls), functools.partial(self._batch_io, unread))
-        except BaseException:
-            # Cancelled mid-batch: replies may still arrive on the connections not read yet.
-            for sent in unread:
-                await sent.connection.disconnect()
-            raise
+        # A caller cancelled mid-batch leaves nothing to clean up: the replies still owed to it are read
+        # and dropped by the shared connections.
+        return await drive_async(self.slice_steps(calls), self._batch_io)
 
-    async def _batch_io(self, unread: list[_AsyncSent], step: Send | Read) -> Any:
+    async def _batch_io(self, step: Send | Read) -> Any:
         if isinstance(step, Read):
-            sent: _AsyncSent = step.handle
-            unread.remove(sent)
-            try:
-                replies = await _async_read_replies(sent.connection, step.count)
-            except BaseException:
-                await sent.connection.disconnect()
-                raise
-            sent.pool.put(sent.connection)
-            return replies
-        pool = self._pool(step.node)
-        connection = await pool.get(step.breaker)
-        try:
-            await connection.send_packed_command(_pack(connection, step.commands), check_health=False)
-        except BaseException:
-            await connection.disconnect()
-            raise
-        unread.append(_AsyncSent(pool, connection))
-        return unread[-1]
+            future: asyncio.Future[Any] = step.handle
+            reply = await future
+            return [reply] if step.count == 1 else reply
+        connection = await self._connection(step.node)
+        return connection.submit(pack(step.commands), len(step.commands))
 
     async def client_for(self, key: bytes) -> redis.asyncio.Redis:
         await self.ensure_map()
@@ -714,8 +572,12 @@ class AsyncClusterTopology(ClusterSteps):
         return client
 
     async def close(self) -> None:
-        for pool in self._pools.values():
-            await pool.close()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
 
 
 __all__ = ["AsyncClusterTopology", "ClusterTopology"]

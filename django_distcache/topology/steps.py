@@ -43,8 +43,9 @@ from .base import (
 from .breaker import CLOSED, Breaker, NodeUnavailableError
 
 Command = tuple[Any, ...]
-# A call answered MOVED/ASK in a batch round: its index in the slice, the redirect, the node that sent it.
-Redirected = tuple[int, AskError, NodeAddress]
+# A call to send again in the next batch round: its index in the slice, the redirect (MOVED/ASK), or None
+# for a call whose connection dropped (sent again as it is), and the node that sent it.
+Redirected = tuple[int, AskError | None, NodeAddress]
 # Per call of a node's batch, when some send more than their own command: how many commands it sent, and
 # whether the first of them deletes its key (a repair). None: one command per call, the common case.
 Layout = list[tuple[int, bool]] | None
@@ -103,6 +104,18 @@ async def drive_async(steps: Generator[Step, Any, Result], io: Callable[[Step], 
             reply, error = await io(step), None
         except IO_ERRORS as caught:
             reply, error = None, caught
+
+
+def _first_report(error: BaseException) -> bool:
+    """Whether `error` is the first report of its cause: the callers that shared one async connection
+    (multiplex.py) all fail when it does, and that is one failure of the node, not one per caller."""
+    origin = getattr(error, "shared_failure", None)
+    if origin is None:
+        return True
+    if getattr(origin, "counted", False):
+        return False
+    origin.counted = True
+    return True
 
 
 def too_many_redirects(call: Call) -> NoNodeReachableError:
@@ -167,19 +180,21 @@ class ClusterSteps:
                 state.repair.note_unsynced(call, node)
             raise refused(error, call.args, call.key)
         state.refresh_wanted = True
-        opened = isinstance(error, BREAKER_ERRORS) and breaker.failure(error)
         self._refresh_in_background()
         # Sent again only after a dropped connection (an idle socket the server closed), never after a
-        # timeout: a hung node would make the caller wait twice.
+        # timeout: a hung node would make the caller wait twice. A drop that is sent again is not counted
+        # against the node: after a restart every thread may find its pooled connection dead, and the
+        # attempt on a new connection is what says whether the node is there.
         again = (
             retries > 0
             and call.idempotent
-            and not opened
             and breaker.state == CLOSED
             and not isinstance(error, TIMEOUT_ERRORS)
         )
         if again:
             return call, retries - 1
+        if isinstance(error, BREAKER_ERRORS) and _first_report(error):
+            breaker.failure(error)
         state.repair.note_unsynced(call, node)
         raise error
 
@@ -272,12 +287,16 @@ class ClusterSteps:
         One result per call, in order, an exception object for a call that failed."""
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
-        for _ in range(MAX_REDIRECTS + 1):
-            redo = yield from self.round_steps([calls[i] for i in pending], pending, results)
+        retries = self.settings.retries
+        for _ in range(MAX_REDIRECTS + retries + 1):
+            redo = yield from self.round_steps([calls[i] for i in pending], pending, results, retries > 0)
             if not redo:
                 return results
             for index, error, node in redo:
-                calls[index] = self.state.redirect(error, calls[index], node)
+                if error is not None:
+                    calls[index] = self.state.redirect(error, calls[index], node)
+            if any(error is None for _, error, _ in redo):
+                retries -= 1
             if self.state.refresh_wanted:
                 self._refresh_in_background()
             pending = [index for index, _, _ in redo]
@@ -286,24 +305,25 @@ class ClusterSteps:
         return results
 
     def round_steps(
-        self, calls: list[Call], positions: list[int], results: list[Any]
+        self, calls: list[Call], positions: list[int], results: list[Any], may_resend: bool = False
     ) -> Generator[Send | Read, Any, list[Redirected]]:
-        """One round: `calls[i]`'s result goes to `results[positions[i]]`; returns the redirected calls."""
+        """One round: `calls[i]`'s result goes to `results[positions[i]]`; returns the calls to send again
+        (redirected; or, when `may_resend`, idempotent calls whose connection dropped)."""
         sent: list[tuple[NodeAddress, Breaker, list[int], Any, int, Layout]] = []
+        redo: list[Redirected] = []
         for node, breaker, indexes in self._batch_plan(calls, positions, results):
             commands, layout = self._batch_commands(calls, indexes, node)
             try:
                 handle = yield Send(node, breaker, commands)
             except OUTAGE_ERRORS as error:
-                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
+                self._batch_failed(calls, indexes, positions, results, node, breaker, error, may_resend, redo)
                 continue
             sent.append((node, breaker, indexes, handle, len(commands), layout))
-        redo: list[Redirected] = []
         for node, breaker, indexes, handle, count, layout in sent:
             try:
                 replies = yield Read(handle, count)
             except OUTAGE_ERRORS as error:
-                self._batch_failed(calls, indexes, positions, results, node, breaker, error)
+                self._batch_failed(calls, indexes, positions, results, node, breaker, error, may_resend, redo)
                 continue
             breaker.success()
             if layout is None:
@@ -374,15 +394,25 @@ class ClusterSteps:
         node: NodeAddress,
         breaker: Breaker,
         error: BaseException,
+        may_resend: bool,
+        redo: list[Redirected],
     ) -> None:
-        """A node's connection failed mid-batch: its calls without a reply yet get the error."""
+        """A node's connection failed mid-batch: its calls without a reply yet get the error, or, after a
+        dropped connection (as for one call: never after a timeout), the idempotent ones go again in the
+        next round, on a new connection."""
         self.state.refresh_wanted = True
-        if isinstance(error, BREAKER_ERRORS):
-            breaker.failure(error)
+        resend = may_resend and breaker.state == CLOSED and not isinstance(error, TIMEOUT_ERRORS)
+        failed = False
         for i in indexes:
             if results[positions[i]] is None:
+                if resend and calls[i].idempotent:
+                    redo.append((positions[i], None, node))
+                    continue
+                failed = True
                 results[positions[i]] = error
                 self.state.repair.note_unsynced(calls[i], node)
+        if failed and isinstance(error, BREAKER_ERRORS) and _first_report(error):
+            breaker.failure(error)
 
     def _place_replies(
         self,
