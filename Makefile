@@ -24,7 +24,7 @@ NEWEST_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
 	done)
 VENV_NEWEST := .venv-newest-django
 
-.PHONY: chaos venv demo docs-options test test-main test-newest-django bench lint cluster-up cluster-down clean dist-check
+.PHONY: chaos venv demo docs-options test test-main test-newest-django test-under-load bench lint cluster-up cluster-down clean dist-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,14 +70,28 @@ demo: cluster-up
 	@echo "worker, 'make cluster-down' stops the local cluster and the broker (and the worker, if it runs)."
 	cd example_project && $(DEMO_ENV) ../$(PY) manage.py runserver 127.0.0.1:8000
 
-test: test-main test-newest-django
+# Both legs always run, the second even when the first fails; a summary of the two follows, and the target
+# fails if either did. Each leg's output is kept in $(TEST_LOGS)/<leg>.log too (test-under-load reads it).
+TEST_LOGS := .cache/test-logs
+# pytest's output goes through tee (so unbuffered, -u), in colour when make's own output is a terminal.
+PYTEST_COLOR := color=; [ -t 1 ] && color=--color=yes;
+test: venv
+	@mkdir -p $(TEST_LOGS); rm -f $(TEST_LOGS)/main.log $(TEST_LOGS)/newest-django.log; \
+	main=0; newest=0; \
+	$(MAKE) --no-print-directory test-main || main=$$?; \
+	$(MAKE) --no-print-directory test-newest-django || newest=$$?; \
+	.ci/test-summary $(TEST_LOGS) main=$$main newest-django=$$newest
 
 test-main: venv
-	$(PY) -m pytest -q
+	@mkdir -p $(TEST_LOGS)
+	@echo "== Django $$($(PY) -c 'import django, sys; print(django.__version__, "on Python", sys.version.split()[0])')"
+	set -o pipefail; $(PYTEST_COLOR) $(PY) -u -m pytest -q $$color 2>&1 | tee $(TEST_LOGS)/main.log
 
 test-newest-django:
-	@if [ -z "$(NEWEST_PYTHON)" ]; then \
-	  echo "test-newest-django: no Python >= 3.12 on this machine; the newest Django needs one (skipped)"; \
+	@mkdir -p $(TEST_LOGS)
+	@set -o pipefail; if [ -z "$(NEWEST_PYTHON)" ]; then \
+	  echo "test-newest-django: no Python >= 3.12 on this machine; the newest Django needs one (skipped)" \
+	    | tee $(TEST_LOGS)/newest-django.log; \
 	else \
 	  set -e; \
 	  [ -x $(VENV_NEWEST)/bin/python ] || $(NEWEST_PYTHON) -m venv $(VENV_NEWEST); \
@@ -87,8 +101,17 @@ test-newest-django:
 	  echo "== (tests/test_chaos.py runs in the main pass only: it kills, stops and reshards cluster nodes under"; \
 	  echo "   load, 45 s of the suite's 10-minute budget, and what it exercises, the topology's failure handling,"; \
 	  echo "   does not change with Django's version)"; \
-	  $(VENV_NEWEST)/bin/python -m pytest -q --ignore=tests/test_chaos.py; \
+	  $(PYTEST_COLOR) $(VENV_NEWEST)/bin/python -u -m pytest -q $$color --ignore=tests/test_chaos.py 2>&1 \
+	    | tee $(TEST_LOGS)/newest-django.log; \
 	fi
+
+# `make test` RUNS times (default 5) with BURNERS (default 3) CPU-burning processes beside it, as on a
+# developer's busy machine (the tests are not niced); the burners are stopped however it ends. Prints
+# passed/failed per run and per leg, and fails if any run did.
+RUNS ?= 5
+BURNERS ?= 3
+test-under-load: venv
+	@RUNS=$(RUNS) BURNERS=$(BURNERS) TEST_LOGS=$(TEST_LOGS) MAKE="$(MAKE)" .ci/test-under-load
 
 bench: venv
 	$(PY) -m bench.run_all

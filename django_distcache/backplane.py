@@ -16,6 +16,7 @@ bus; classic PUBLISH otherwise.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -45,6 +46,24 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def stop_all(timeout: float = 5.0) -> None:
+    """Stop every subscriber thread of this process and close its connection, quietly, waiting up to
+    `timeout` seconds for them to end: for a deliberate shutdown (process exit, or a test suite about to
+    stop the cluster it started), which must not be reported as an outage. A later fetch that would hold
+    something in-process subscribes again."""
+    subscribers = list(_all_subscribers)
+    for subscriber in subscribers:
+        subscriber.request_stop()
+    deadline = time.monotonic() + timeout
+    for subscriber in subscribers:
+        subscriber.join(max(0.0, deadline - time.monotonic()))
+
+
+# At exit the cluster may be going down too (one `docker compose down`): the daemon threads stop first, so
+# that they do not log its disappearance as an outage while the interpreter finalizes.
+atexit.register(stop_all, 1.0)
 
 
 class Backplane:
@@ -124,6 +143,7 @@ class Subscriber:
         self.topology = topology
         self._wanted: dict[bytes, Backplane] = {}
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()  # the current thread's: set, it ends at its next look
         self._subscription: Subscription | None = None
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
@@ -142,8 +162,21 @@ class Subscriber:
         with self._lock:
             self._wanted[backplane.channel] = backplane
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="distcache-backplane", daemon=True)
+                self._stopping = stopping = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(stopping,), name="distcache-backplane", daemon=True
+                )
                 self._thread.start()
+
+    def request_stop(self) -> None:
+        """Ask the thread to end (within PING_EVERY / 4) and close the subscription; nothing it held is
+        trusted from then on. Logs nothing: stopping is not an outage."""
+        self._stopping.set()
+
+    def join(self, timeout: float) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def forget_after_fork(self) -> None:
         self._thread = None
@@ -151,12 +184,12 @@ class Subscriber:
         for backplane in list(self._wanted.values()):
             backplane.dropped()
 
-    def _run(self) -> None:
+    def _run(self, stopping: threading.Event) -> None:
         failures = 0
-        while True:
+        while not stopping.is_set():
             was_connected = False
             try:
-                self._subscribe_and_listen()
+                self._subscribe_and_listen(stopping)
             except PermissionRefusedError as error:
                 if failures == 0:
                     logger.error(
@@ -166,6 +199,8 @@ class Subscriber:
                     )
             except Exception as error:  # the thread must outlive any failure; each outage is logged once
                 was_connected = any(backplane.connected for backplane in list(self._wanted.values()))
+                if stopping.is_set():
+                    break  # told to stop: a connection closed under it is no outage
                 if was_connected or failures == 0:
                     logger.warning(
                         "invalidation channel %s (%s: %s); in-process versions are not trusted until it is back",
@@ -175,7 +210,8 @@ class Subscriber:
                     )
             self._drop()
             failures = 0 if was_connected else failures + 1
-            time.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+            stopping.wait(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+        self._drop()
 
     def _drop(self) -> None:
         for backplane in list(self._wanted.values()):
@@ -184,12 +220,12 @@ class Subscriber:
         if subscription is not None:
             subscription.close()
 
-    def _subscribe_and_listen(self) -> None:
+    def _subscribe_and_listen(self, stopping: threading.Event) -> None:
         channels = list(self._wanted)
         subscription = self._subscription = self.topology.subscribe(channels, ping_every=PING_EVERY)
         subscribed = set(channels)
         logger.info("invalidation channel live on %s", subscription.node)
-        while True:
+        while not stopping.is_set():
             if len(self._wanted) > len(subscribed):  # a prefix used for the first time since
                 added = [channel for channel in list(self._wanted) if channel not in subscribed]
                 subscription.subscribe(added)

@@ -57,6 +57,8 @@ class Found:
 
 
 MISS = Found("miss")
+UNREACHABLE: Any = object()
+"""What fetch_plan(on_miss="return") returns when it could not reach the cache (a miss returns MISSING)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +227,15 @@ def fetch_plan(
     on_miss: Literal["compute", "return"] = "compute",
 ) -> PlanOf[Any]:
     """The value of `key`, computing it (once in the fleet) when it is missing, due, or stale. With
-    `on_miss="return"`, a miss returns MISSING instead (the caller then joins the process's single-flight
-    for the computation: hits never wait behind it)."""
+    `on_miss="return"`, a miss returns MISSING instead, and an unreachable cache UNREACHABLE (the caller
+    then joins the process's single-flight for the computation: hits never wait behind it)."""
     checked_tags = validate_tags(tags)
     core.expiry_ms(timeout)  # a bad timeout is refused before anything is computed or written
     lease = lease_key(core, core.made_key(key, version))
     physical = yield Guarded(core.physical_key(key, version), "get", None)
     if physical is None:  # the cache is unreachable: compute, store nothing
+        if on_miss == "return":
+            return UNREACHABLE  # (computed once in the process all the same, by the single-flight)
         return (yield Compute(compute))
     entry = Entry(core, key, version, physical, lease, compute, timeout, checked_tags, policy)
     found = yield Guarded(read_plan(core, physical, policy.beta), "get", MISS)
@@ -457,9 +461,10 @@ def get_or_compute(
     wait for it) and per fleet (the lease)."""
     fetch = functools.partial(fetch_plan, core, key, version, compute, timeout, tags, policy)
     value = core.run_strict(fetch(on_miss="return"), operation)
-    if value is not MISSING:
+    leader_plan = _leader_plan(value, fetch, compute)
+    if leader_plan is None:
         return value
-    return single_flight.do(flight_key(core, key, version), lambda: core.run_strict(fetch(), operation))
+    return single_flight.do(flight_key(core, key, version), lambda: core.run_strict(leader_plan(), operation))
 
 
 async def aget_or_compute(
@@ -475,8 +480,26 @@ async def aget_or_compute(
     """`get_or_compute` on the running loop: the same plan, coroutines sharing one computation."""
     fetch = functools.partial(fetch_plan, core, key, version, compute, timeout, tags, policy)
     value = await core.arun_strict(fetch(on_miss="return"), operation)
-    if value is not MISSING:
+    leader_plan = _leader_plan(value, fetch, compute)
+    if leader_plan is None:
         return value
     return await async_single_flight.do(
-        flight_key(core, key, version), lambda: core.arun_strict(fetch(), operation)
+        flight_key(core, key, version), lambda: core.arun_strict(leader_plan(), operation)
     )
+
+
+def _leader_plan(
+    found: Any, fetch: Callable[[], PlanOf[Any]], compute: Callable[[], Any]
+) -> Callable[[], PlanOf[Any]] | None:
+    """What the single-flight's leader runs after a first read found `found`: the whole fetch after a
+    miss; only the computation when the cache was just found unreachable (a hung node would cost every
+    caller a second timeout); nothing after a hit."""
+    if found is MISSING:
+        return fetch
+    if found is UNREACHABLE:
+        return functools.partial(_compute_plan, compute)
+    return None
+
+
+def _compute_plan(compute: Callable[[], Any]) -> PlanOf[Any]:
+    return (yield Compute(compute))

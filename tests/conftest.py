@@ -36,6 +36,11 @@ def cluster() -> DevCluster:
     _settle_outbox()
     yield dev
     if not already_running and not os.environ.get("DISTCACHE_KEEP_CLUSTER"):
+        # The invalidation channels' threads are told to stop first: a cluster going down under them
+        # would be an outage to report, and this is a deliberate shutdown.
+        from django_distcache.backplane import stop_all
+
+        stop_all()
         dev.down()
 
 

@@ -53,13 +53,17 @@ def _database() -> dict:
     url = os.environ.get("DATABASE_URL", "")
     if url.startswith(("postgres://", "postgresql://")):
         parts = urlsplit(url)
+        name = parts.path.lstrip("/") or "test"
         return {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": parts.path.lstrip("/") or "test",
+            "NAME": name,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
+            # One test database per test cluster: two runs on one server (two checkouts, two developers)
+            # would otherwise create, use and drop the same `test_<name>` under each other.
+            "TEST": {"NAME": f"test_{name}_{CLUSTER_BASE_PORT}"},
         }
     # A file, not ":memory:": the Celery worker process of the write-behind tests opens the same database.
     data_dir = Path(__file__).resolve().parent.parent / ".devcluster"

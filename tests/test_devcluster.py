@@ -19,7 +19,10 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from django_distcache.devcluster import DevCluster, DevClusterError, find_server_binary
 
-BASE_PORT = 7650  # unusual, so we do not collide with a developer's cluster on 7000
+# Unusual, so we do not collide with a developer's cluster on 7000; 50 above the suite's own test cluster
+# when DISTCACHE_TEST_CLUSTER_PORT is set, so that two suites run side by side (two checkouts) do not
+# start these clusters on each other's ports.
+BASE_PORT = int(os.environ.get("DISTCACHE_TEST_CLUSTER_PORT", "7600")) + 50
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

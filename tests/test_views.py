@@ -582,19 +582,26 @@ def test_tag_versions_are_read_before_the_view_renders():
 
 def test_stale_serves_the_old_page_while_one_request_renders_the_new_one():
     versions = iter(["v1", "v2"])
-    page = Counter(lambda request: next(versions))
-    view = page.view(timeout=0.4, stale=30, beta=0)  # no early recomputation: only staleness here
+    rendering, rendered = threading.Event(), threading.Event()
+
+    def render(request):
+        version = next(versions)
+        if version == "v2":
+            rendering.set()
+            rendered.wait(30)  # held until the stale page was served beside it
+        return version
+
+    page = Counter(render)
+    view = page.view(timeout=0.4, stale=30, beta=0)  # no early recomputation: staleness only
     assert get(view).content == b"v1"
     time.sleep(0.6)  # past its timeout, within the stale window
-    page.delay = 0.5
     refreshed = []
     refresher = threading.Thread(target=lambda: refreshed.append(get(view)))
     refresher.start()
-    time.sleep(0.15)  # the refresher holds the lease and renders
-    started = time.monotonic()
-    stale = get(view)
+    assert rendering.wait(30)  # the refresher holds the lease and renders
+    stale = get(view)  # not waiting for the render: it cannot end before this request does
     assert (stale.content, stale.cache_status) == (b"v1", "hit")
-    assert time.monotonic() - started < 0.3  # not waiting for the render
+    rendered.set()
     refresher.join()
     assert (refreshed[0].content, refreshed[0].cache_status) == (b"v2", "miss")
     assert get(view).content == b"v2"
