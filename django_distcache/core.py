@@ -465,8 +465,13 @@ class Core:
 
     def physical_keys(self, keys: Iterable[Any], version: int | None) -> PlanOf[dict[bytes, Any]]:
         """{Redis key: key} of `keys` under one read of the namespace generation."""
-        made_key = self.made_key
-        made = {made_key(key, version): key for key in keys}
+        make = self._make_key
+        made = {}
+        for key in keys:  # made_key, with its checks run in full only for what they could refuse
+            one = make(key, version) if type(key) is str else self.made_key(key, version)
+            if not one.isascii():
+                one = self.made_key(key, version)
+            made[one] = key
         head = yield from self.namespace.current()
         return dict(zip(self.keys.entries(head, made), made.values(), strict=True))
 
