@@ -39,14 +39,31 @@ class RedisClusterCache(BaseCache):
         for django_only in ("MAX_ENTRIES", "CULL_FREQUENCY"):
             options.pop(django_only, None)
         super().__init__(params)
+        plain = (
+            type(self).make_key is BaseCache.make_key
+            and type(self).make_and_validate_key is BaseCache.make_and_validate_key
+            and type(self).validate_key is RedisClusterCache.validate_key
+        )
         self.core = Core(
             parse_settings(server, options),
             key_prefix=self.key_prefix,
             version=self.version,
             default_timeout=self.default_timeout,
-            make_key=self.make_and_validate_key,
+            make_key=self._plain_made_key if plain else self.make_and_validate_key,
             strips_prefix=self.key_func is default_key_func,
         )
+
+    def _plain_made_key(self, key: str, version: int | None) -> str:
+        """make_and_validate_key when the key function and make_key are Django's own: the same key and the
+        same warnings, without three calls per key (get_many makes a hundred)."""
+        if self.key_func is not default_key_func:  # (checked per call: a test may swap it on the instance)
+            return self.make_and_validate_key(key, version)
+        made = f"{self.key_prefix}:{self.version if version is None else version}:{key}"
+        # What validate_key looks for (a control character, a space, DEL) can only be there when the key
+        # is not printable or has a space: two C-level tests instead of a regular expression, per key.
+        if len(made) > 250 or not made.isprintable() or " " in made:
+            self.validate_key(made)
+        return made
 
     def validate_key(self, key: str) -> None:
         """Django's CacheKeyWarning checks, run only for keys that could trigger them (same warnings)."""
@@ -181,15 +198,8 @@ class RedisClusterCache(BaseCache):
         physical = yield from self.core.physical_keys(keys, version)
         if not physical:
             return {}
-        replies = yield [Call(p, ("GET", p), read=True) for p in physical]
-        stored = {}
-        for (location, key), data in zip(physical.items(), replies, strict=True):
-            if data is None or (
-                isinstance(data, BaseException) and not self.core.failures.check_item("get_many", data)
-            ):
-                continue
-            stored[key] = (location, data)
-        return (yield from self.core.valid_values(stored))
+        replies = yield [Call(p, ("GET", p), True) for p in physical]  # (read=True, positional: faster)
+        return (yield from self.core.valid_replies(physical, replies, "get_many"))
 
     def _delete_many_plan(self, keys: Iterable[Any], version: int | None) -> PlanOf[None]:
         physical = yield from self.core.physical_keys(keys, version)

@@ -465,10 +465,15 @@ class Core:
 
     def physical_keys(self, keys: Iterable[Any], version: int | None) -> PlanOf[dict[bytes, Any]]:
         """{Redis key: key} of `keys` under one read of the namespace generation."""
-        made = {self.made_key(key, version): key for key in keys}
+        make = self._make_key
+        made = {}
+        for key in keys:  # made_key, with its checks run in full only for what they could refuse
+            one = make(key, version) if type(key) is str else self.made_key(key, version)
+            if not one.isascii():
+                one = self.made_key(key, version)
+            made[one] = key
         head = yield from self.namespace.current()
-        entry = self.keys.entry
-        return {entry(head, m): key for m, key in made.items()}
+        return dict(zip(self.keys.entries(head, made), made.values(), strict=True))
 
     def physical_of(self, head: bytes, key: Any, version: int | None = None) -> bytes:
         """The physical key of `key` under `head` (what `namespace.current()` gave): for features that
@@ -533,9 +538,14 @@ class Core:
         values: dict[Any, Any] = {}
         stamps: dict[Any, dict[str, int]] = {}
         held_verdict = self.tags.held_verdict
+        decode, identity_at = self.codec.decode_stamped, self.keys.identity_at  # self.decode, inlined
         for key, (physical, data) in stored.items():
-            value, tags = self.decode(data, physical)
-            if value is MISSING:
+            try:
+                value, tags = decode(data, physical[identity_at:])
+            except (SignatureError, UndecodableValueError) as error:
+                self.decode_failed(error)
+                continue
+            if value is EXPIRED:
                 continue
             if tags:
                 verdict = held_verdict(tags)  # usually settled in-process, without a round trip
@@ -545,12 +555,50 @@ class Core:
                     stamps[key] = tags
             values[key] = value
         if stamps:
-            needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
-            current = yield from self.tags.current(needed)
-            for key, tags in stamps.items():
-                if not stamps_are_current(tags, current):
-                    del values[key]
+            yield from self._drop_stale(values, stamps)
         return values
+
+    def valid_replies(
+        self, physical: Mapping[bytes, Any], replies: list[Any], operation: str
+    ) -> PlanOf[dict[Any, Any]]:
+        """`valid_values` of a batch of GET `replies`, one per item of `physical` ({physical key: key}), in
+        one pass: misses skipped, a reply that is an outage counted under `operation` (a bug raises)."""
+        values: dict[Any, Any] = {}
+        stamps: dict[Any, dict[str, int]] = {}
+        held_verdict = self.tags.held_verdict
+        decode, identity_at = self.codec.decode_stamped, self.keys.identity_at
+        check_item = self.failures.check_item
+        for (location, key), data in zip(physical.items(), replies, strict=True):
+            if data is None:
+                continue
+            if isinstance(data, BaseException):
+                check_item(operation, data)  # raises a bug; an outage is counted
+                continue
+            try:
+                value, tags = decode(data, location[identity_at:])
+            except (SignatureError, UndecodableValueError) as error:
+                self.decode_failed(error)
+                continue
+            if value is EXPIRED:
+                continue
+            if tags:
+                verdict = held_verdict(tags)
+                if verdict is False:
+                    continue
+                if verdict is None:
+                    stamps[key] = tags
+            values[key] = value
+        if stamps:
+            yield from self._drop_stale(values, stamps)
+        return values
+
+    def _drop_stale(self, values: dict[Any, Any], stamps: dict[Any, dict[str, int]]) -> Plan:
+        """Remove from `values` the keys whose tag `stamps` are not current (one read of the tags)."""
+        needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
+        current = yield from self.tags.current(needed)
+        for key, tags in stamps.items():
+            if not stamps_are_current(tags, current):
+                del values[key]
 
     def stamps(self, tags: list[str], expiry_ms: int | None) -> Plan:
         """Current versions of (validated) `tags` for an entry that Redis keeps `expiry_ms` (None: forever):

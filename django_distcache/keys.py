@@ -17,6 +17,7 @@ KEY_PREFIX has one, which `manage.py check` warns about), so keys spread over th
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 GENERATION_LENGTH = 8  # characters of a namespace generation (48 random bits, URL-safe base64)
 GENERATION = re.compile(rb"[A-Za-z0-9_-]{8}")
@@ -56,6 +57,11 @@ class KeyLayout:
     def entry(self, head: bytes, made: str) -> bytes:
         """The physical key of Django's key `made` under the namespace `head`."""
         return head + made[self._made_from :].encode()
+
+    def entries(self, head: bytes, made: Iterable[str]) -> list[bytes]:
+        """`entry` of each of `made`, in order."""
+        start = self._made_from
+        return [head + key[start:].encode() for key in made]
 
     def identity(self, physical: bytes) -> bytes:
         """What a value's signature binds besides the KEY_PREFIX: the entry's key without the generation

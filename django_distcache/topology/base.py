@@ -296,6 +296,9 @@ def connection_kwargs(settings: ConnectionSettings, node: NodeAddress) -> dict[s
         "socket_timeout": settings.socket_timeout,
         "socket_connect_timeout": settings.socket_connect_timeout,
         "socket_keepalive": True,
+        # RESP2, as the async connections speak (multiplex.py), and what lets a batch's replies come
+        # straight from hiredis's reader (cluster.py _read_replies); redis-py >= 8 would pick RESP3.
+        "protocol": 2,
     }
     if settings.ssl:
         kwargs.update(settings.ssl_options)

@@ -16,6 +16,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import time
+from binascii import crc_hqx
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from .base import (
     MAX_REDIRECTS,
     OUTAGE_ERRORS,
     REDIRECT_ERRORS,
+    SLOT_COUNT,
     TIMEOUT_ERRORS,
     Call,
     NoNodeReachableError,
@@ -216,14 +218,33 @@ class ClusterSteps:
         if slot_map is None or self.settings.read_from_replicas:
             return group_by_node(calls, self._route)
         primaries = slot_map.primaries
-        groups: dict[NodeAddress | None, list[int]] = {}
+        # Grouped by the identity of the slot map's node objects (NodeAddress hashes in Python, a
+        # microsecond per call), then merged by equality: a node whose slots came in several ranges, or an
+        # ASK target, may be more than one object.
+        by_object: dict[int, list[int]] = {}
+        nodes: dict[int, NodeAddress | None] = {}
         for index, call in enumerate(calls):
-            node = call.asking or primaries[key_slot(call.key)]
-            group = groups.get(node)
+            key = call.key
+            start = key.find(b"{")  # redis.crc.key_slot, inlined
+            if start > -1:
+                end = key.find(b"}", start + 1)
+                if end > -1 and end != start + 1:
+                    key = key[start + 1 : end]
+            node = call.asking or primaries[crc_hqx(key, 0) % SLOT_COUNT]
+            group = by_object.get(id(node))
             if group is None:
-                groups[node] = [index]
+                by_object[id(node)] = [index]
+                nodes[id(node)] = node
             else:
                 group.append(index)
+        groups: dict[NodeAddress | None, list[int]] = {}
+        for identity, indexes in by_object.items():
+            node = nodes[identity]
+            merged = groups.get(node)
+            if merged is None:
+                groups[node] = indexes
+            else:  # in call order: two calls of one key must reach the node in the order they were made
+                groups[node] = sorted(merged + indexes)
         return groups
 
     def _readonly(self, node: NodeAddress) -> bool:
