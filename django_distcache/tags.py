@@ -109,6 +109,7 @@ class TagVersions:
         # collide share a key, so they share what is held of it too.
         self._local: dict[int, tuple[int, float, float]] = {}
         self.outbox: Outbox | None = None  # set by the core: invalidations waiting for their node
+        self._queued_ids: tuple[int, frozenset[int]] = (-1, frozenset())  # (outbox.changes, their ids)
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
         if local_ttl > 0:
@@ -154,8 +155,13 @@ class TagVersions:
             return False
         if outbox.overflowed:
             return True
-        pending = {tag_id(tag) for tag in list(outbox.pending)}
-        return any(tag in pending for tag in ids)
+        # Up to OUTBOX_SIZE names: hashed once per change of the outbox, not once per read.
+        changes, queued = self._queued_ids
+        if changes != outbox.changes:
+            changes = outbox.changes  # (read before the names: a change after it renews them next time)
+            queued = frozenset(tag_id(tag) for tag in list(outbox.pending))
+            self._queued_ids = (changes, queued)
+        return any(tag in queued for tag in ids)
 
     def held_verdict(self, stamps: TagStamps) -> bool | None:
         """From the in-process copies alone: True (all current), False (stale), None (ask Redis)."""
