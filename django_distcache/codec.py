@@ -688,15 +688,20 @@ def tag_id(name: str) -> int:
 def tag_digest(ids: Iterable[int], versions: Mapping[int, int | None]) -> bytes:
     """The digest of the versions of the tags `ids` (sorted, distinct). A version of None (two tags of one
     write with one id and different versions) gives a digest no set of current versions reproduces."""
-    return _digest_of(tuple(ids), [versions[tag] for tag in ids])
+    ids = tuple(ids)
+    return _digest_of(_pack_ids(ids), [versions[tag] for tag in ids])
+
+
+def _pack_ids(ids: tuple[int, ...]) -> bytes:
+    return struct.pack(f">{len(ids)}I", *ids)
 
 
 _DIGEST_BASE = hashlib.blake2b(digest_size=TAG_DIGEST_SIZE, person=_TAG_DIGEST_PERSON)
 
 
-def _digest_of(ids: tuple[int, ...], versions: list[int | None]) -> bytes:
+def _digest_of(packed_ids: bytes, versions: list[int | None]) -> bytes:
     digest = _DIGEST_BASE.copy()
-    digest.update(struct.pack(f">{len(ids)}I", *ids))
+    digest.update(packed_ids)
     # Versions as decimal text, so any integer a tag key may hold (even one written behind our back) is
     # read; "-" (None) is no integer's text.
     digest.update(b",".join(b"-" if version is None else b"%d" % version for version in versions))
@@ -707,11 +712,12 @@ class TagStamps:
     """What a tagged entry says of its tags: their ids (sorted, distinct) and the digest of their versions
     when it was written. Iterating gives the ids, which TagVersions.current() reads."""
 
-    __slots__ = ("digest", "ids")
+    __slots__ = ("digest", "ids", "_packed")
 
-    def __init__(self, ids: tuple[int, ...], digest: bytes) -> None:
+    def __init__(self, ids: tuple[int, ...], digest: bytes, packed: bytes | None = None) -> None:
         self.ids = ids
         self.digest = digest
+        self._packed = _pack_ids(ids) if packed is None else packed  # the ids as stored
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
@@ -734,7 +740,7 @@ class TagStamps:
         current = [versions.get(tag) for tag in self.ids]
         if None in current:
             return False
-        return _digest_of(self.ids, current) == self.digest
+        return _digest_of(self._packed, current) == self.digest
 
 
 def encode_tag_stamps(tags: Mapping[str, int]) -> bytes:
@@ -748,12 +754,9 @@ def encode_tag_stamps(tags: Mapping[str, int]) -> bytes:
             versions[tag] = None
         else:
             versions.setdefault(tag, version)
-    ids = sorted(versions)
-    return (
-        _varint(len(ids))
-        + b"".join(tag.to_bytes(TAG_ID_SIZE, "big") for tag in ids)
-        + tag_digest(ids, versions)
-    )
+    ids = tuple(sorted(versions))
+    packed = _pack_ids(ids)
+    return _varint(len(ids)) + packed + _digest_of(packed, [versions[tag] for tag in ids])
 
 
 def decode_tag_stamps(data: bytes, offset: int) -> tuple[TagStamps, int]:
@@ -761,5 +764,6 @@ def decode_tag_stamps(data: bytes, offset: int) -> tuple[TagStamps, int]:
     end = offset + count * TAG_ID_SIZE
     if not count or end + TAG_DIGEST_SIZE > len(data):
         raise IndexError("tag section empty or cut short")
-    ids = struct.unpack_from(f">{count}I", data, offset)
-    return TagStamps(ids, bytes(data[end : end + TAG_DIGEST_SIZE])), end + TAG_DIGEST_SIZE
+    packed = bytes(data[offset:end])
+    stamps = TagStamps(struct.unpack(f">{count}I", packed), bytes(data[end : end + TAG_DIGEST_SIZE]), packed)
+    return stamps, end + TAG_DIGEST_SIZE
