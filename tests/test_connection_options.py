@@ -213,3 +213,55 @@ def test_read_from_replicas_reads_are_served_by_replicas(cluster):
     assert cache.get("k1") == 1
     assert replica_gets() > before
     cache.set("k1", "written to the primary")  # writes still go to primaries
+
+
+# The async methods open connections of their own (topology/multiplex.py): TLS, AUTH and READONLY again.
+
+
+async def test_async_tls_cluster_through_rediss_urls(tls_cluster):
+    port, ca = tls_cluster
+    cache = make_cache(LOCATION=f"rediss://127.0.0.1:{port}", OPTIONS={"SSL": {"ssl_ca_certs": ca}})
+    await cache.aset("k", {"secure": True})
+    assert await cache.aget("k") == {"secure": True}
+    assert await cache.aget_many(["k", "x"]) == {"k": {"secure": True}}
+
+
+async def test_async_tls_refuses_an_untrusted_server(tls_cluster):
+    port, _ = tls_cluster
+    cache = make_cache(LOCATION=f"rediss://127.0.0.1:{port}", OPTIONS={"FAILURE_POLICY": "raise"})
+    with pytest.raises(Exception, match="certificate|unreachable"):
+        await cache.aget("k")
+
+
+async def test_async_acl_username_and_password(acl_user, settings):
+    username, password = acl_user
+    cache = make_cache(OPTIONS={"USERNAME": username, "PASSWORD": password})
+    await cache.aset("k", "w")
+    assert await cache.aget("k") == "w"
+    wrong = make_cache(OPTIONS={"USERNAME": username, "PASSWORD": "wrong", "FAILURE_POLICY": "raise"})
+    with pytest.raises(Exception, match="(?i)invalid username-password|WRONGPASS|auth"):
+        await wrong.aget("k")
+
+
+async def test_async_reads_from_replicas_are_served_by_replicas(cluster):
+    import asyncio
+
+    wait_replicas_listed(cluster)
+    cache = make_cache(OPTIONS={"READ_FROM_REPLICAS": True})
+
+    def replica_gets() -> int:
+        return sum(
+            redis.Redis(port=port).info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+            for port in cluster.replica_ports
+        )
+
+    values = {f"r{i}": i for i in range(30)}
+    await cache.aset_many(values)
+    before = replica_gets()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # replication is asynchronous: wait until the replicas have it
+        if await asyncio.gather(*(cache.aget(key) for key in values)) == list(values.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert await cache.aget("r1") == 1
+    assert replica_gets() > before  # READONLY was sent: replicas answered instead of redirecting
