@@ -12,6 +12,7 @@ cannot make a reader allocate gigabytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import inspect
@@ -24,8 +25,8 @@ import struct
 import time
 import weakref
 import zlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -62,7 +63,6 @@ _SUBKEYS_KEPT = 256  # subkeys a reader keeps (one per writer epoch it has read 
 # against 8-10 µs for BLAKE2b); below it BLAKE2b is as fast and needs no nonce (24 bytes saved per entry).
 GMAC_MIN_SIZE = 1024
 _PICKLE_ID = 1
-_TAG_VERSION = struct.Struct(">Q")
 _UNVERIFIED = object()
 
 
@@ -233,7 +233,7 @@ class Envelope:
     created_at: float = 0.0
     soft_expiry: float | None = None
     recompute_time: float | None = None
-    tags: dict[str, int] = field(default_factory=dict)
+    tags: TagStamps | None = None
 
 
 class Codec:
@@ -389,7 +389,7 @@ class Codec:
         raw bytes."""
         return self.decode_stamped(data, key)[0]
 
-    def decode_stamped(self, data: bytes, key: bytes) -> tuple[Any, dict[str, int] | None]:
+    def decode_stamped(self, data: bytes, key: bytes) -> tuple[Any, TagStamps | None]:
         """The stored value and its tag stamps (None when it carries none)."""
         descriptor = data[:2]
         # Fast paths for the common shape (signed pickle, not compressed, no timing, no tags): verified and
@@ -474,7 +474,7 @@ class Codec:
         flags = descriptor & _FLAGS
         serializer_id, compressor_id = _PICKLE_ID, 0
         soft_expiry = recompute_time = None
-        tags: dict[str, int] = {}
+        tags: TagStamps | None = None
         offset = 2
         try:
             if flags & FLAG_CODEC:
@@ -545,7 +545,7 @@ class _Parsed:
     compressor_id: int
     soft_expiry: float | None
     recompute_time: float | None
-    tags: dict[str, int]
+    tags: TagStamps | None
     head_end: int  # where the header ends (and the nonce, if any, starts)
     payload_at: int
 
@@ -677,25 +677,104 @@ class ValueTooLargeError(ValueError):
     """The encoded value is larger than MAX_VALUE_SIZE."""
 
 
-def encode_tag_stamps(tags: dict[str, int]) -> bytes:
-    """varint count, then per tag: name length (one byte), UTF-8 name, 64-bit version."""
-    parts = [_varint(len(tags))]
+# -- tag stamps ------------------------------------------------------------------------------------------
+# A tagged entry carries the ids of its tags and ONE digest of their versions at write time (tags.py says
+# why). A tag's id is a 32-bit BLAKE2b of its name; its tag key is named by the id, so the id alone tells a
+# reader which key to read. Two tags whose ids collide share one key and one version: invalidating either
+# invalidates both, which can make entries miss more, never serve stale.
+TAG_ID_SIZE = 4
+TAG_DIGEST_SIZE = 8
+_TAG_ID_PERSON = b"distcache-tagid"
+_TAG_DIGEST_PERSON = b"distcache-stamp"
+
+
+@functools.lru_cache(maxsize=65536)
+def tag_id(name: str) -> int:
+    """The 32-bit id of a tag: it names the tag's key and stands for the tag in the entries carrying it."""
+    return int.from_bytes(
+        hashlib.blake2b(name.encode(), digest_size=TAG_ID_SIZE, person=_TAG_ID_PERSON).digest(), "big"
+    )
+
+
+def tag_digest(ids: Iterable[int], versions: Mapping[int, int | None]) -> bytes:
+    """The digest of the versions of the tags `ids` (sorted, distinct). A version of None (two tags of one
+    write with one id and different versions) gives a digest no set of current versions reproduces."""
+    ids = tuple(ids)
+    return _digest_of(_pack_ids(ids), [versions[tag] for tag in ids])
+
+
+def _pack_ids(ids: tuple[int, ...]) -> bytes:
+    return struct.pack(f">{len(ids)}I", *ids)
+
+
+_DIGEST_BASE = hashlib.blake2b(digest_size=TAG_DIGEST_SIZE, person=_TAG_DIGEST_PERSON)
+
+
+def _digest_of(packed_ids: bytes, versions: list[int | None]) -> bytes:
+    digest = _DIGEST_BASE.copy()
+    digest.update(packed_ids)
+    # Versions as decimal text, so any integer a tag key may hold (even one written behind our back) is
+    # read; "-" (None) is no integer's text.
+    digest.update(b",".join(b"-" if version is None else b"%d" % version for version in versions))
+    return digest.digest()
+
+
+class TagStamps:
+    """What a tagged entry says of its tags: their ids (sorted, distinct) and the digest of their versions
+    when it was written. Iterating gives the ids, which TagVersions.current() reads."""
+
+    __slots__ = ("digest", "ids", "_packed")
+
+    def __init__(self, ids: tuple[int, ...], digest: bytes, packed: bytes | None = None) -> None:
+        self.ids = ids
+        self.digest = digest
+        self._packed = _pack_ids(ids) if packed is None else packed  # the ids as stored
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TagStamps) and (self.ids, self.digest) == (other.ids, other.digest)
+
+    def __hash__(self) -> int:
+        return hash((self.ids, self.digest))
+
+    def __repr__(self) -> str:
+        return f"TagStamps(ids={self.ids!r}, digest={self.digest.hex()})"
+
+    def matches(self, versions: Mapping[int, int | None]) -> bool:
+        """True if `versions` (tag id -> current version, None for a missing tag key) are the versions the
+        entry was stamped with; a missing tag key or any changed version is False (a miss)."""
+        current = [versions.get(tag) for tag in self.ids]
+        if None in current:
+            return False
+        return _digest_of(self._packed, current) == self.digest
+
+
+def encode_tag_stamps(tags: Mapping[str, int]) -> bytes:
+    """varint count, the ids (4 bytes each, sorted), then the 8-byte digest of the versions."""
+    versions: dict[int, int | None] = {}
     for name, version in tags.items():
-        raw = name.encode()
-        if len(raw) > 255:
-            raise ValueError(f"tag name over 255 bytes: {name[:40]!r}...")
-        parts.append(bytes((len(raw),)) + raw + _TAG_VERSION.pack(version))
-    return b"".join(parts)
+        tag = tag_id(name)
+        if tag in versions and versions[tag] != version:
+            # Two tags sharing a key came with two versions (read at two moments): the entry is born
+            # stale rather than stamped with the later version, which may postdate its computation.
+            versions[tag] = None
+        else:
+            versions.setdefault(tag, version)
+    ids = tuple(sorted(versions))
+    packed = _pack_ids(ids)
+    return _varint(len(ids)) + packed + _digest_of(packed, [versions[tag] for tag in ids])
 
 
-def decode_tag_stamps(data: bytes, offset: int) -> tuple[dict[str, int], int]:
+def decode_tag_stamps(data: bytes, offset: int) -> tuple[TagStamps, int]:
     count, offset = _read_varint(data, offset)
-    tags = {}
-    for _ in range(count):
-        size = data[offset]
-        raw = data[offset + 1 : offset + 1 + size]
-        if len(raw) != size:
-            raise IndexError("tag name cut short")
-        tags[raw.decode()] = _TAG_VERSION.unpack_from(data, offset + 1 + size)[0]
-        offset += 1 + size + _TAG_VERSION.size
-    return tags, offset
+    end = offset + count * TAG_ID_SIZE
+    if not count or end + TAG_DIGEST_SIZE > len(data):
+        raise IndexError("tag section empty or cut short")
+    packed = bytes(data[offset:end])
+    stamps = TagStamps(struct.unpack(f">{count}I", packed), bytes(data[end : end + TAG_DIGEST_SIZE]), packed)
+    return stamps, end + TAG_DIGEST_SIZE

@@ -30,7 +30,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
 from .backplane import Backplane, Subscriber
-from .codec import EXPIRED, Codec, SignatureError, UndecodableValueError
+from .codec import EXPIRED, Codec, SignatureError, TagStamps, UndecodableValueError
 from .conf import OUTBOX_SIZE, CacheSettings, build_codec, expiry_ms
 from .forksafe import renew_locks_after_fork
 from .keys import KeyLayout
@@ -516,7 +516,7 @@ class Core:
             error.add_note(f"while encoding the value for cache key {key!r}; nothing was written")
             raise
 
-    def decode(self, data: bytes, physical: bytes) -> tuple[Any, dict[str, int] | None]:
+    def decode(self, data: bytes, physical: bytes) -> tuple[Any, TagStamps | None]:
         """(value, tag stamps) of what `physical` holds. A value that fails verification or decoding is
         MISSING (counted, logged)."""
         try:
@@ -536,7 +536,7 @@ class Core:
         """Decode stored bytes (key -> (physical key, bytes)); drop what cannot be decoded and what carries
         a stale or missing tag."""
         values: dict[Any, Any] = {}
-        stamps: dict[Any, dict[str, int]] = {}
+        stamps: dict[Any, TagStamps] = {}
         held_verdict = self.tags.held_verdict
         decode, identity_at = self.codec.decode_stamped, self.keys.identity_at  # self.decode, inlined
         for key, (physical, data) in stored.items():

@@ -59,6 +59,7 @@ class Outbox:
         self.bump_namespace = bump_namespace
         self.count = count
         self.pending: dict[str, int] = {}
+        self.changes = 0  # counted after every change of `pending`: what readers derive from it is renewed
         self.overflowed = False  # some invalidations were not kept: bump the namespace
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -85,6 +86,7 @@ class Outbox:
                     self.pending[tag] = version
                 else:
                     self.overflowed = True
+            self.changes += 1
             self._save()
         for _ in versions:
             self.count("invalidate_tags_queued")
@@ -124,6 +126,7 @@ class Outbox:
             with self._lock:
                 self.overflowed = False
                 self.pending.clear()  # a new namespace makes every older entry unreachable anyway
+                self.changes += 1
                 self._save()
             logger.warning("outbox of %s overflowed: bumped the namespace instead", self.key_prefix)
             return True
@@ -147,6 +150,7 @@ class Outbox:
                 for tag, version in landed.items():
                     if self.pending.get(tag) == version:
                         del self.pending[tag]
+                self.changes += 1
                 self._save()
             with contextlib.suppress(Exception):  # pushing is best effort: versions are re-read anyway
                 self.publish(landed)

@@ -153,7 +153,7 @@ def tag_keys(cluster: DevCluster, cache) -> set[bytes]:
         node = redis.Redis(port=port)
         try:
             if node.info("replication")["role"] == "master":
-                found.update(node.scan_iter(match=cache.core.tags.tag_key("*"), count=1000))
+                found.update(node.scan_iter(match=cache.core.tags.prefix + b"*", count=1000))
         finally:
             node.close()
     return found

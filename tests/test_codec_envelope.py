@@ -22,6 +22,8 @@ from django_distcache.codec import (
     GMAC_MIN_SIZE,
     MAC_SIZE,
     MAGIC,
+    TAG_DIGEST_SIZE,
+    TAG_ID_SIZE,
     Codec,
     JSONSerializer,
     NoCompressor,
@@ -29,6 +31,7 @@ from django_distcache.codec import (
     SignatureError,
     UndecodableValueError,
     ZlibCompressor,
+    tag_id,
 )
 from django_distcache.keys import GENERATION, GENERATION_LENGTH, RETIRED_GENERATION
 from django_distcache.versioning import new_generation
@@ -68,11 +71,15 @@ def test_every_combination_of_sections_round_trips(value, soft_expiry, tags, com
     assert bool(flags & FLAG_TAGS) == bool(tags)
     envelope = c.decode_envelope(data, AT)
     assert envelope.value == value
-    assert envelope.tags == (tags or {})
+    if tags:
+        assert set(envelope.tags) == {tag_id(tag) for tag in tags}
+        assert envelope.tags.matches({tag_id(tag): version for tag, version in tags.items()})
+    else:
+        assert envelope.tags is None
     if soft_expiry is not None:
         assert envelope.soft_expiry == pytest.approx(soft_expiry, abs=0.001)
         assert envelope.recompute_time == pytest.approx(0.25)
-    assert c.decode_stamped(data, AT) == (value, tags or None)
+    assert c.decode_stamped(data, AT) == (value, envelope.tags)
     # Every one refused under another key, truncated, or with any byte of its signature changed.
     with pytest.raises(SignatureError):
         c.decode(data, b"1:another")
@@ -192,3 +199,62 @@ def test_large_values_never_share_an_aes_nonce_under_one_key_not_even_across_a_f
     child.join()
     assert from_child[2:18] not in salts
     assert all(codec().decode(value, b"k") == LARGE for value in [*sealed, from_child])
+
+
+# -- tag stamps: ids and one digest ---------------------------------------------------------------------------
+THREE = {"catalogue": 2**64 - 1, "shop:12": 0, "a-much-longer-tag-name:" + "x" * 150: 12345}
+
+
+def test_tags_cost_four_bytes_each_and_eight_for_the_digest_whatever_their_names():
+    c = codec()
+    untagged = len(c.encode(SMALL, AT))
+    assert len(c.encode(SMALL, AT, tags=THREE)) == untagged + 1 + 3 * TAG_ID_SIZE + TAG_DIGEST_SIZE
+    assert len(c.encode(SMALL, AT, tags={"t": 1})) == untagged + 1 + TAG_ID_SIZE + TAG_DIGEST_SIZE
+
+
+def test_the_stamp_matches_only_the_versions_it_was_written_with():
+    c = codec()
+    stamps = c.decode_envelope(c.encode(SMALL, AT, tags=THREE), AT).tags
+    versions = {tag_id(tag): version for tag, version in THREE.items()}
+    assert stamps.matches(versions)
+    for tag in THREE:
+        changed = dict(versions)
+        changed[tag_id(tag)] = (versions[tag_id(tag)] + 1) % 2**64  # one invalidation, any one tag
+        assert not stamps.matches(changed)
+        missing = dict(versions)
+        missing[tag_id(tag)] = None  # a vanished tag key
+        assert not stamps.matches(missing)
+        del missing[tag_id(tag)]
+        assert not stamps.matches(missing)
+
+
+def test_two_names_of_one_key_with_two_versions_make_an_entry_born_stale():
+    c = codec()
+    twin, other_twin = "twin:25487", "twin:53815"  # one 32-bit id
+    assert tag_id(twin) == tag_id(other_twin)
+    same = c.decode_envelope(c.encode(SMALL, AT, tags={twin: 5, other_twin: 5}), AT).tags
+    assert same.ids == (tag_id(twin),) and same.matches({tag_id(twin): 5})
+    split = c.decode_envelope(c.encode(SMALL, AT, tags={twin: 5, other_twin: 6}), AT).tags
+    assert not split.matches({tag_id(twin): 5}) and not split.matches({tag_id(twin): 6})
+
+
+def test_any_change_to_the_tag_section_is_refused():
+    c = codec()
+    data = c.encode(SMALL, AT, tags=THREE)
+    section_end = 2 + 1 + 3 * TAG_ID_SIZE + TAG_DIGEST_SIZE
+    for position in range(2, section_end):
+        forged = bytearray(data)
+        forged[position] ^= 0x01
+        with pytest.raises((SignatureError, UndecodableValueError)):
+            c.decode(bytes(forged), AT)
+
+
+@pytest.mark.parametrize("section", [b"\x00", b"\x05" + b"\x01" * 10, b"\xff\xff\xff\xff\x0f", b"\x80"])
+def test_a_corrupt_tag_section_is_undecodable_signed_or_not(section):
+    signed = MAGIC + bytes(((FORMAT_VERSION << 5) | FLAG_SIGNED | FLAG_TAGS,)) + section
+    with pytest.raises(UndecodableValueError):
+        codec().decode_envelope(signed, AT)
+    unsigned = Codec(JSONSerializer(), NoCompressor(), [KEY])
+    header = MAGIC + bytes(((FORMAT_VERSION << 5) | FLAG_TAGS | FLAG_CODEC,)) + bytes((2, 0))
+    with pytest.raises(UndecodableValueError):
+        unsigned.decode_envelope(header + section, AT)

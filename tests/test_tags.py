@@ -511,3 +511,108 @@ def test_a_malformed_message_on_the_channel_is_ignored_not_a_dropped_subscriptio
     assert backplane.drops == drops and backplane.connected
     cache.invalidate_tags("t")  # and a real invalidation still works after them
     assert cache.get("k") is None
+
+
+# -- the stamp: tag ids and one digest of their versions ------------------------------------------------------
+THREE = ["catalogue", "shop:12", "price-list"]
+# Two tag names with one 32-bit id (found by a birthday search): they share a tag key.
+TWIN, OTHER_TWIN = "twin:25487", "twin:53815"
+
+
+def _strict(cache):
+    """A second cache on the same KEY_PREFIX that holds nothing in-process: it reads every version."""
+    return make_cache(KEY_PREFIX=cache.key_prefix, OPTIONS={"VERSION_CHECK_INTERVAL": 0})
+
+
+@pytest.mark.parametrize("invalidated", THREE)
+def test_invalidating_any_one_of_three_tags_makes_the_entry_miss(cache, invalidated):
+    strict = _strict(cache)
+    cache.set("k", "v", tags=THREE)
+    cache.set_many({"m": 1, "n": 2}, tags=THREE)
+    assert cache.get_or_set("o", lambda: "computed", tags=THREE) == "computed"
+    for reader in (cache, strict):  # versions held in-process, and read from Redis
+        assert reader.get_many(["k", "m", "n", "o"]) == {"k": "v", "m": 1, "n": 2, "o": "computed"}
+    cache.invalidate_tags(invalidated)
+    for reader in (cache, strict):
+        assert reader.get("k") is None and reader.has_key("m") is False
+        assert reader.get_many(["k", "m", "n", "o"]) == {}
+    assert cache.get_or_set("o", lambda: "again", tags=THREE) == "again"  # a new write is valid at once
+    assert strict.get("o") == "again"
+
+
+@pytest.mark.parametrize("vanished", THREE)
+def test_an_entry_misses_when_any_one_of_its_tag_keys_vanished(cache, raw, vanished):
+    strict = _strict(cache)
+    cache.set("k", "v", tags=THREE)
+    assert strict.get("k") == "v"
+    raw.delete(cache.core.tags.tag_key(vanished))  # evicted, expired, lost in a failover
+    assert strict.get("k") is None and strict.get_many(["k"]) == {}
+
+
+def test_a_forged_stamp_is_refused(cache, raw):
+    from django_distcache.codec import TAG_DIGEST_SIZE, TAG_ID_SIZE, tag_digest, tag_id
+
+    strict = _strict(cache)
+    cache.set("k", "v", tags=THREE)
+    physical = cache.physical_key("k")
+    genuine = raw.get(physical)
+    cache.invalidate_tags("shop:12")
+    assert strict.get("k") is None
+    # Whoever can write to Redis (but lacks SECRET_KEY) can compute the digest of the current versions,
+    # which is not secret; the signature over the header still refuses the entry.
+    ids = sorted(tag_id(tag) for tag in THREE)
+    current = {tag_id(tag): int(raw.get(cache.core.tags.tag_key(tag))) for tag in THREE}
+    start = 2 + 1 + TAG_ID_SIZE * 3  # magic, descriptor, count, ids: the digest
+    forged = genuine[:start] + tag_digest(ids, current) + genuine[start + TAG_DIGEST_SIZE :]
+    assert forged != genuine
+    before = strict.failure_counts.get("undecodable", 0)
+    raw.set(physical, forged)
+    assert strict.get("k") is None and strict.get_many(["k"]) == {}
+    assert strict.failure_counts["undecodable"] > before  # refused as forged, not read as stale
+    raw.set(physical, genuine)  # the genuine bytes are still what they were: stale, a miss
+    assert strict.get("k") is None
+
+
+def test_tags_that_share_a_key_invalidate_each_other_and_never_serve_stale(cache, raw):
+    from django_distcache.codec import tag_id
+
+    assert tag_id(TWIN) == tag_id(OTHER_TWIN) and TWIN != OTHER_TWIN
+    assert cache.core.tags.tag_key(TWIN) == cache.core.tags.tag_key(OTHER_TWIN)
+    strict = _strict(cache)
+    cache.set("a", "carries one twin", tags=[TWIN])
+    cache.set("both", "carries both", tags=[TWIN, OTHER_TWIN, "catalogue"])
+    for reader in (cache, strict):
+        assert reader.get_many(["a", "both"]) == {"a": "carries one twin", "both": "carries both"}
+    assert cache.invalidate_tags(OTHER_TWIN) == 1
+    for reader in (cache, strict):
+        assert reader.get_many(["a", "both"]) == {}  # more misses, never a stale read
+    cache.set("a", "again", tags=[TWIN])
+    assert strict.get("a") == "again"
+    assert cache.invalidate_tags(TWIN, OTHER_TWIN) == 2  # one key, counted as the two tags asked for
+    assert strict.get("a") is None
+
+
+def test_an_invalidation_of_a_twin_reaches_another_process_holding_the_other(cache):
+    cache.set("a", "v", tags=[TWIN])
+    with Peer(cache.key_prefix) as other:
+        other.wait_connected()
+        assert other.get("a") == "v"
+        assert other.get("a") == "v"
+        assert other.ask("stats")["held_tags"] >= 1
+        cache.invalidate_tags(OTHER_TWIN)  # the push names OTHER_TWIN: the other process hashes it
+        other.wait_for_miss("a", within=1.0)
+
+
+def test_a_queued_invalidation_of_a_twin_blocks_entries_carrying_the_other(cache):
+    cache.set("a", "v", tags=[TWIN, "catalogue"])
+    assert cache.get("a") == "v"
+    outbox = cache.core.tags.outbox
+    outbox.add({OTHER_TWIN: 1234})  # as if its node had been unreachable
+    assert cache.get("a") is None and cache.get_many(["a"]) == {}
+    deadline = time.monotonic() + 10
+    while not outbox.empty:
+        assert time.monotonic() < deadline, "the outbox did not land"
+        time.sleep(0.02)
+    assert cache.get("a") is None
+    cache.set("a", "after", tags=[TWIN, "catalogue"])  # landed: no longer blocks what is written now
+    assert cache.get("a") == "after"
