@@ -564,7 +564,7 @@ class Core:
         """`valid_values` of a batch of GET `replies`, one per item of `physical` ({physical key: key}), in
         one pass: misses skipped, a reply that is an outage counted under `operation` (a bug raises)."""
         values: dict[Any, Any] = {}
-        stamps: dict[Any, dict[str, int]] = {}
+        stamps: dict[Any, TagStamps] = {}
         held_verdict = self.tags.held_verdict
         decode, identity_at = self.codec.decode_stamped, self.keys.identity_at
         check_item = self.failures.check_item
@@ -592,7 +592,7 @@ class Core:
             yield from self._drop_stale(values, stamps)
         return values
 
-    def _drop_stale(self, values: dict[Any, Any], stamps: dict[Any, dict[str, int]]) -> Plan:
+    def _drop_stale(self, values: dict[Any, Any], stamps: dict[Any, TagStamps]) -> Plan:
         """Remove from `values` the keys whose tag `stamps` are not current (one read of the tags)."""
         needed = list(dict.fromkeys(tag for tags in stamps.values() for tag in tags))
         current = yield from self.tags.current(needed)
