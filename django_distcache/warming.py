@@ -870,8 +870,10 @@ def _begin_plan(key: bytes, index: int) -> PlanOf[tuple[bool, int]]:
 
 
 def _read_progress_plan(key: bytes) -> PlanOf[dict[bytes, bytes]]:
-    fields: dict[bytes, bytes] = yield Call(key, ("HGETALL", key))
-    return fields
+    reply = yield Call(key, ("HGETALL", key))
+    if isinstance(reply, dict):  # a RESP3 map
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))  # RESP2: field, value, field, value, ...
 
 
 def _record_done(
